@@ -1,0 +1,277 @@
+"""One typed configuration for every stage, loadable from YAML or TOML.
+
+Each section is a frozen pydantic model with ``extra="forbid"``: an unknown key or a value of
+the wrong type is an error that names the key (``train.epochs: Input should be a valid
+integer``). Every field carries a docstring; ``recsys-metric config --show`` prints them.
+
+The sections follow the pipeline: ``data`` (reading and validation), ``label`` (liked /
+unliked / neutral), ``split`` (holdout), ``triplets`` (negative sampling), ``model``,
+``train``, ``eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recsys_metric.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ColumnMap(_Section):
+    """Names of the source columns that hold each canonical field.
+
+    Readers rename these to the canonical names (``user_id``, ``item_id``, ``timestamp``,
+    ``rating``, ``event``, ``weight``) once, at load; nothing downstream sees source names.
+    """
+
+    user_id: str = "user_id"
+    """Source column with the external user id (int or str). Required."""
+    item_id: str = "item_id"
+    """Source column with the external item id (int or str). Required."""
+    timestamp: str = "timestamp"
+    """Source column with the event time: epoch number (unit in ``data.timestamp_unit``), a
+    datetime, or an ISO-8601 string. Optional: without it, splits fall back to per-user holdout."""
+    rating: str = "rating"
+    """Source column with an explicit rating (float). Optional."""
+    event: str = "event"
+    """Source column with an event type such as ``view`` or ``purchase`` (str). Optional."""
+    weight: str = "weight"
+    """Source column with a per-row weight (float). Optional; kept, not used for labels."""
+
+
+Format = Literal["auto", "parquet", "csv", "jsonl", "movielens-dat", "movielens-udata", "movielens-csv"]
+
+
+class DataConfig(_Section):
+    """How to read and validate the interaction log."""
+
+    format: Format = "auto"
+    """Input format. ``auto`` decides from the file name: ``*.parquet``/directory of Parquet
+    -> parquet, ``ratings.dat`` -> movielens-dat (``::``), ``u.data`` -> movielens-udata (tab,
+    no header), ``ratings.csv`` with ``userId,movieId`` header -> movielens-csv, ``*.csv`` -> csv,
+    ``*.jsonl``/``*.ndjson`` -> jsonl."""
+    columns: ColumnMap = ColumnMap()
+    """Mapping of canonical fields to source column names (ignored for MovieLens formats,
+    whose columns are fixed)."""
+    csv_separator: str = ","
+    """Field separator for ``format: csv``."""
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
+    """Unit of numeric epoch timestamps."""
+    rating_scale: tuple[float, float] | None = (1.0, 5.0)
+    """Inclusive ``[low, high]`` range of valid ratings; rows outside are quarantined. ``null``
+    disables the check. MovieLens ``ratings.csv`` uses half stars from 0.5."""
+    max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Fail the run when more than this fraction of rows is quarantined (default 1%)."""
+    deduplicate: bool = True
+    """Collapse exact duplicate events (every column equal) into one row, and count them."""
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> DataConfig:
+        if self.rating_scale is not None and self.rating_scale[0] > self.rating_scale[1]:
+            raise ValueError(f"rating_scale low {self.rating_scale[0]} is above high {self.rating_scale[1]}")
+        return self
+
+
+class LabelConfig(_Section):
+    """Which interactions count as liked, explicitly unliked, or neutral.
+
+    A row with a rating is labelled by the rating; else a row with an event by the event sets;
+    a log with neither column has every row liked (implicit feedback).
+    """
+
+    like_threshold: float = 4.0
+    """rating >= this is liked."""
+    dislike_threshold: float = 2.0
+    """rating <= this is an explicit dislike; ratings strictly between the thresholds are neutral."""
+    liked_events: tuple[str, ...] = ("like", "purchase", "add_to_cart", "click", "view", "play", "save")
+    """Event values that count as liked."""
+    disliked_events: tuple[str, ...] = ("dislike", "skip", "thumbs_down", "hide", "return")
+    """Event values that count as explicit dislikes. Events in neither set are neutral."""
+
+    @model_validator(mode="after")
+    def _check_thresholds(self) -> LabelConfig:
+        if self.dislike_threshold >= self.like_threshold:
+            raise ValueError(
+                f"dislike_threshold {self.dislike_threshold} must be below like_threshold {self.like_threshold}"
+            )
+        overlap = set(self.liked_events) & set(self.disliked_events)
+        if overlap:
+            raise ValueError(f"events in both liked_events and disliked_events: {sorted(overlap)}")
+        return self
+
+
+class SplitConfig(_Section):
+    """How the holdout used for evaluation and early stopping is cut."""
+
+    method: Literal["temporal", "user_holdout"] = "temporal"
+    """``temporal``: the newest interactions are the test set (nightly default; no look-ahead).
+    ``user_holdout``: a random share of each user's interactions. A log without timestamps
+    falls back to ``user_holdout`` and says so."""
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    """temporal: share of all interactions, newest first; user_holdout: share of each user's."""
+    cutoff: datetime | None = None
+    """temporal only: interactions strictly newer than this time are the test set (overrides
+    ``test_fraction``)."""
+    min_user_interactions: int = Field(5, ge=2)
+    """user_holdout only: users with fewer interactions keep them all in training."""
+    seed: int = 42
+    """Seed for the per-user random holdout."""
+
+
+class TripletConfig(_Section):
+    """How ``(user, liked item, unliked item)`` triplets are formed."""
+
+    negatives_per_positive: int = Field(1, ge=1)
+    """k: unliked items per liked pair in ``triplets.parquet``."""
+    explicit_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Expected share of the k negatives taken from the user's explicit dislikes when the user
+    has any (floor(share*k) slots always, one more with probability frac(share*k)); the rest are
+    sampled from items the user never interacted with."""
+    sampling: Literal["uniform", "popularity"] = "uniform"
+    """Distribution of sampled negatives over the catalog."""
+    popularity_alpha: float = Field(0.75, ge=0.0)
+    """With ``sampling: popularity``, P(item) is proportional to count**alpha."""
+    max_retries: int = Field(20, ge=1)
+    """Rounds of vectorised re-draws for samples that hit an item the user interacted with,
+    before the few left are drawn exactly from the user's complement."""
+    seed: int = 42
+    """Seed: the same seed and input give identical triplets."""
+
+
+class ModelConfig(_Section):
+    """The two-tower model: what it embeds and in which metric."""
+
+    dim: int = Field(64, ge=2)
+    """D: embedding dimension of the shared space."""
+    distance: Literal["euclidean", "cosine", "dot"] = "euclidean"
+    """Metric of the space. euclidean keeps embeddings in the unit ball (CML); scores are
+    -distance so that higher is better everywhere outside the loss."""
+    user_tower: Literal["embedding", "pooled", "hybrid"] = "embedding"
+    """``embedding``: one free vector per user. ``pooled``: the mean of the user's liked items'
+    embeddings through a learned map (new users fold in without retraining). ``hybrid``: both, summed."""
+    item_features: tuple[str, ...] = ()
+    """Item side-feature columns from ``items`` table (categorical, numeric, or list of tags);
+    they let a new item be embedded before anyone interacted with it."""
+    feature_map: Literal["none", "linear"] = "none"
+    """``linear``: a learned D x D map applied to both towers' outputs, i.e. a learned
+    Mahalanobis metric (LMNN); ``none``: identity."""
+
+
+class TrainConfig(_Section):
+    """The training loop."""
+
+    loss: Literal["triplet", "contrastive", "bpr", "softmax"] = "triplet"
+    """Loss family. ``triplet``: hinge on d(u,liked) - d(u,unliked) + margin (CML)."""
+    margin: float = Field(0.5, gt=0.0)
+    """Triplet / contrastive margin, in the units of the (squared) distance."""
+    negatives: int = Field(10, ge=1)
+    """Negatives drawn per liked pair every epoch."""
+    negative_weighting: Literal["hardest", "warp", "mean"] = "warp"
+    """How the k negatives of one positive combine: the hardest one, WARP rank weighting
+    (Hsieh et al. 2017), or the mean over violators."""
+    epochs: int = Field(30, ge=1)
+    """Maximum epochs over the liked pairs."""
+    batch_size: int = Field(4096, ge=1)
+    """Liked pairs per optimisation step."""
+    lr: float = Field(0.05, gt=0.0)
+    """Learning rate."""
+    optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
+    """Optimiser; sparse row updates for embedding tables."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """L2 penalty on the rows touched by a step."""
+    patience: int = Field(3, ge=1)
+    """Early stopping: stop after this many evaluations without a better validation Recall@K."""
+    eval_every: int = Field(1, ge=1)
+    """Evaluate on the holdout every this many epochs."""
+    early_stopping_k: int = Field(20, ge=1)
+    """K of the validation Recall@K that drives early stopping."""
+    refit: bool = True
+    """After the holdout chose the number of epochs, retrain on the full log for that many epochs
+    and publish that model (it has seen all the data)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``..."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and negative sampling."""
+    checkpoint_every: int = Field(1, ge=1)
+    """Write a resumable checkpoint every this many epochs (when a checkpoint dir is given)."""
+
+
+class EvalConfig(_Section):
+    """Offline evaluation on the holdout: full ranking, no sampled metrics."""
+
+    ks: tuple[int, ...] = (10, 20, 50)
+    """Cut-offs K for Recall@K, NDCG@K, MAP@K, HitRate@K and coverage@K."""
+    exclude_seen: bool = True
+    """Exclude items the user interacted with in training from the ranking."""
+    max_users: int | None = None
+    """Evaluate on at most this many test users (a seeded sample); ``null`` for all."""
+    seed: int = 42
+    """Seed of the user sample."""
+
+
+class Config(_Section):
+    """The whole pipeline configuration."""
+
+    data: DataConfig = DataConfig()
+    label: LabelConfig = LabelConfig()
+    split: SplitConfig = SplitConfig()
+    triplets: TripletConfig = TripletConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (for manifests and ``metrics.json``)."""
+        return json.loads(self.model_dump_json())
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested dict into a :class:`Config`; errors name every bad key."""
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file; ``None`` gives defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
+    except (tomllib.TOMLDecodeError, ValueError) as err:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw or {}, source=str(path))

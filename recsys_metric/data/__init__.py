@@ -1,0 +1,1 @@
+"""Interaction logs: readers, validation with quarantine, vocabularies, splits, synthetic logs."""

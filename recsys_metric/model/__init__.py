@@ -1,0 +1,1 @@
+"""The two-tower metric model: distances, towers and losses."""

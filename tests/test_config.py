@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from recsys_metric.config import Config, config_from_dict, load_config
+from recsys_metric.errors import ConfigError
+
+
+def test_defaults_are_the_documented_ones():
+    c = Config()
+    assert c.label.like_threshold == 4.0 and c.label.dislike_threshold == 2.0
+    assert c.split.method == "temporal"
+    assert c.data.max_reject_fraction == 0.01
+    assert c.eval.ks == (10, 20, 50)
+    assert c.train.loss == "triplet"
+
+
+def test_every_field_has_a_docstring():
+    def walk(model_cls, prefix=""):
+        for name, field in model_cls.model_fields.items():
+            assert field.description, f"{prefix}{name} has no docstring"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    for name, field in Config.model_fields.items():
+        walk(field.annotation, f"{name}.")
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"train\.epochz: unknown key"):
+        config_from_dict({"train": {"epochz": 3}})
+    with pytest.raises(ConfigError, match=r"modell: unknown key"):
+        config_from_dict({"modell": {}})
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"model\.dim: Input should be a valid integer"):
+        config_from_dict({"model": {"dim": "big"}})
+    with pytest.raises(ConfigError, match=r"split\.method"):
+        config_from_dict({"split": {"method": "random"}})
+
+
+def test_contradictory_values_are_rejected():
+    with pytest.raises(ConfigError, match="dislike_threshold 4.0 must be below like_threshold 3.0"):
+        config_from_dict({"label": {"like_threshold": 3, "dislike_threshold": 4}})
+    with pytest.raises(ConfigError, match="rating_scale low 5.0 is above high 1.0"):
+        config_from_dict({"data": {"rating_scale": [5, 1]}})
+
+
+def test_yaml_and_toml_files_load_the_same(tmp_path: Path):
+    y = tmp_path / "c.yaml"
+    y.write_text("data:\n  columns:\n    user_id: uid\n  rating_scale: [0.5, 5]\ntrain:\n  epochs: 7\n")
+    t = tmp_path / "c.toml"
+    t.write_text('[data]\nrating_scale = [0.5, 5]\n[data.columns]\nuser_id = "uid"\n[train]\nepochs = 7\n')
+    a, b = load_config(y), load_config(t)
+    assert a == b
+    assert a.data.columns.user_id == "uid" and a.data.rating_scale == (0.5, 5.0) and a.train.epochs == 7
+
+
+def test_config_file_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "c.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="use a .yaml, .yml or .toml file"):
+        load_config(bad)
+    broken = tmp_path / "c.toml"
+    broken.write_text("[train\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(broken)
+    listy = tmp_path / "c.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_config_round_trips_through_dict():
+    c = config_from_dict({"model": {"dim": 32, "distance": "cosine"}})
+    assert config_from_dict(c.to_dict()) == c
