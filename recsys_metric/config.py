@@ -176,8 +176,9 @@ class TrainConfig(_Section):
     negatives: int = Field(10, ge=1)
     """Negatives drawn per liked pair every epoch."""
     negative_weighting: Literal["hardest", "warp", "mean"] = "warp"
-    """How the k negatives of one positive combine: the hardest one, WARP rank weighting
-    (Hsieh et al. 2017), or the mean over violators."""
+    """How the k negatives of one positive combine: ``hardest`` (the hinge of the closest negative),
+    ``warp`` (that hinge times log(1 + floor(n_items * violators / k)), CML's rank weighting, Hsieh et
+    al. 2017) or ``mean`` (the mean hinge over all k negatives, non-violators counting 0)."""
     epochs: int = Field(30, ge=1)
     """Maximum epochs over the liked pairs."""
     batch_size: int = Field(4096, ge=1)
