@@ -1,0 +1,427 @@
+"""Full-ranking offline evaluation: Recall, NDCG, MAP, HitRate and catalog coverage at K.
+
+Every evaluated user is ranked against the whole candidate catalog; no sampled negatives
+(sampled metrics can reorder models, Krichene & Rendle 2020). The model's numbers are always
+reported beside a popularity baseline computed on the same users in the same call.
+
+Conventions, fixed here once:
+
+- Reachable relevant items. A user's relevant items are the test items that the ranking can
+  contain: inside ``candidate_mask`` and, with ``exclude_seen``, not among the user's training
+  items. Items outside that set could never be hit by any scorer; they are dropped from the
+  relevant set (and users left with none are not evaluated) so that a perfect scorer gets 1.0.
+- Recall@K = hits in the top K / min(|relevant|, K) (the LensKit convention: a user with more
+  relevant items than K can still reach 1.0).
+- NDCG@K: binary gains, discount 1 / log2(rank + 1) for ranks starting at 1, ideal DCG over
+  min(|relevant|, K) hits at the top.
+- MAP@K: sum over hit ranks r <= K of precision@r, divided by min(|relevant|, K).
+- HitRate@K: share of users with at least one hit in the top K.
+- Coverage@K: distinct items appearing in any evaluated user's top K, over the number of
+  candidate items. Items with a score of -inf (excluded) never count.
+- Ties: items with equal scores are ordered by item number, lowest first, on every device and
+  for every batch size, so results are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys_metric.config import EvalConfig
+from recsys_metric.data.matrix import InteractionMatrix
+from recsys_metric.errors import DataError
+
+ScoreFn = Callable[[np.ndarray], torch.Tensor | np.ndarray]
+"""Given int64 user numbers ``[B]``, returns scores ``[B, n_items]`` (higher is better)."""
+
+METRICS: tuple[str, ...] = ("recall", "ndcg", "map", "hitrate", "coverage")
+"""Metric names in report order; result keys are ``f"{metric}@{k}"``."""
+
+
+def interaction_matrices(
+    train: pl.DataFrame, test: pl.DataFrame, n_users: int, n_items: int
+) -> tuple[InteractionMatrix, InteractionMatrix]:
+    """Build the matrices evaluation needs from encoded split frames.
+
+    Args:
+        train: frame with ``user_num``, ``item_num`` (dense numbers); every row counts as seen,
+            whatever its label.
+        test: frame with ``user_num``, ``item_num`` and optionally ``label``; rows with
+            ``label == 1`` are relevant (every row when there is no ``label`` column).
+        n_users, n_items: sizes of the vocabularies the numbers index.
+
+    Returns:
+        ``(train_seen, test_relevant)``, both ``[n_users, n_items]``.
+    """
+    for name, frame in (("train", train), ("test", test)):
+        for col in ("user_num", "item_num"):
+            if col not in frame.columns:
+                raise DataError(
+                    f"{name} frame ({frame.height} rows) has no column {col!r} (columns: {frame.columns}); "
+                    "encode ids with the vocabularies before evaluating"
+                )
+    train_seen = _frame_matrix(train, "train", n_users, n_items)
+    if "label" in test.columns:
+        test = test.filter(pl.col("label") == 1)
+    test_relevant = _frame_matrix(test, "test", n_users, n_items)
+    return train_seen, test_relevant
+
+
+def _frame_matrix(frame: pl.DataFrame, name: str, n_users: int, n_items: int) -> InteractionMatrix:
+    users = frame["user_num"].to_numpy()
+    items = frame["item_num"].to_numpy()
+    try:
+        return InteractionMatrix.from_pairs(users, items, n_users, n_items)
+    except ValueError as err:
+        raise DataError(
+            f"{name} frame ({frame.height} rows): {err}; were the numbers made with other vocabularies?"
+        ) from None
+
+
+def training_items_mask(train_seen: InteractionMatrix) -> np.ndarray:
+    """bool ``[n_items]``: items with at least one training interaction (a usual ``candidate_mask``)."""
+    mask = np.zeros(train_seen.n_items, dtype=bool)
+    mask[train_seen.indices] = True
+    return mask
+
+
+def popularity_score_fn(train_seen: InteractionMatrix) -> ScoreFn:
+    """Popularity baseline: every user gets the same scores, the item's number of training users.
+
+    ``train_seen`` is binary, so the count is distinct users per item. Equal counts fall back to
+    the evaluation tie rule (lower item number first).
+    """
+    counts = torch.from_numpy(
+        np.bincount(train_seen.indices, minlength=train_seen.n_items).astype(np.float32)
+    )
+
+    def score(users: np.ndarray) -> torch.Tensor:
+        return counts.unsqueeze(0).expand(len(users), -1)
+
+    return score
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Relevant sets reduced to what a ranking can reach, and the users who have any."""
+
+    train_seen: InteractionMatrix
+    relevant: InteractionMatrix
+    users: np.ndarray
+    candidate_mask: np.ndarray | None
+    exclude_seen: bool
+
+
+def _prepare(
+    train_seen: InteractionMatrix,
+    test_relevant: InteractionMatrix,
+    exclude_seen: bool,
+    candidate_mask: np.ndarray | None,
+    users: np.ndarray | None,
+) -> _Prepared:
+    if (train_seen.n_users, train_seen.n_items) != (test_relevant.n_users, test_relevant.n_items):
+        raise ValueError(
+            f"train_seen is {train_seen.n_users} x {train_seen.n_items} but test_relevant is "
+            f"{test_relevant.n_users} x {test_relevant.n_items}; build both with the same vocabularies"
+        )
+    n_items = test_relevant.n_items
+    keys = test_relevant.keys()
+    test_users = keys // n_items
+    test_items = keys - test_users * n_items
+    keep = np.ones(keys.shape[0], dtype=bool)
+    if candidate_mask is not None:
+        candidate_mask = np.asarray(candidate_mask)
+        if candidate_mask.dtype != np.bool_ or candidate_mask.shape != (n_items,):
+            raise ValueError(
+                f"candidate_mask must be bool [{n_items}], got {candidate_mask.dtype} {candidate_mask.shape}"
+            )
+        keep &= candidate_mask[test_items]
+    if exclude_seen:
+        keep &= ~train_seen.contains(test_users, test_items)
+    relevant = InteractionMatrix.from_pairs(
+        test_users[keep], test_items[keep], test_relevant.n_users, n_items
+    )
+    eligible = np.flatnonzero(relevant.row_lengths() > 0)
+    if users is not None:
+        users = np.unique(np.asarray(users, dtype=np.int64))
+        if users.size and (users[0] < 0 or users[-1] >= test_relevant.n_users):
+            raise ValueError(f"users must be user numbers in [0, {test_relevant.n_users})")
+        eligible = np.intersect1d(eligible, users)
+    return _Prepared(train_seen, relevant, eligible.astype(np.int64), candidate_mask, exclude_seen)
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    ks = tuple(sorted(set(int(k) for k in ks)))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive cut-offs, got {ks}")
+    return ks
+
+
+def _segments(matrix: InteractionMatrix, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of the given rows as ``(position of the user in users, item number)`` arrays."""
+    starts = matrix.indptr[users]
+    lengths = matrix.indptr[users + 1] - starts
+    rows = np.repeat(np.arange(users.shape[0], dtype=np.int64), lengths)
+    offsets = np.arange(rows.shape[0], dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, matrix.indices[np.repeat(starts, lengths) + offsets].astype(np.int64)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` items per row with deterministic ties (equal scores: lower item number first).
+
+    ``torch.topk`` gives the k-th largest value exactly but may pick any of several equal items.
+    Everything strictly above that value is taken, then the lowest-numbered items equal to it
+    fill the remaining slots; a stable sort orders the chosen k.
+
+    Args:
+        scores: float ``[B, N]``, no NaN; ``k <= N``.
+
+    Returns:
+        ``(items, values)``: int64 ``[B, k]`` item numbers and their scores, best first.
+    """
+    n_rows = scores.shape[0]
+    threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]
+    above = scores > threshold
+    ties = scores == threshold
+    need = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
+    take = above | (ties & (torch.cumsum(ties, dim=1, dtype=torch.int32) <= need))
+    items = take.nonzero()[:, 1].view(n_rows, k)
+    values = scores.gather(1, items)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return items.gather(1, order), values.gather(1, order)
+
+
+def _batch_scores(
+    score_fn: ScoreFn, users: np.ndarray, n_items: int, device: torch.device | None
+) -> torch.Tensor:
+    with torch.no_grad():
+        raw = score_fn(users)
+    # Scores are written in place below; a copy keeps the caller's tensor (possibly an expanded
+    # view, as in the popularity baseline) intact.
+    if isinstance(raw, np.ndarray):
+        scores = torch.tensor(raw)
+        if device is not None:
+            scores = scores.to(device)
+    else:
+        scores = raw.detach().to(device=device if device is not None else raw.device, copy=True)
+    if not scores.is_floating_point():
+        scores = scores.to(torch.float32)
+    if scores.shape != (users.shape[0], n_items):
+        raise ValueError(
+            f"score_fn returned shape {tuple(scores.shape)}, expected [{users.shape[0]}, {n_items}]"
+        )
+    if torch.isnan(scores).any():
+        raise ValueError(
+            f"score_fn returned {int(torch.isnan(scores).sum())} NaN scores for {users.shape[0]} users"
+        )
+    return scores
+
+
+def _evaluate_prepared(
+    score_fn: ScoreFn, prep: _Prepared, ks: tuple[int, ...], batch_size: int, device: Any
+) -> dict[str, float]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_items = prep.relevant.n_items
+    n_users = int(prep.users.shape[0])
+    if n_users == 0:
+        raise DataError(
+            "no user has a relevant test item that the ranking can reach (inside the candidate mask and "
+            "not seen in training); check the split and the label of the test rows"
+        )
+    device = torch.device(device) if device is not None else None
+    k_max = min(ks[-1], n_items)
+    n_candidates = int(prep.candidate_mask.sum()) if prep.candidate_mask is not None else n_items
+    candidate_cut: torch.Tensor | None = None
+    sums = {f"{name}@{k}": 0.0 for name in METRICS[:-1] for k in ks}
+    best_rank: torch.Tensor | None = None
+    for start in range(0, n_users, batch_size):
+        users = prep.users[start : start + batch_size]
+        scores = _batch_scores(score_fn, users, n_items, device)
+        dev = scores.device
+        if prep.candidate_mask is not None:
+            if candidate_cut is None or candidate_cut.device != dev:
+                candidate_cut = torch.from_numpy(~prep.candidate_mask).to(dev)
+            scores.masked_fill_(candidate_cut, float("-inf"))
+        if prep.exclude_seen:
+            rows, cols = _segments(prep.train_seen, users)
+            scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = float("-inf")
+        items, values = top_k(scores, k_max)
+        finite = torch.isfinite(values)
+        hit_np = prep.relevant.contains(users, items.cpu().numpy())
+        hits = torch.from_numpy(hit_np).to(dev, torch.float64) * finite
+        n_rel = torch.from_numpy(prep.relevant.row_lengths()[users]).to(dev, torch.float64)
+        _accumulate(sums, hits, n_rel, ks)
+        if best_rank is None:
+            best_rank = torch.full((n_items,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+        ranks = torch.arange(k_max, device=dev).expand_as(items)
+        best_rank = best_rank.to(dev).scatter_reduce(
+            0, items[finite], ranks[finite], reduce="amin", include_self=True
+        )
+    result = {key: total / n_users for key, total in sums.items()}
+    for k in ks:
+        result[f"coverage@{k}"] = int((best_rank < k).sum()) / n_candidates if n_candidates else 0.0
+    ordered = {f"{name}@{k}": float(result[f"{name}@{k}"]) for name in METRICS for k in ks}
+    ordered["n_users"] = n_users
+    return ordered
+
+
+def _accumulate(sums: dict[str, float], hits: torch.Tensor, n_rel: torch.Tensor, ks: tuple[int, ...]) -> None:
+    """Add per-user metrics of one batch. hits: float64 ``[B, k_max]`` 0/1, n_rel: ``[B]``."""
+    k_max = hits.shape[1]
+    ranks = torch.arange(1, k_max + 1, device=hits.device, dtype=torch.float64)
+    discount = 1.0 / torch.log2(ranks + 1.0)
+    ideal_prefix = torch.cat([discount.new_zeros(1), torch.cumsum(discount, 0)])
+    hit_cum = torch.cumsum(hits, dim=1)
+    precision_hits = hit_cum / ranks * hits
+    dcg_cum = torch.cumsum(hits * discount, dim=1)
+    ap_cum = torch.cumsum(precision_hits, dim=1)
+    for k in ks:
+        kk = min(k, k_max)
+        denom = torch.clamp(n_rel, max=k)
+        n_hits = hit_cum[:, kk - 1]
+        sums[f"recall@{k}"] += float((n_hits / denom).sum())
+        ideal = ideal_prefix[torch.clamp(n_rel, max=kk).long()]
+        sums[f"ndcg@{k}"] += float((dcg_cum[:, kk - 1] / ideal).sum())
+        sums[f"map@{k}"] += float((ap_cum[:, kk - 1] / denom).sum())
+        sums[f"hitrate@{k}"] += float((n_hits > 0).sum())
+
+
+def evaluate_scores(
+    score_fn: ScoreFn,
+    train_seen: InteractionMatrix,
+    test_relevant: InteractionMatrix,
+    *,
+    ks: Iterable[int] = (10, 20, 50),
+    exclude_seen: bool = True,
+    candidate_mask: np.ndarray | None = None,
+    users: np.ndarray | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics of one scorer (conventions in the module docstring).
+
+    Args:
+        score_fn: user numbers int64 ``[B]`` -> scores ``[B, n_items]`` (torch on any device, or numpy).
+        train_seen: ``[n_users, n_items]`` training interactions (any label).
+        test_relevant: ``[n_users, n_items]`` relevant test interactions.
+        ks: cut-offs K.
+        exclude_seen: rank each user's training items at -inf (never recommended, never a hit).
+        candidate_mask: bool ``[n_items]``; items where it is False are never recommended.
+        users: evaluate only these user numbers (intersected with the users that have a
+            reachable relevant item).
+        batch_size: users scored at once; peak memory is about ``batch_size * n_items * 12`` bytes (float32 scores).
+        device: where the metric arithmetic runs; ``None`` keeps the device of the returned scores.
+
+    Returns:
+        ``{"recall@K", "ndcg@K", "map@K", "hitrate@K", "coverage@K"}`` for each K as floats, and
+        ``"n_users"``, the number of users evaluated.
+
+    Raises:
+        DataError: no user has a reachable relevant item.
+    """
+    prep = _prepare(train_seen, test_relevant, exclude_seen, candidate_mask, users)
+    return _evaluate_prepared(score_fn, prep, _check_ks(ks), batch_size, device)
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of several scorers on the same users.
+
+    Attributes:
+        models: scorer name (``"model"``, ``"popularity"``, ...) -> ``{"recall@10": ..., ...}``.
+        ks: the cut-offs.
+        n_users: users evaluated (the same for every scorer).
+    """
+
+    models: dict[str, dict[str, float]]
+    ks: tuple[int, ...]
+    n_users: int
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(self.ks)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """``metric@K`` names in report order."""
+        return tuple(f"{name}@{k}" for name in METRICS for k in self.ks)
+
+    def to_table(self) -> str:
+        """Fixed-width text table: one row per scorer, one column per metric@K."""
+        name_width = max([len("model"), *(len(name) for name in self.models)])
+        widths = [max(len(col), 6) for col in self.columns]
+        lines = [
+            f"{self.n_users} users, full ranking",
+            "  ".join(
+                [
+                    "model".ljust(name_width),
+                    *(col.rjust(w) for col, w in zip(self.columns, widths, strict=True)),
+                ]
+            ),
+        ]
+        for name, metrics in self.models.items():
+            cells = [f"{metrics[col]:.4f}".rjust(w) for col, w in zip(self.columns, widths, strict=True)]
+            lines.append("  ".join([name.ljust(name_width), *cells]))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"ks": [...], "n_users": n, "models": {name: {metric@K: value}}}``."""
+        return {
+            "ks": list(self.ks),
+            "n_users": self.n_users,
+            "models": {name: {col: float(m[col]) for col in self.columns} for name, m in self.models.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict`."""
+        return cls(models=data["models"], ks=tuple(data["ks"]), n_users=int(data["n_users"]))
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as JSON (atomically: temporary file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def evaluate_with_baselines(
+    score_fn: ScoreFn,
+    train_seen: InteractionMatrix,
+    test_relevant: InteractionMatrix,
+    config: EvalConfig,
+    *,
+    candidate_mask: np.ndarray | None = None,
+    extra: dict[str, ScoreFn] | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+) -> EvaluationResult:
+    """Evaluate the model, the popularity baseline and any ``extra`` scorers on the same users.
+
+    With ``config.max_users`` set, that many users are drawn (seeded by ``config.seed``) from the
+    users that have a reachable relevant item; every scorer sees exactly those users.
+    """
+    scorers: dict[str, ScoreFn] = {"model": score_fn, "popularity": popularity_score_fn(train_seen)}
+    for name, fn in (extra or {}).items():
+        if name in scorers:
+            raise ValueError(f"extra scorer name {name!r} is reserved; choose another")
+        scorers[name] = fn
+    prep = _prepare(train_seen, test_relevant, config.exclude_seen, candidate_mask, None)
+    if config.max_users is not None and prep.users.shape[0] > config.max_users:
+        rng = np.random.default_rng(config.seed)
+        sample = np.sort(rng.choice(prep.users, size=config.max_users, replace=False))
+        prep = _Prepared(prep.train_seen, prep.relevant, sample, prep.candidate_mask, prep.exclude_seen)
+    ks = _check_ks(config.ks)
+    models = {name: _evaluate_prepared(fn, prep, ks, batch_size, device) for name, fn in scorers.items()}
+    for metrics in models.values():
+        metrics.pop("n_users")
+    return EvaluationResult(models=models, ks=ks, n_users=int(prep.users.shape[0]))

@@ -1,0 +1,337 @@
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys_metric.config import EvalConfig
+from recsys_metric.data.matrix import InteractionMatrix
+from recsys_metric.errors import DataError
+from recsys_metric.evaluate import (
+    EvaluationResult,
+    evaluate_scores,
+    evaluate_with_baselines,
+    interaction_matrices,
+    popularity_score_fn,
+    top_k,
+    training_items_mask,
+)
+
+# 3 users x 6 items. Training: u0 {0}, u1 {1, 2}, u2 {5}. Test: u0 {4, 5}, u1 {5}, u2 {2, 3, 4}.
+# With training items at -inf the rankings are
+#   u0: 3, 1, 5, 4, 2     top 3 = [3, 1, 5], hits [0, 0, 1]
+#   u1: 3, 5, 4, 0        top 3 = [3, 5, 4], hits [0, 1, 0]
+#   u2: 3, 0, 2, 1, 4     top 3 = [3, 0, 2], hits [1, 0, 1]   (items 1 and 4 tie at 0: 1 first)
+TRAIN = InteractionMatrix.from_pairs([0, 1, 1, 2], [0, 1, 2, 5], 3, 6)
+TEST = InteractionMatrix.from_pairs([0, 0, 1, 2, 2, 2], [4, 5, 5, 2, 3, 4], 3, 6)
+SCORES = torch.tensor(
+    [
+        [9.0, 5.0, 1.0, 8.0, 2.0, 3.0],
+        [1.0, 9.0, 9.0, 7.0, 5.0, 6.0],
+        [4.0, 0.0, 3.0, 6.0, 0.0, 10.0],
+    ]
+)
+
+
+def table_fn(scores):
+    return lambda users: scores[torch.from_numpy(users)]
+
+
+def test_hand_computed_metrics():
+    got = evaluate_scores(table_fn(SCORES), TRAIN, TEST, ks=(1, 3))
+    log2_3 = math.log2(3)
+    # Recall@3 = hits / min(|rel|, 3): u0 1/2, u1 1/1, u2 2/3.
+    assert got["recall@3"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
+    assert got["recall@1"] == pytest.approx((0 + 0 + 1) / 3)
+    # NDCG@3: u0 hit at rank 3 -> (1/log2 4) / (1 + 1/log2 3); u1 hit at rank 2 -> (1/log2 3) / 1;
+    # u2 hits at ranks 1 and 3 -> (1 + 1/log2 4) / (1 + 1/log2 3 + 1/log2 4).
+    ndcg_u0 = (1 / math.log2(4)) / (1 + 1 / log2_3)
+    ndcg_u1 = (1 / log2_3) / 1
+    ndcg_u2 = (1 + 1 / math.log2(4)) / (1 + 1 / log2_3 + 1 / math.log2(4))
+    assert got["ndcg@3"] == pytest.approx((ndcg_u0 + ndcg_u1 + ndcg_u2) / 3)
+    assert got["ndcg@1"] == pytest.approx(1 / 3)
+    # MAP@3: u0 (P@3 = 1/3) / 2; u1 (P@2 = 1/2) / 1; u2 (P@1 = 1 + P@3 = 2/3) / 3.
+    assert got["map@3"] == pytest.approx((1 / 6 + 1 / 2 + 5 / 9) / 3)
+    assert got["map@3"] == pytest.approx(11 / 27)
+    assert got["map@1"] == pytest.approx(1 / 3)
+    assert got["hitrate@1"] == pytest.approx(1 / 3)
+    assert got["hitrate@3"] == 1.0
+    # Top 1 is item 3 for everyone; the three top-3 lists together hold all six items.
+    assert got["coverage@1"] == pytest.approx(1 / 6)
+    assert got["coverage@3"] == 1.0
+    assert got["n_users"] == 3
+    assert list(got) == [
+        f"{m}@{k}" for m in ("recall", "ndcg", "map", "hitrate", "coverage") for k in (1, 3)
+    ] + ["n_users"]
+
+
+def test_top_k_breaks_ties_by_item_number():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [float("-inf")] * 4 + [5.0, float("-inf")]])
+    items, values = top_k(scores, 3)
+    assert items.tolist() == [[1, 2, 3], [4, 0, 1]]
+    assert values[0].tolist() == [2.0, 2.0, 2.0]
+    assert values[1, 0] == 5.0 and torch.isinf(values[1, 1:]).all()
+
+
+def test_seen_items_never_count_as_hits_when_excluded():
+    train = InteractionMatrix.from_pairs([0, 1], [0, 2], 2, 4)
+    # u0's test items: 0 (also seen in training) and 1; u1's only test item 2 was seen in training.
+    test = InteractionMatrix.from_pairs([0, 0, 1], [0, 1, 2], 2, 4)
+    scores = torch.tensor([[9.0, 1.0, 8.0, 7.0], [1.0, 2.0, 9.0, 3.0]])
+    excluded = evaluate_scores(table_fn(scores), train, test, ks=(1, 2))
+    # u0's reachable relevant set is {1}; ranking 2, 3, 1: no hit in the top 2. u1 has none left.
+    assert excluded["n_users"] == 1
+    assert excluded["recall@2"] == 0.0 and excluded["hitrate@2"] == 0.0
+    kept = evaluate_scores(table_fn(scores), train, test, ks=(1, 2), exclude_seen=False)
+    # Without exclusion: u0 hits item 0 at rank 1 (|rel| = 2), u1 hits item 2 at rank 1.
+    assert kept["n_users"] == 2
+    assert kept["recall@1"] == 1.0 and kept["recall@2"] == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_candidate_mask_respected():
+    train = InteractionMatrix.from_pairs([0], [5], 2, 6)
+    test = InteractionMatrix.from_pairs([0, 0, 1], [0, 4, 4], 2, 6)
+    scores = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    mask = np.array([False, True, True, True, True, False])
+    got = evaluate_scores(
+        table_fn(scores), train, test, ks=(1, 2, 4), candidate_mask=mask, exclude_seen=False
+    )
+    # Items 0 and 5 are never ranked: top 4 = [1, 2, 3, 4] for both; item 0 leaves u0's relevant set.
+    assert got["n_users"] == 2
+    assert got["recall@2"] == 0.0
+    assert got["recall@4"] == 1.0
+    assert got["ndcg@4"] == pytest.approx(1 / math.log2(5))
+    assert got["coverage@2"] == pytest.approx(2 / 4)
+    assert got["coverage@4"] == 1.0
+    assert training_items_mask(train).tolist() == [False] * 5 + [True]
+
+
+def test_perfect_scorer_gives_one():
+    rng = np.random.default_rng(0)
+    n_users, n_items = 40, 30
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 200), rng.integers(0, n_items, 200), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 150), rng.integers(0, n_items, 150), n_users, n_items
+    )
+    relevance = torch.zeros(n_users, n_items)
+    relevance[torch.from_numpy(test.keys() // n_items), torch.from_numpy(test.keys() % n_items)] = 1.0
+    got = evaluate_scores(table_fn(relevance), train, test, ks=(1, 5, 40))
+    for name in ("recall", "ndcg", "map", "hitrate"):
+        for k in (1, 5, 40):
+            assert got[f"{name}@{k}"] == pytest.approx(1.0), f"{name}@{k}"
+
+
+def test_batch_size_does_not_change_results():
+    rng = np.random.default_rng(1)
+    n_users, n_items = 37, 25
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 150), rng.integers(0, n_items, 150), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 90), rng.integers(0, n_items, 90), n_users, n_items
+    )
+    # Few distinct values: many ties, which must resolve the same way in every batch layout.
+    scores = torch.from_numpy(rng.integers(0, 4, (n_users, n_items)).astype(np.float32))
+    results = [
+        evaluate_scores(table_fn(scores), train, test, ks=(3, 10), batch_size=b) for b in (1, 4, 7, 1024)
+    ]
+    for other in results[1:]:
+        assert other == pytest.approx(results[0], rel=1e-12)
+
+
+def test_numpy_scores_and_k_beyond_catalog():
+    got = evaluate_scores(lambda u: SCORES.numpy()[u], TRAIN, TEST, ks=(3, 100))
+    assert got["recall@3"] == pytest.approx(13 / 18)
+    # K = 100 > 6 items: every reachable relevant item is in the list; recall divides by min(|rel|, K).
+    assert got["recall@100"] == 1.0 and got["coverage@100"] == 1.0
+
+
+def test_popularity_ranks_by_count():
+    # Item counts in training: item 3 by 3 users, item 1 by 2, item 0 by 1; items 2, 4 never.
+    train = InteractionMatrix.from_pairs([0, 1, 2, 1, 2, 3], [3, 3, 3, 1, 1, 0], 5, 5)
+    scores = popularity_score_fn(train)(np.array([0, 4]))
+    assert scores.tolist() == [[1.0, 2.0, 0.0, 3.0, 0.0]] * 2
+    items, _ = top_k(scores.clone(), 5)
+    assert items.tolist() == [[3, 1, 0, 2, 4]] * 2
+    test = InteractionMatrix.from_pairs([4, 0], [3, 1], 5, 5)
+    got = evaluate_scores(popularity_score_fn(train), train, test, ks=(1,))
+    # u4 (no training) gets item 3 first: a hit. u0 has item 3 excluded, so item 1 comes first: a hit.
+    assert got["recall@1"] == 1.0 and got["n_users"] == 2
+
+
+def test_coverage_counts_distinct_items():
+    train = InteractionMatrix.from_pairs([], [], 4, 6)
+    test = InteractionMatrix.from_pairs([0, 1, 2, 3], [0, 0, 0, 0], 4, 6)
+    same = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]]).expand(4, -1)
+    assert evaluate_scores(lambda u: same[: len(u)], train, test, ks=(2,))["coverage@2"] == pytest.approx(
+        2 / 6
+    )
+    shifted = torch.stack([torch.roll(same[0], int(u)) for u in range(4)])
+    # Top 2 per user: {0,1}, {1,2}, {2,3}, {3,4} -> 5 distinct of 6.
+    assert evaluate_scores(table_fn(shifted), train, test, ks=(2,))["coverage@2"] == pytest.approx(5 / 6)
+
+
+def test_users_argument_and_errors():
+    got = evaluate_scores(table_fn(SCORES), TRAIN, TEST, ks=(3,), users=np.array([1, 2]))
+    assert got["n_users"] == 2 and got["recall@3"] == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(DataError, match="no user has a relevant test item"):
+        evaluate_scores(table_fn(SCORES), TRAIN, InteractionMatrix.from_pairs([], [], 3, 6))
+    with pytest.raises(ValueError, match=r"score_fn returned shape \(3, 5\), expected \[3, 6\]"):
+        evaluate_scores(lambda u: SCORES[:, :5], TRAIN, TEST)
+    nan_scores = SCORES.clone()
+    nan_scores[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1 NaN scores"):
+        evaluate_scores(table_fn(nan_scores), TRAIN, TEST)
+
+
+def reference_metrics(scores, train, test, ks, exclude_seen):
+    """Per-user loop over explicit sorted lists: the conventions written out plainly."""
+    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg", "map", "hitrate") for k in ks}
+    shown = {k: set() for k in ks}
+    n = 0
+    for u in range(train.n_users):
+        seen = set(train.row(u).tolist()) if exclude_seen else set()
+        rel = set(test.row(u).tolist()) - seen
+        if not rel:
+            continue
+        n += 1
+        ranking = sorted((i for i in range(train.n_items) if i not in seen), key=lambda i: (-scores[u, i], i))
+        for k in ks:
+            top = ranking[:k]
+            shown[k].update(top)
+            hits = [1 if i in rel else 0 for i in top]
+            denom = min(len(rel), k)
+            sums[f"recall@{k}"] += sum(hits) / denom
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+            sums[f"ndcg@{k}"] += dcg / sum(1 / math.log2(r + 2) for r in range(denom))
+            sums[f"map@{k}"] += sum(sum(hits[: r + 1]) / (r + 1) for r, h in enumerate(hits) if h) / denom
+            sums[f"hitrate@{k}"] += float(any(hits))
+    out = {key: value / n for key, value in sums.items()}
+    out.update({f"coverage@{k}": len(shown[k]) / train.n_items for k in ks})
+    out["n_users"] = n
+    return out
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_users=st.integers(1, 12),
+    n_items=st.integers(1, 15),
+    levels=st.integers(1, 5),
+    exclude_seen=st.booleans(),
+    batch_size=st.integers(1, 8),
+)
+def test_matches_reference_loop(seed, n_users, n_items, levels, exclude_seen, batch_size):
+    rng = np.random.default_rng(seed)
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 3 * n_users), rng.integers(0, n_items, 3 * n_users), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 2 * n_users), rng.integers(0, n_items, 2 * n_users), n_users, n_items
+    )
+    scores = rng.integers(0, levels, (n_users, n_items)).astype(np.float32)
+    ks = (1, 3, 10)
+    try:
+        expected = reference_metrics(scores, train, test, ks, exclude_seen)
+    except ZeroDivisionError:
+        with pytest.raises(DataError):
+            evaluate_scores(lambda u: scores[u], train, test, ks=ks, exclude_seen=exclude_seen)
+        return
+    got = evaluate_scores(
+        lambda u: scores[u], train, test, ks=ks, exclude_seen=exclude_seen, batch_size=batch_size
+    )
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_match_cpu():
+    rng = np.random.default_rng(2)
+    n_users, n_items = 300, 500
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 3000), rng.integers(0, n_items, 3000), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 900), rng.integers(0, n_items, 900), n_users, n_items
+    )
+    scores = torch.from_numpy(rng.integers(0, 20, (n_users, n_items)).astype(np.float32))
+    on_gpu = scores.cuda()
+    cpu = evaluate_scores(table_fn(scores), train, test, batch_size=64)
+    gpu = evaluate_scores(lambda u: on_gpu[torch.from_numpy(u).cuda()], train, test, batch_size=64)
+    assert gpu == pytest.approx(cpu, rel=1e-12)
+    moved = evaluate_scores(table_fn(scores), train, test, batch_size=64, device="cuda")
+    assert moved == pytest.approx(cpu, rel=1e-12)
+
+
+def test_evaluate_with_baselines(tmp_path):
+    rng = np.random.default_rng(3)
+    n_users, n_items = 60, 20
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 400), rng.integers(0, n_items, 400), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 120), rng.integers(0, n_items, 120), n_users, n_items
+    )
+    scores = torch.from_numpy(rng.random((n_users, n_items)).astype(np.float32))
+    config = EvalConfig(ks=(5, 2), max_users=25, seed=7)
+    result = evaluate_with_baselines(
+        table_fn(scores), train, test, config, extra={"reverse": table_fn(-scores)}
+    )
+    assert result.ks == (2, 5) and result.n_users == 25
+    assert list(result.models) == ["model", "popularity", "reverse"]
+    again = evaluate_with_baselines(table_fn(scores), train, test, config)
+    assert again.models["model"] == result.models["model"]
+    # The baseline in the result equals a direct evaluation of popularity on the same seeded users.
+    sample = np.sort(
+        np.random.default_rng(7).choice(np.flatnonzero(_reachable_counts(train, test) > 0), 25, replace=False)
+    )
+    direct = evaluate_scores(popularity_score_fn(train), train, test, ks=(2, 5), users=sample)
+    assert result.models["popularity"] == pytest.approx({k: v for k, v in direct.items() if k != "n_users"})
+
+    table = result.to_table().splitlines()
+    assert table[0] == "25 users, full ranking"
+    assert table[1].split() == ["model"] + [
+        f"{m}@{k}" for m in ("recall", "ndcg", "map", "hitrate", "coverage") for k in (2, 5)
+    ]
+    assert table[3].split()[0] == "popularity"
+    assert table[2].split()[1] == f"{result.models['model']['recall@2']:.4f}"
+    assert len({len(line) for line in table[1:]}) == 1
+
+    path = result.save_json(tmp_path / "metrics.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["ks"] == [2, 5] and loaded["n_users"] == 25
+    assert EvaluationResult.from_dict(loaded) == result
+    with pytest.raises(ValueError, match="'popularity' is reserved"):
+        evaluate_with_baselines(table_fn(scores), train, test, config, extra={"popularity": table_fn(scores)})
+
+
+def _reachable_counts(train, test):
+    keys = test.keys()
+    users, items = keys // test.n_items, keys % test.n_items
+    keep = ~train.contains(users, items)
+    return np.bincount(users[keep], minlength=test.n_users)
+
+
+def test_interaction_matrices_from_frames():
+    train = pl.DataFrame(
+        {"user_num": [0, 0, 1], "item_num": [1, 2, 0], "label": [1, -1, 0]},
+        schema={"user_num": pl.Int32, "item_num": pl.Int32, "label": pl.Int8},
+    )
+    test = pl.DataFrame(
+        {"user_num": [0, 1, 1], "item_num": [0, 2, 1], "label": [1, 1, -1]},
+        schema={"user_num": pl.Int32, "item_num": pl.Int32, "label": pl.Int8},
+    )
+    seen, relevant = interaction_matrices(train, test, 2, 3)
+    assert seen.keys().tolist() == [1, 2, 3]
+    assert relevant.keys().tolist() == [0, 5]
+    _, unlabelled = interaction_matrices(train, test.drop("label"), 2, 3)
+    assert unlabelled.nnz == 3
+    with pytest.raises(DataError, match=r"test frame \(3 rows\) has no column 'item_num'"):
+        interaction_matrices(train, test.drop("item_num"), 2, 3)
+    with pytest.raises(DataError, match=r"train frame \(3 rows\): item numbers must lie in \[0, 2\)"):
+        interaction_matrices(train, test, 2, 2)
