@@ -68,7 +68,8 @@ class DataConfig(_Section):
     """Unit of numeric epoch timestamps."""
     rating_scale: tuple[float, float] | None = (1.0, 5.0)
     """Inclusive ``[low, high]`` range of valid ratings; rows outside are quarantined. ``null``
-    disables the check. MovieLens ``ratings.csv`` uses half stars from 0.5."""
+    disables the check. When unset and the format is ``movielens-csv`` (half stars), it is
+    ``[0.5, 5.0]``."""
     max_reject_fraction: float = Field(0.01, ge=0.0, le=1.0)
     """Fail the run when more than this fraction of rows is quarantined (default 1%)."""
     deduplicate: bool = True
