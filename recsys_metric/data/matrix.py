@@ -44,7 +44,11 @@ class InteractionMatrix:
             raise ValueError(f"user numbers must lie in [0, {n_users})")
         if item_nums.size and (item_nums.min() < 0 or item_nums.max() >= n_items):
             raise ValueError(f"item numbers must lie in [0, {n_items})")
-        keys = np.unique(user_nums * np.int64(n_items) + item_nums)
+        # Sort + adjacent compare, not np.unique: numpy 2.4's hash-based unique took 30 s for 20M keys
+        # on this machine (random memory access), the sort 2 s.
+        keys = np.sort(user_nums * np.int64(n_items) + item_nums)
+        if keys.size > 1:
+            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
         rows = keys // n_items
         indices = (keys - rows * n_items).astype(np.int32)
         counts = np.bincount(rows, minlength=n_users)
