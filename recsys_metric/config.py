@@ -165,6 +165,9 @@ class ModelConfig(_Section):
     feature_map: Literal["none", "linear"] = "none"
     """``linear``: a learned D x D map applied to both towers' outputs, i.e. a learned
     Mahalanobis metric (LMNN); ``none``: identity."""
+    init_scale: float = Field(0.1, gt=0.0)
+    """Typical L2 norm of an initial embedding row: entries are drawn from N(0, init_scale^2 / dim),
+    well inside the unit ball (CML). Id embeddings of a model with item features start at zero."""
 
 
 class TrainConfig(_Section):
@@ -205,6 +208,14 @@ class TrainConfig(_Section):
     """Seed for initialisation, shuffling and negative sampling."""
     checkpoint_every: int = Field(1, ge=1)
     """Write a resumable checkpoint every this many epochs (when a checkpoint dir is given)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate multiplier over the ``epochs`` of a run: ``constant`` 1; ``linear`` from 1 down
+    to 0; ``cosine`` half a cosine from 1 to 0. Applied per step, from the share of the run done."""
+    softmax_temperature: float = Field(0.1, gt=0.0)
+    """``loss: softmax`` only: the in-batch scores are divided by this."""
+    threads: int = Field(0, ge=0)
+    """CPU threads torch may use while training (``torch.set_num_threads``, restored afterwards);
+    0 leaves torch's setting alone."""
 
 
 class EvalConfig(_Section):
@@ -275,5 +286,7 @@ def load_config(path: str | Path | None) -> Config:
     except (tomllib.TOMLDecodeError, ValueError) as err:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}"
+        )
     return config_from_dict(raw or {}, source=str(path))

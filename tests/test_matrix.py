@@ -7,7 +7,9 @@ from recsys_metric.data.matrix import InteractionMatrix
 
 
 def test_from_pairs_sorts_and_deduplicates():
-    m = InteractionMatrix.from_pairs(np.array([1, 0, 0, 1, 0]), np.array([2, 3, 1, 2, 3]), n_users=3, n_items=4)
+    m = InteractionMatrix.from_pairs(
+        np.array([1, 0, 0, 1, 0]), np.array([2, 3, 1, 2, 3]), n_users=3, n_items=4
+    )
     assert m.indptr.tolist() == [0, 2, 3, 3]
     assert m.row(0).tolist() == [1, 3]
     assert m.row(1).tolist() == [2]

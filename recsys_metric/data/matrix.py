@@ -29,7 +29,9 @@ class InteractionMatrix:
     n_items: int
 
     @classmethod
-    def from_pairs(cls, user_nums: np.ndarray, item_nums: np.ndarray, n_users: int, n_items: int) -> InteractionMatrix:
+    def from_pairs(
+        cls, user_nums: np.ndarray, item_nums: np.ndarray, n_users: int, n_items: int
+    ) -> InteractionMatrix:
         """Build from parallel arrays of dense numbers; duplicate pairs collapse to one entry.
 
         Args:

@@ -1,0 +1,211 @@
+"""The ``recsys-metric`` command.
+
+User mistakes (a missing file, a bad config key, bad data) are answered with one line on stderr
+and exit code 2; an unexpected failure keeps its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from recsys_metric import __version__
+from recsys_metric.config import load_config
+from recsys_metric.errors import RecsysMetricError
+
+DEFAULT_DATA = Path("data") / "interactions.parquet"
+EXIT_USER_ERROR = 2
+
+
+def _fmt_int(n: int | float) -> str:
+    return f"{int(n):,}"
+
+
+def format_data_report(report: dict) -> str:
+    """Human-readable summary of ``PreparedData.report()``."""
+    v = report["validation"]
+    s = report["split"]
+    lab = report["labels"]
+    n = max(report["n_interactions"], 1)
+    lines = [
+        f"source            {v['source']}",
+        f"input rows        {_fmt_int(v['n_input_rows'])}",
+        f"rejected          {_fmt_int(v['n_rejected'])}"
+        + (f"  -> {v['rejects_path']}" if v.get("rejects_path") else ""),
+    ]
+    for reason, count in sorted(v.get("rejected_by_reason", {}).items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason:<30} {_fmt_int(count)}")
+    lines += [
+        f"duplicates        {_fmt_int(v['n_duplicates'])} collapsed",
+        f"interactions      {_fmt_int(report['n_interactions'])}",
+        f"users             {_fmt_int(report['n_users'])}",
+        f"items             {_fmt_int(report['n_items'])}",
+        f"density           {report['n_interactions'] / (report['n_users'] * report['n_items']):.5f}",
+        f"liked             {_fmt_int(lab['liked'])} ({lab['liked'] / n:.1%})",
+        f"neutral           {_fmt_int(lab['neutral'])} ({lab['neutral'] / n:.1%})",
+        f"unliked           {_fmt_int(lab['unliked'])} ({lab['unliked'] / n:.1%})",
+        f"split             {s['method']}"
+        + (
+            f" (asked for {s['requested_method']}: {s['fallback_reason']})"
+            if s.get("fallback_reason")
+            else ""
+        )
+        + (f", cutoff {s['cutoff']}" if s.get("cutoff") else ""),
+        f"  train rows      {_fmt_int(s['n_train'])} ({_fmt_int(s['n_train_users'])} users)",
+        f"  test rows       {_fmt_int(s['n_test'])} ({_fmt_int(s['n_test_users'])} users)",
+        f"  test dropped    {_fmt_int(s['n_test_dropped_unseen_user'])} unseen user, "
+        f"{_fmt_int(s['n_test_dropped_unseen_item'])} unseen item",
+    ]
+    if "triplets" in report:
+        t = report["triplets"]
+        lines.append(
+            f"triplets          {_fmt_int(t['n_triplets'])} "
+            f"({_fmt_int(t.get('n_explicit', 0))} explicit dislikes, {_fmt_int(t.get('n_sampled', 0))} sampled)"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_inspect_data(args: argparse.Namespace) -> int:
+    from recsys_metric.data.prepare import prepare_dataset
+
+    config = load_config(args.config)
+    if args.out:
+        prepared = prepare_dataset(args.path, args.out, config)
+        report = prepared.report()
+    else:
+        with tempfile.TemporaryDirectory(prefix="recsys-metric-inspect-") as tmp:
+            report = prepare_dataset(args.path, tmp, config).report()
+            report["validation"]["rejects_path"] = None
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_data_report(report))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from recsys_metric.data.prepare import prepare_dataset
+
+    prepared = prepare_dataset(args.interactions, args.out, load_config(args.config))
+    print(format_data_report(prepared.report()))
+    print(f"\nwrote {prepared.paths.out_dir}")
+    return 0
+
+
+def _cmd_generate_data(args: argparse.Namespace) -> int:
+    from recsys_metric.data import synthetic
+
+    argv = ["--out", str(args.out), "--seed", str(args.seed), "--id-type", args.id_type]
+    for flag, value in (
+        ("--users", args.n_users),
+        ("--items", args.n_items),
+        ("--interactions", args.n_interactions),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.parts:
+        argv += ["--parts", "--overwrite"]
+    return synthetic.main(argv)
+
+
+def synthetic_defaults() -> dict:
+    from recsys_metric.data.synthetic import BUNDLED_ARGS
+
+    return BUNDLED_ARGS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys-metric",
+        description="Recommender embeddings by metric learning: logs -> triplets -> two-tower model -> "
+        "Parquet embeddings -> Annoy index.",
+    )
+    parser.add_argument("--version", action="version", version=f"recsys-metric {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "inspect-data",
+        help="summarise an interaction log: users, items, labels, rejects, split, triplets",
+        description="Read, validate, split and sample triplets from a log, and print what came out of each stage.",
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        default=str(DEFAULT_DATA),
+        help=f"log file, Parquet directory or glob (default: {DEFAULT_DATA})",
+    )
+    p.add_argument("--config", help="YAML or TOML config file")
+    p.add_argument(
+        "--out", help="keep the prepared files (rejects, vocabularies, triplets) in this directory"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_inspect_data)
+
+    p = sub.add_parser(
+        "prepare",
+        help="write the prepared dataset (vocabularies, labelled split interactions, triplets, rejects)",
+    )
+    p.add_argument(
+        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="YAML or TOML config file")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "generate-data",
+        help="write a synthetic interaction log (the bundled default data, or a large one for benchmarks)",
+    )
+    p.add_argument("--out", default="data", help="output directory (default: data)")
+    p.add_argument("--n-users", type=int, help="number of users (default: the bundled size)")
+    p.add_argument("--n-items", type=int, help="number of items")
+    p.add_argument("--n-interactions", type=int, help="number of interactions")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=synthetic_defaults()["seed"],
+        help="random seed (default: the bundled data's)",
+    )
+    p.add_argument(
+        "--id-type",
+        choices=["int", "str"],
+        default=synthetic_defaults()["id_type"],
+        help="external id type (default: the bundled data's)",
+    )
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="stream a large log to OUT/interactions/part-*.parquet with bounded memory",
+    )
+    p.set_defaults(func=_cmd_generate_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except RecsysMetricError as err:
+        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyError as err:
+        print(f"recsys-metric {args.command}: error: unknown id {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as err:
+        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
