@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,11 @@ class InteractionMatrix:
             raise ValueError(f"user numbers must lie in [0, {n_users})")
         if item_nums.size and (item_nums.min() < 0 or item_nums.max() >= n_items):
             raise ValueError(f"item numbers must lie in [0, {n_items})")
-        # Sort + adjacent compare, not np.unique: numpy 2.4's hash-based unique took 30 s for 20M keys
-        # on this machine (random memory access), the sort 2 s.
-        keys = np.sort(user_nums * np.int64(n_items) + item_nums)
-        if keys.size > 1:
-            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-        rows = keys // n_items
-        indices = (keys - rows * n_items).astype(np.int32)
-        counts = np.bincount(rows, minlength=n_users)
-        indptr = np.zeros(n_users + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        keys = user_nums * np.int64(n_items)
+        keys += item_nums
+        keys = _sorted_unique(keys)
+        indptr = np.searchsorted(keys, np.arange(n_users + 1, dtype=np.int64) * np.int64(n_items))
+        indices = (keys % n_items).astype(np.int32)
         return cls(indptr=indptr, indices=indices, n_users=int(n_users), n_items=int(n_items))
 
     @property
@@ -101,3 +97,14 @@ class InteractionMatrix:
             cached = self.keys()
             object.__setattr__(self, "_keys_cache", cached)
         return cached
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an int64 array.
+
+    Not ``np.unique``: numpy 2.4's hash-based unique took 30 s for 20M keys here, polars'
+    parallel unique + sort 0.8 s.
+    """
+    if keys.size < 2:
+        return keys.copy()
+    return pl.Series(keys).unique().sort().to_numpy()
