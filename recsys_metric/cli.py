@@ -19,6 +19,8 @@ from recsys_metric.config import load_config
 from recsys_metric.errors import RecsysMetricError
 
 DEFAULT_DATA = Path("data") / "interactions.parquet"
+DEFAULT_ITEMS = Path("data") / "items.parquet"
+DEFAULT_ARTIFACTS = Path("artifacts")
 EXIT_USER_ERROR = 2
 
 
@@ -119,6 +121,34 @@ def synthetic_defaults() -> dict:
     return BUNDLED_ARGS
 
 
+def _items_path(args: argparse.Namespace) -> Path | None:
+    if args.items:
+        return Path(args.items)
+    # The bundled log comes with its item table; a user's own log has none unless given.
+    if Path(args.interactions) == DEFAULT_DATA and DEFAULT_ITEMS.exists():
+        return DEFAULT_ITEMS
+    return None
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from recsys_metric.pipeline import new_run_id, train_run
+
+    config = load_config(args.config)
+    run_id = new_run_id()
+    run_dir = Path(args.out) if args.out else Path(args.artifacts) / "runs" / run_id
+    result = train_run(
+        args.interactions, run_dir, config, items=_items_path(args), run_id=run_id, progress=args.progress
+    )
+    print(result.evaluation.to_table())
+    es = result.metrics["early_stopping"]
+    print(
+        f"\nrun {result.run_id}: best epoch {es['best_epoch']} of {es['epochs_run']} by validation {es['metric']}; "
+        f"exported the {result.metrics['published_model'].replace('_', ' ')} to {run_dir} "
+        f"in {result.seconds['total']:.1f} s"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recsys-metric",
@@ -157,6 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="YAML or TOML config file")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="prepare, train (early stopping), evaluate on the holdout, refit and export a run directory",
+        description="Train the two-tower model on a log and write a run directory: vocabularies, model.pt, "
+        "user/item embedding Parquet files, metrics.json (holdout metrics beside popularity).",
+    )
+    p.add_argument(
+        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
+    )
+    p.add_argument(
+        "--items",
+        help="item feature table (Parquet with item_id; default: data/items.parquet with the bundled log)",
+    )
+    p.add_argument(
+        "--artifacts",
+        default=str(DEFAULT_ARTIFACTS),
+        help="artifacts directory; the run goes to ARTIFACTS/runs/<run_id> (default: artifacts)",
+    )
+    p.add_argument("--out", help="write the run directory here instead")
+    p.add_argument("--config", help="YAML or TOML config file")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
         "generate-data",
