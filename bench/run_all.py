@@ -1,0 +1,44 @@
+"""Run every benchmark, then regenerate BENCHMARKS.md (``make bench``).
+
+Benchmarks that need data from ``../shared/datasets`` skip those datasets and say so. Pass
+``--only name,name`` to run a subset (the others keep their last saved figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+BENCHMARKS = ["ingest", "train_speed", "quality", "index_latency", "batch_throughput"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    args = ap.parse_args(argv)
+    names = args.only.split(",") if args.only else BENCHMARKS
+    failed = []
+    for name in names:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as err:
+            print(f"SKIP {name}: {err}")
+            continue
+        print(f"== bench.{name}", flush=True)
+        t = time.perf_counter()
+        rc = module.main([])
+        print(f"== bench.{name} finished in {time.perf_counter() - t:.0f} s (exit {rc})", flush=True)
+        if rc:
+            failed.append(name)
+    from bench import report
+
+    report.main()
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
