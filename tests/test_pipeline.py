@@ -1,0 +1,127 @@
+"""The model half of the pipeline: run directory contract, honest holdout, export round trip."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys_metric import pipeline
+from recsys_metric.config import config_from_dict
+from recsys_metric.data.synthetic import generate_log
+from recsys_metric.export import read_embeddings, score_embeddings
+from recsys_metric.pipeline import load_model, train_run
+
+FAST = {"train": {"epochs": 6, "patience": 2, "batch_size": 512}, "eval": {"ks": [10, 20]}}
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("log")
+    log = generate_log(300, 150, 9000, n_clusters=6, seed=3, id_type="str")
+    log.interactions.write_parquet(d / "interactions.parquet")
+    log.items.write_parquet(d / "items.parquet")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(log_path, tmp_path_factory):
+    calls = []
+    real_fit = pipeline.fit
+
+    def recording_fit(model, data, config, **kw):
+        calls.append(data)
+        return real_fit(model, data, config, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(pipeline, "fit", recording_fit)
+    try:
+        result = train_run(
+            log_path / "interactions.parquet", tmp_path_factory.mktemp("run"), config_from_dict(FAST), progress=False
+        )
+    finally:
+        mp.undo()
+    return result, calls
+
+
+def test_run_directory_has_the_contract_files(run):
+    result, _ = run
+    for name in ("users.parquet", "items.parquet", "rejects.parquet", "model.pt", "model.json",
+                 "user_embeddings.parquet", "item_embeddings.parquet", "metrics.json", "triplets.parquet"):
+        assert (result.run_dir / name).exists(), name
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["run_id"] == result.run_id
+    assert set(metrics["holdout"]["models"]) == {"model", "popularity"}
+    assert metrics["published_model"] == "refit_on_full_log"
+    assert metrics["training"]["refit"]["history"], "refit history recorded"
+    assert len(metrics["training"]["refit"]["history"]) == metrics["early_stopping"]["best_epoch"]
+
+
+def test_model_beats_popularity_on_learnable_data(run):
+    result, _ = run
+    models = result.evaluation.models
+    assert models["model"]["recall@20"] > 1.5 * models["popularity"]["recall@20"]
+    assert models["model"]["ndcg@20"] > 1.5 * models["popularity"]["ndcg@20"]
+
+
+def test_holdout_model_never_trains_on_test_rows_and_refit_sees_everything(run):
+    result, calls = run
+    holdout_data, refit_data = calls
+    inter = result.prepared.interactions
+    n_items = len(result.prepared.items)
+    keys = lambda u, i: set((np.asarray(u, dtype=np.int64) * n_items + np.asarray(i)).tolist())  # noqa: E731
+    test = inter.filter(pl.col("split") != "train")
+    test_keys = keys(test["user_num"].to_numpy(), test["item_num"].to_numpy())
+    train_keys = keys(*[inter.filter(pl.col("split") == "train")[c].to_numpy() for c in ("user_num", "item_num")])
+    test_only = test_keys - train_keys
+    assert test_only, "the fixture must have test-only pairs"
+    assert not keys(holdout_data.user_num, holdout_data.item_num) & test_only
+    assert not set((holdout_data.seen.keys()).tolist()) & test_only
+    liked = inter.filter(pl.col("label") == 1)
+    assert keys(refit_data.user_num, refit_data.item_num) == keys(liked["user_num"].to_numpy(), liked["item_num"].to_numpy())
+
+
+def test_exported_embeddings_reproduce_the_model_rankings(run):
+    result, _ = run
+    users = read_embeddings(result.run_dir / "user_embeddings.parquet")
+    items = read_embeddings(result.run_dir / "item_embeddings.parquet")
+    assert users.distance == items.distance == result.model.config.distance
+    assert users.run_id == items.run_id == result.run_id
+    assert users.ids.to_list() == result.prepared.users.ids().to_list()
+    consumer = score_embeddings(users.vectors[:50], items.vectors, users.distance)
+    with torch.no_grad():
+        model_scores = result.model.score(np.arange(50)).cpu().numpy()
+    np.testing.assert_allclose(consumer, model_scores, rtol=1e-5, atol=1e-6)
+    assert (np.argsort(-consumer, axis=1, kind="stable")[:, :10] == np.argsort(-model_scores, axis=1, kind="stable")[:, :10]).all()
+
+
+def test_model_reloads_from_the_run_directory(run):
+    result, _ = run
+    state = torch.load(result.run_dir / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    loaded = load_model(result.run_dir)
+    with torch.no_grad():
+        assert torch.equal(loaded.score(np.arange(20)), result.model.to("cpu").score(np.arange(20)))
+
+
+def test_without_refit_the_holdout_model_is_exported(log_path, tmp_path):
+    cfg = config_from_dict({**FAST, "train": {**FAST["train"], "epochs": 2, "refit": False}})
+    result = train_run(log_path / "interactions.parquet", tmp_path, cfg, progress=False)
+    assert result.refit_training is None
+    assert result.metrics["published_model"] == "holdout_model"
+    items = read_embeddings(tmp_path / "item_embeddings.parquet")
+    with torch.no_grad():
+        np.testing.assert_array_equal(items.vectors, result.model.item_embeddings().cpu().numpy())
+
+
+def test_item_features_need_an_item_table(log_path, tmp_path):
+    from recsys_metric.errors import ConfigError
+
+    cfg = config_from_dict({**FAST, "model": {"item_features": ["category", "tags"]}})
+    with pytest.raises(ConfigError, match="needs an item table"):
+        train_run(log_path / "interactions.parquet", tmp_path / "a", cfg, progress=False)
+    result = train_run(
+        log_path / "interactions.parquet", tmp_path / "b", cfg, items=log_path / "items.parquet", progress=False
+    )
+    assert result.model.item_encoder is not None

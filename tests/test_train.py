@@ -1,0 +1,448 @@
+"""Training loop: known answers on a checkerboard, fused gradients against autograd, exact resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys_metric.config import ModelConfig, TrainConfig
+from recsys_metric.data.matrix import InteractionMatrix
+from recsys_metric.device import resolve_device
+from recsys_metric.errors import ConfigError, DataError
+from recsys_metric.model.distances import EuclideanDistance, get_distance
+from recsys_metric.model.features import ItemFeatureTensors
+from recsys_metric.model.losses import triplet_margin_loss
+from recsys_metric.model.towers import TwoTowerModel
+from recsys_metric.train import (
+    CHECKPOINT_NAME,
+    FusedTripletStep,
+    SparseRowOptimizer,
+    TrainData,
+    _NegativeSource,
+    fit,
+    use_compile,
+)
+
+N_USERS, N_ITEMS, HALF = 40, 20, 10
+FAST = {"epochs": 15, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off"}
+DIM = 4
+
+
+def _checkerboard(held_out: int = 0) -> tuple[InteractionMatrix, InteractionMatrix]:
+    """Even users like 7 of items 0-9, odd users 7 of items 10-19; ``held_out`` of them kept aside."""
+    rng = np.random.default_rng(0)
+    train_u, train_i, test_u, test_i = [], [], [], []
+    for user in range(N_USERS):
+        liked = rng.choice(HALF, 7, replace=False) + (user % 2) * HALF
+        train_u += [user] * (7 - held_out)
+        train_i += list(liked[held_out:])
+        test_u += [user] * held_out
+        test_i += list(liked[:held_out])
+    train = InteractionMatrix.from_pairs(np.array(train_u), np.array(train_i), N_USERS, N_ITEMS)
+    test = InteractionMatrix.from_pairs(
+        np.array(test_u, dtype=np.int64), np.array(test_i, dtype=np.int64), N_USERS, N_ITEMS
+    )
+    return train, test
+
+
+def _own_half_share(scores: torch.Tensor, train: InteractionMatrix, k: int) -> float:
+    """Share of each user's top-k unseen items that lie in the user's half."""
+    scores = scores.clone()
+    for user in range(N_USERS):
+        scores[user, train.row(user)] = float("-inf")
+    top = scores.topk(k, dim=1).indices
+    own = (top // HALF) == (torch.arange(N_USERS) % 2).unsqueeze(1)
+    return float(own.float().mean())
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "dot", "cosine"])
+def test_fused_training_learns_the_checkerboard(distance):
+    train, _ = _checkerboard()
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM, distance=distance), seed=0)
+    result = fit(model, TrainData.from_matrices(train), TrainConfig(**FAST), progress=False)
+    assert result.fused and not result.compiled and result.device == "cpu"
+    assert len(result.history) == 15 and result.history[-1]["loss"] < result.history[0]["loss"]
+    with torch.no_grad():
+        scores = model.score(np.arange(N_USERS))
+    # The 3 unseen items of the user's half were sampled as negatives too; top-1 is the known answer.
+    # Cosine (margin 0.5 of at most 2) misplaces one user in 40 on some seeds of this tiny board.
+    assert _own_half_share(scores, train, 1) >= (0.95 if distance == "cosine" else 1.0)
+    assert _own_half_share(scores, train, 3) >= 0.8
+    if distance == "euclidean":
+        with torch.no_grad():
+            norms = torch.cat([model.user_embeddings(), model.item_embeddings()]).norm(dim=1)
+        assert float(norms.max()) <= 1.0
+
+
+POOLED = ModelConfig(dim=DIM, user_tower="pooled")
+HYBRID = ModelConfig(dim=DIM, user_tower="hybrid", feature_map="linear", distance="cosine")
+
+
+@pytest.mark.parametrize(
+    "config, loss",
+    [(POOLED, "triplet"), (POOLED, "bpr"), (HYBRID, "contrastive"), (HYBRID, "softmax")],
+)
+def test_autograd_training_learns_the_checkerboard(config, loss):
+    train, _ = _checkerboard()
+    model = TwoTowerModel(N_USERS, N_ITEMS, config, user_history=train, seed=0)
+    overrides = {**FAST, "loss": loss, "optimizer": "adam", "lr": 0.02, "epochs": 30}
+    result = fit(model, TrainData.from_matrices(train), TrainConfig(**overrides), progress=False)
+    assert not result.fused
+    with torch.no_grad():
+        assert _own_half_share(model.score(np.arange(N_USERS)), train, 1) >= 0.9
+
+
+def _autograd_row_grads(model, metric, weighting, users, pos, negs, valid, weight_decay, item_rows):
+    users_w = model.user_embedding.weight.detach().clone()
+    items_w = model.item_embedding.weight.detach().clone()
+    if metric == "euclidean":
+        users_w.renorm_(2, 0, 1.0)
+        items_w.renorm_(2, 0, 1.0)
+    users_w.requires_grad_()
+    items_w.requires_grad_()
+    u, p, n = users_w[users], items_w[pos], items_w[negs]
+    dist = EuclideanDistance(squared=True) if metric == "euclidean" else get_distance(metric)
+    neg_values = dist.rowwise(u.unsqueeze(1), n)
+    if valid is not None:
+        neg_values = neg_values.masked_fill(~valid, float("-inf") if dist.is_inverted else float("inf"))
+    loss = triplet_margin_loss(
+        dist.rowwise(u, p),
+        neg_values,
+        margin=0.5,
+        weighting=weighting,
+        is_inverted=dist.is_inverted,
+        n_items=N_ITEMS,
+        reduction="sum",
+    )
+    loss.backward()
+    grad_users, grad_items = users_w.grad, items_w.grad
+    if weight_decay:
+        # The penalty wd/2 |w|^2 counts once per occurrence of a row that gets a gradient.
+        grad_users = grad_users + weight_decay * torch.zeros_like(users_w).index_add_(
+            0, users, users_w.detach()[users]
+        )
+        grad_items = grad_items + weight_decay * torch.zeros_like(items_w).index_add_(
+            0, item_rows, items_w.detach()[item_rows]
+        )
+    return loss.detach(), grad_users, grad_items
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
+@pytest.mark.parametrize("weighting", ["hardest", "warp", "mean"])
+@pytest.mark.parametrize("k, weight_decay", [(1, 0.0), (4, 0.0), (4, 0.1)])
+def test_fused_gradients_equal_autograd(metric, weighting, k, weight_decay):
+    # init_scale 2 puts most rows outside the unit ball, so the projection is exercised too.
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, distance=metric, init_scale=2.0), seed=1)
+    config = TrainConfig(negatives=k, negative_weighting=weighting, margin=0.5, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(2)
+    batch = 50
+    users = torch.randint(0, N_USERS, (batch,), generator=g)
+    pos = torch.randint(0, N_ITEMS, (batch,), generator=g)
+    negs = torch.randint(0, N_ITEMS, (batch, k), generator=g)
+    valid = torch.rand(batch, k, generator=g) > 0.25 if k > 1 else None
+    with torch.no_grad():
+        fused = FusedTripletStep(model, config, N_ITEMS).gradients(users, pos, negs, valid)
+    loss, grad_users, grad_items = _autograd_row_grads(
+        model, metric, weighting, users, pos, negs, valid, weight_decay, fused.item_rows
+    )
+    dense_users = torch.zeros(N_USERS, 6).index_add_(0, fused.user_rows, fused.user_grads)
+    dense_items = torch.zeros(N_ITEMS, 6).index_add_(0, fused.item_rows, fused.item_grads)
+    torch.testing.assert_close(dense_users, grad_users, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense_items, grad_items, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused.loss, loss, atol=1e-5, rtol=1e-6)
+    if metric == "euclidean":
+        assert fused.user_values is not None and float(fused.user_values.norm(dim=1).max()) <= 1.0 + 1e-6
+
+
+def test_lazy_projection_is_projected_sgd():
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, init_scale=2.0), seed=4)
+    config = TrainConfig(negatives=2, optimizer="sgd", negative_weighting="mean", margin=0.5)
+    users = torch.tensor([0, 0, 3, 5])
+    pos = torch.tensor([1, 2, 1, 7])
+    negs = torch.tensor([[3, 4], [1, 9], [2, 2], [8, 3]])
+    before_u = model.user_embedding.weight.detach().clone()
+    before_i = model.item_embedding.weight.detach().clone()
+    _, grad_users, grad_items = _autograd_row_grads(
+        model, "euclidean", "mean", users, pos, negs, None, 0.0, None
+    )
+    step = FusedTripletStep(model, config, N_ITEMS)
+    with torch.no_grad():
+        step(users, pos, negs, None, 0.1)
+    for before, grad, after, read in (
+        (before_u, grad_users, model.user_embedding.weight.detach(), users),
+        (before_i, grad_items, model.item_embedding.weight.detach(), torch.cat([pos, negs.reshape(-1)])),
+    ):
+        # Effective rows (projected) follow projected SGD; rows never read are left as they were.
+        expected = (before.renorm(2, 0, 1.0) - 0.1 * grad).renorm(2, 0, 1.0)
+        torch.testing.assert_close(after.renorm(2, 0, 1.0), expected, atol=1e-6, rtol=0)
+        unread = torch.ones(before.shape[0], dtype=torch.bool).index_fill_(0, read, False)
+        assert unread.any() and torch.equal(after[unread], before[unread])
+
+
+def test_rowwise_adagrad_counts_every_occurrence():
+    weight = torch.zeros(3, 2)
+    opt = SparseRowOptimizer({"t": weight}, "adagrad")
+    grads = torch.tensor([[1.0, 1.0], [3.0, -1.0], [2.0, 0.0]])
+    opt.step("t", torch.tensor([0, 0, 2]), grads.clone(), 0.5)
+    acc = opt.accumulator("t")
+    torch.testing.assert_close(acc, torch.tensor([1.0 + 5.0, 0.0, 2.0]))
+    torch.testing.assert_close(weight[0], -0.5 * torch.tensor([4.0, 0.0]) / (6.0**0.5 + 1e-10))
+    torch.testing.assert_close(weight[2], -0.5 * torch.tensor([2.0, 0.0]) / (2.0**0.5 + 1e-10))
+    assert torch.equal(weight[1], torch.zeros(2))
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    config = TrainConfig(**{**FAST, "epochs": 4, "lr_schedule": "cosine"})
+
+    def validate_increasing(model):
+        validate_increasing.calls += 1
+        return {"recall@20": float(validate_increasing.calls)}
+
+    validate_increasing.calls = 0
+    straight = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    expected = fit(
+        straight, data, config, validate=validate_increasing, checkpoint_dir=tmp_path / "a", progress=False
+    )
+
+    def crash_in_epoch_3(model):
+        crash_in_epoch_3.calls += 1
+        if crash_in_epoch_3.calls == 3:
+            raise _Crash
+        return {"recall@20": float(crash_in_epoch_3.calls)}
+
+    crash_in_epoch_3.calls = 0
+    first = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    with pytest.raises(_Crash):
+        fit(first, data, config, validate=crash_in_epoch_3, checkpoint_dir=tmp_path / "b", progress=False)
+    saved = torch.load(tmp_path / "b" / CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 2
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [CHECKPOINT_NAME]
+
+    validate_increasing.calls = 2
+    fresh = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=123)
+    resumed = fit(
+        fresh,
+        data,
+        config,
+        validate=validate_increasing,
+        checkpoint_dir=tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in expected.history]
+    assert resumed.best_epoch == expected.best_epoch == 4
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+
+
+def test_resume_without_checkpoint_starts_fresh_and_same_seed_is_deterministic(tmp_path):
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    config = TrainConfig(**{**FAST, "epochs": 3})
+    a = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    b = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    fit(a, data, config, checkpoint_dir=tmp_path, resume=True, progress=False)
+    shutil.rmtree(tmp_path)
+    fit(b, data, config, progress=True)
+    assert torch.equal(a.user_embedding.weight, b.user_embedding.weight)
+    assert torch.equal(a.item_embedding.weight, b.item_embedding.weight)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    train, _ = _checkerboard()
+    snapshots = []
+
+    def validate(model):
+        snapshots.append(model.item_embedding.weight.detach().clone())
+        return {"recall@20": [0.5, 0.7, 0.6, 0.65, 0.69, 0.9][len(snapshots) - 1]}
+
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    config = TrainConfig(**{**FAST, "epochs": 6, "patience": 3})
+    result = fit(model, TrainData.from_matrices(train), config, validate=validate, progress=False)
+    assert result.stopped_early and result.best_epoch == 2 and result.best_metric == 0.7
+    assert len(result.history) == 5 and result.history[1]["metrics"] == {"recall@20": 0.7}
+    assert torch.equal(model.item_embedding.weight, snapshots[1])
+    with pytest.raises(ConfigError, match="early stopping needs 'recall@20'"):
+        fit(
+            model, TrainData.from_matrices(train), config, validate=lambda m: {"ndcg@20": 0.1}, progress=False
+        )
+
+
+def test_fold_in_of_a_known_history_ranks_held_out_items_high():
+    train, test = _checkerboard(held_out=2)
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    fit(model, TrainData.from_matrices(train), TrainConfig(**FAST), progress=False)
+    in_top, ranks = [], []
+    with torch.no_grad():
+        items = model.item_embeddings()
+        for user in range(N_USERS):
+            vector = model.fold_in(train.row(user))
+            scores = model.distance.score(vector.unsqueeze(0), items)[0]
+            scores[train.row(user)] = float("-inf")
+            order = scores.argsort(descending=True).tolist()
+            held = test.row(user).tolist()
+            # 5 unseen items of the user's half (2 held out), 10 of the other half: top-5 is the half.
+            in_top.append(set(held) <= set(order[:5]))
+            ranks += [order.index(i) for i in held]
+    n_unseen = N_ITEMS - 5
+    assert max(ranks) < n_unseen // 2
+    assert np.mean(in_top) >= 0.8
+
+
+def test_feature_tower_places_a_cold_item_among_its_category():
+    train, _ = _checkerboard()
+    items = pl.DataFrame(
+        {
+            "item_id": np.arange(N_ITEMS),
+            "side": ["left"] * HALF + ["right"] * HALF,
+            "tags": [["a"]] * HALF + [["b"]] * HALF,
+        }
+    )
+    features = ItemFeatureTensors.from_frame(items, np.arange(N_ITEMS), ["side", "tags"])
+    config = ModelConfig(dim=8, item_features=("side", "tags"))
+    model = TwoTowerModel(N_USERS, N_ITEMS, config, item_features=features, seed=0)
+    fit(
+        model,
+        TrainData.from_matrices(train),
+        TrainConfig(**{**FAST, "optimizer": "adam", "lr": 0.02}),
+        progress=False,
+    )
+    cold = pl.DataFrame({"item_id": [100, 101], "side": ["left", "right"], "tags": [["a"], ["b"]]})
+    with torch.no_grad():
+        vectors = model.item_embeddings_from_features(
+            ItemFeatureTensors.from_frame(cold, [100, 101], (), state=model.feature_state())
+        )
+        catalog = model.item_embeddings()
+        nearest = model.distance.score(vectors, catalog).topk(5, dim=1).indices
+        assert (nearest[0] < HALF).all() and (nearest[1] >= HALF).all()
+        # Users of each half rank the cold item of their half above the other one.
+        prefers = model.distance.score(model.user_embeddings(), vectors)
+        side = torch.arange(N_USERS) % 2
+        assert bool((prefers.argmax(1) == side).all())
+
+
+def test_explicit_dislikes_take_their_share_of_the_slots():
+    train, _ = _checkerboard()
+    dislikes = InteractionMatrix.from_pairs(np.array([0, 0, 2]), np.array([11, 12, 13]), N_USERS, N_ITEMS)
+    seen = InteractionMatrix.from_pairs(
+        np.concatenate([np.repeat(np.arange(N_USERS), train.row_lengths()), [0, 0, 2]]),
+        np.concatenate([train.indices, [11, 12, 13]]),
+        N_USERS,
+        N_ITEMS,
+    )
+    data = TrainData.from_matrices(train, seen=seen, dislikes=dislikes)
+    source = _NegativeSource(data, 4, 1.0, torch.device("cpu"), True)
+    chunk = source.chunk(np.arange(data.n_pairs), np.random.default_rng(0))
+    users, negs = chunk.users.numpy(), chunk.negs.numpy()
+    assert set(negs[users == 0].ravel()) <= {11, 12} and set(negs[users == 2].ravel()) == {13}
+    others = negs[(users != 0) & (users != 2)]
+    assert not seen.contains(np.repeat(users[(users != 0) & (users != 2)], 4), others.ravel()).any()
+    half = _NegativeSource(data, 4, 0.5, torch.device("cpu"), True).chunk(
+        np.arange(data.n_pairs), np.random.default_rng(0)
+    )
+    explicit = np.isin(half.negs.numpy()[half.users.numpy() == 0], [11, 12])
+    assert explicit[:, :2].all() and not explicit[:, 2:].any()
+
+
+def test_pairs_of_a_user_who_saw_every_item_are_dropped():
+    users = np.array([0] * N_ITEMS + [1, 1, 2, 2])
+    items = np.array(list(range(N_ITEMS)) + [0, 1, 2, 3])
+    liked = InteractionMatrix.from_pairs(users, items, 3, N_ITEMS)
+    model = TwoTowerModel(3, N_ITEMS, ModelConfig(dim=4), seed=0)
+    result = fit(
+        model,
+        TrainData.from_matrices(liked),
+        TrainConfig(**{**FAST, "epochs": 2, "negatives": 1}),
+        progress=False,
+    )
+    assert result.history[0]["triplets"] == 4
+
+
+def test_bad_inputs_are_rejected_with_clear_messages():
+    train, _ = _checkerboard()
+    with pytest.raises(DataError, match="no liked"):
+        TrainData(
+            user_num=np.array([], dtype=np.int32),
+            item_num=np.array([], dtype=np.int32),
+            seen=train,
+            n_users=N_USERS,
+            n_items=N_ITEMS,
+        )
+    with pytest.raises(DataError, match=r"must lie in \[0, 40\) x \[0, 20\)"):
+        TrainData(
+            user_num=np.array([0, 40]),
+            item_num=np.array([1, 1]),
+            seen=train,
+            n_users=N_USERS,
+            n_items=N_ITEMS,
+        )
+    model = TwoTowerModel(N_USERS + 1, N_ITEMS, ModelConfig(dim=4))
+    with pytest.raises(DataError, match="built for 41 x 20"):
+        fit(model, TrainData.from_matrices(train), TrainConfig(**FAST))
+
+
+def test_devices_resolve():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="is not a device"):
+        resolve_device("gpu please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="asks for CUDA"):
+            resolve_device("cuda:0")
+
+
+def test_compile_is_chosen_for_long_cpu_runs_only():
+    cpu = torch.device("cpu")
+    config = TrainConfig()
+    assert not use_compile(config, True, cpu, 1_000_000)
+    assert not use_compile(TrainConfig(compile="on"), False, cpu, 10**9)
+    assert not use_compile(TrainConfig(compile="on", optimizer="adam"), True, cpu, 10**9)
+    assert use_compile(TrainConfig(compile="on"), True, cpu, 10)
+    assert not use_compile(TrainConfig(compile="off"), True, cpu, 10**9)
+    assert not use_compile(config, True, torch.device("cuda"), 10**9)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_compiled_step_matches_the_eager_step():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler for torch.compile")
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    config = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 50})
+    eager = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    compiled = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    fit(eager, data, config, progress=False)
+    result = fit(compiled, data, config.model_copy(update={"compile": "on"}), progress=False)
+    assert result.compiled
+    torch.testing.assert_close(compiled.item_embedding.weight, eager.item_embedding.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled.user_embedding.weight, eager.user_embedding.weight, atol=1e-5, rtol=0)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    config = TrainConfig(**{**FAST, "epochs": 2})
+    fallback = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    eager = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    result = fit(fallback, data, config.model_copy(update={"compile": "on"}), progress=False)
+    fit(eager, data, config, progress=False)
+    assert not result.compiled and "continuing without it" in caplog.text
+    assert torch.equal(fallback.item_embedding.weight, eager.item_embedding.weight)
