@@ -24,9 +24,9 @@ $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
 comma := ,
 setup: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-## The main job: the pipeline once on the bundled data in data/ (train, evaluate, export) into ./artifacts/runs/<run_id>
+## The main job: the nightly pipeline once on the bundled data in data/ (train, evaluate, index, gate, publish to ./artifacts/current)
 run: setup
-	$(VENV)/bin/recsys-metric train
+	$(VENV)/bin/recsys-metric run
 
 ## The test suite (what CI runs)
 test: setup

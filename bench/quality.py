@@ -78,7 +78,7 @@ def _ours(data: BenchDataset) -> tuple[ScoreFn, dict[str, Any]]:
         SkipBaseline: the trainer modules are not importable.
     """
     try:
-        from recsys_metric.config import ModelConfig, TrainConfig, TripletConfig
+        from recsys_metric.config import ModelConfig, TrainConfig
         from recsys_metric.model.towers import TwoTowerModel
         from recsys_metric.pipeline import model_score_fn
         from recsys_metric.train import TrainData, fit
@@ -86,7 +86,7 @@ def _ours(data: BenchDataset) -> tuple[ScoreFn, dict[str, Any]]:
         raise SkipBaseline(f"recsys-metric trainer not available ({err})") from None
 
     model_config, config = ModelConfig(), TrainConfig()
-    explicit_share = TripletConfig().explicit_share
+    explicit_share = TrainConfig().explicit_share
 
     def train_data(part: BenchDataset) -> TrainData:
         return TrainData.from_matrices(part.train_liked, seen=part.train, dislikes=part.train_disliked)

@@ -149,6 +149,109 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from recsys_metric.nightly import run_nightly
+
+    result = run_nightly(
+        args.interactions,
+        args.artifacts,
+        load_config(args.config),
+        items=_items_path(args),
+        force=args.force,
+        progress=args.progress,
+    )
+    print(result.run.evaluation.to_table())
+    index = result.run.metrics.get("index") or {}
+    if index:
+        print(
+            f"\nAnnoy index: recall@10 {index['recall_at_10']:.3f} against exact search, "
+            f"p50 {index['p50_ms']:.2f} ms, p99 {index['p99_ms']:.2f} ms"
+        )
+    print(f"\nrun {result.run_id} -> {result.run_dir}")
+    print(f"quality gate: {result.decision.reason}")
+    if result.published:
+        print(f"published: {Path(args.artifacts) / 'current'} -> runs/{result.run_id}")
+    else:
+        kept = result.previous_run_id or "nothing"
+        print(f"NOT published: current stays on {kept}")
+    return 0
+
+
+def _print_frame(frame) -> None:
+    import polars as pl
+
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        print(pl.from_pandas(frame) if not isinstance(frame, pl.DataFrame) else frame)
+
+
+def _load_recommender(args: argparse.Namespace):
+    from recsys_metric.recommend import Recommender
+
+    return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    rec = _load_recommender(args)
+    user_id = _typed_id(args.user_id, rec.user_ids)
+    _print_frame(rec.recommend(user_id, k=args.k, exclude_seen=not args.include_seen))
+    return 0
+
+
+def _cmd_similar(args: argparse.Namespace) -> int:
+    rec = _load_recommender(args)
+    _print_frame(rec.similar_items(_typed_id(args.item_id, rec.item_ids), k=args.k, exact=args.exact))
+    return 0
+
+
+def _typed_id(text: str, ids) -> int | str:
+    """Command-line ids are text; integer vocabularies need ints."""
+    if ids.dtype.is_integer():
+        try:
+            return int(text)
+        except ValueError:
+            raise KeyError(text) from None
+    return text
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from recsys_metric.recommend import write_recommendations
+
+    user_ids = None
+    if args.users:
+        user_ids = [line.strip() for line in Path(args.users).read_text().splitlines() if line.strip()]
+    stats = write_recommendations(
+        args.artifacts,
+        args.out,
+        k=args.k,
+        user_ids=user_ids,
+        index=args.index,
+        progress=args.progress,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote top-{args.k} for {stats['n_users']:,} users ({stats['n_rows']:,} rows, {stats['n_files']} files) "
+        f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
+    )
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from recsys_metric.registry import ArtifactStore
+
+    runs = ArtifactStore(args.artifacts).list_runs()
+    if not runs:
+        print(f"no runs under {args.artifacts}")
+        return 0
+    print(f"{'':2}{'run_id':<24}{'complete':<10}{'created (UTC)':<21}recall@K")
+    for r in runs:
+        mark = "* " if r.is_current else "  "
+        recall = "" if r.recall is None else f"{r.recall:.4f} (K={r.k})"
+        created = r.created.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{mark}{r.run_id:<24}{'yes' if r.complete else 'no':<10}{created:<21}{recall}")
+    print("\n* = current")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recsys-metric",
@@ -215,6 +318,71 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bars (default: when stderr is a terminal)",
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "run",
+        help="the nightly pipeline once: train, evaluate, index, quality gate, publish to ARTIFACTS/current",
+        description="Train a new run on the log, compare it with the published model on the same holdout, and "
+        "switch ARTIFACTS/current to it only when it passes the quality gate (or with --force).",
+    )
+    p.add_argument(
+        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
+    )
+    p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.add_argument("--config", help="YAML or TOML config file")
+    p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
+    p.set_defaults(func=_cmd_run)
+
+    for name, func, helptext in (
+        ("recommend", _cmd_recommend, "top-K items for a user of the published run"),
+        ("similar", _cmd_similar, "items nearest to an item in the published run's metric space"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("user_id" if name == "recommend" else "item_id", help="external id")
+        p.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+        p.add_argument(
+            "--artifacts",
+            default=str(DEFAULT_ARTIFACTS),
+            help="artifact store (its current run) or a run directory (default: artifacts)",
+        )
+        p.add_argument("--exact", action="store_true", help="exact search instead of the Annoy index")
+        if name == "recommend":
+            p.add_argument(
+                "--include-seen", action="store_true", help="allow items the user already interacted with"
+            )
+        p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "batch", help="write the top-K recommendation table (partitioned Parquet) for all users"
+    )
+    p.add_argument("--out", required=True, help="output directory for part-*.parquet")
+    p.add_argument("-k", type=int, default=100, help="items per user (default: 100)")
+    p.add_argument("--users", help="text file with one user id per line (default: every user)")
+    p.add_argument("--index", choices=["exact", "annoy"], default="exact", help="scoring (default: exact)")
+    p.add_argument(
+        "--artifacts",
+        default=str(DEFAULT_ARTIFACTS),
+        help="artifact store (its current run) or a run directory (default: artifacts)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.set_defaults(func=_cmd_runs)
 
     p = sub.add_parser(
         "generate-data",

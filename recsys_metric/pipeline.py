@@ -9,7 +9,11 @@
       model.json                construction arguments (TwoTowerModel.hparams) + run id
       user_embeddings.parquet   user_id, embedding fixed_size_list<float32>[dim]; metadata distance/dim/run_id
       item_embeddings.parquet   item_id, embedding (same form)
-      metrics.json              holdout metrics of the model and popularity per K, training history
+      holdout/                  the holdout model's user/item embeddings (what a later run's
+                                quality gate scores: it never trained on a holdout row)
+      items.ann, index.json     Annoy index (id = row of item_embeddings.parquet) and its sidecar
+      metrics.json              holdout metrics of the model and popularity per K, index recall@10
+                                against exact search, training history
 
 How the holdout is used, so that nothing leaks:
 
@@ -25,11 +29,9 @@ How the holdout is used, so that nothing leaks:
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +55,10 @@ from recsys_metric.evaluate import (
     training_items_mask,
 )
 from recsys_metric.export import write_embeddings
+from recsys_metric.index import build_index
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
+from recsys_metric.registry import HOLDOUT_DIR, new_run_id
 from recsys_metric.train import TrainData, TrainResult, fit
 from recsys_metric.triplets import popularity_probs
 
@@ -63,12 +67,6 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 METRICS_FILE = "metrics.json"
-
-
-def new_run_id(now: dt.datetime | None = None) -> str:
-    """Sortable, unique run id: UTC time plus a random suffix, e.g. ``20261123T101500Z-3f9a``."""
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
 
 
 def _matrix(frame: pl.DataFrame, n_users: int, n_items: int) -> InteractionMatrix:
@@ -189,6 +187,7 @@ def train_run(
     items: str | Path | None = None,
     run_id: str | None = None,
     progress: bool | None = None,
+    build_ann: bool = True,
 ) -> RunResult:
     """Prepare the data, train with early stopping, evaluate on the holdout, refit, export.
 
@@ -200,6 +199,8 @@ def train_run(
             ``model.item_features`` names columns.
         run_id: id recorded in the exported files; a new one when None.
         progress: progress bars (None: when stderr is a terminal).
+        build_ann: build the Annoy index (``items.ann`` + ``index.json``) and record its recall@10
+            against exact search under ``metrics["index"]``.
 
     Returns:
         The run's metrics, evaluation, model (the exported one) and training histories.
@@ -246,7 +247,7 @@ def train_run(
         holdout_model,
         fit_data,
         config.train,
-        explicit_share=config.triplets.explicit_share,
+        explicit_share=config.train.explicit_share,
         validate=validate,
         progress=progress,
     )
@@ -270,15 +271,25 @@ def train_run(
             final_model,
             train_data(full, n_users, n_items, config),
             config.train,
-            explicit_share=config.triplets.explicit_share,
+            explicit_share=config.train.explicit_share,
             epochs=epochs,
             progress=progress,
         )
         seconds["train_refit"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if refit is not None:
+        # A later run's quality gate scores this model, never the refit one (see registry).
+        (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
+        export_embeddings(holdout_model, prepared, run_dir / HOLDOUT_DIR, run_id)
     export_model(final_model, prepared, run_dir, run_id)
     seconds["export"] = time.perf_counter() - t
+
+    index_metrics = None
+    if build_ann:
+        t = time.perf_counter()
+        index_metrics = build_index(run_dir, config.index)
+        seconds["index"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
 
     metrics = {
@@ -297,6 +308,7 @@ def train_run(
             "holdout": holdout.to_dict(),
             "refit": refit.to_dict() if refit is not None else None,
         },
+        "index": index_metrics,
         "data": prepared.report(),
         "device": holdout.device,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -321,29 +333,28 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def export_model(model: TwoTowerModel, prepared: PreparedData, run_dir: Path, run_id: str) -> None:
-    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model``."""
+def export_embeddings(model: TwoTowerModel, prepared: PreparedData, out_dir: Path, run_id: str) -> None:
+    """Write ``user_embeddings.parquet`` and ``item_embeddings.parquet`` of ``model`` into ``out_dir``."""
     model = model.to("cpu").eval()
     with torch.no_grad():
         users = model.user_embeddings().contiguous().numpy()
         items = model.item_embeddings().contiguous().numpy()
     distance = model.config.distance
-    write_embeddings(
-        run_dir / "user_embeddings.parquet",
-        prepared.users.ids(),
-        users,
-        kind="user",
-        distance=distance,
-        run_id=run_id,
-    )
-    write_embeddings(
-        run_dir / "item_embeddings.parquet",
-        prepared.items.ids(),
-        items,
-        kind="item",
-        distance=distance,
-        run_id=run_id,
-    )
+    for kind, vocab, vectors in (("user", prepared.users, users), ("item", prepared.items, items)):
+        write_embeddings(
+            out_dir / f"{kind}_embeddings.parquet",
+            vocab.ids(),
+            vectors,
+            kind=kind,
+            distance=distance,
+            run_id=run_id,
+        )
+
+
+def export_model(model: TwoTowerModel, prepared: PreparedData, run_dir: Path, run_id: str) -> None:
+    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model``."""
+    export_embeddings(model, prepared, run_dir, run_id)
+    model = model.to("cpu").eval()
     tmp = run_dir / (MODEL_FILE + ".tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, run_dir / MODEL_FILE)

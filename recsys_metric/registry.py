@@ -865,6 +865,10 @@ class ArtifactStore:
         return deleted
 
 
+HOLDOUT_DIR = "holdout"
+"""Subdirectory of a run with the holdout model's embeddings (see :func:`score_current_on_holdout`)."""
+
+
 def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
     """The run directory meant by ``path``: an artifacts root (its ``current``), the ``current``
     link itself, or a run directory.
@@ -1071,13 +1075,17 @@ def score_current_on_holdout(
     Both are counted in ``unknown``. They lower the current model's score (the candidate did
     learn those users and items), which is a real advantage of the candidate, not an artefact.
 
-    What leaks, and which way it biases the gate: the current model was (re)fitted on its whole
-    log. When the log has grown since, the older part of the candidate's holdout (the newest
-    interactions of the new log) may be interactions the current model trained on. Its Recall@K
-    on this holdout is then inflated, so the gate compares the candidate with a too-good current
-    model: a bias in the current model's favour, i.e. conservative (a good candidate may be
-    refused; a bad one is not let through because of it). The candidate's own figures (from its
-    ``metrics.json``) come from its holdout model, which never saw a test row.
+    Which model of the current run is scored, so that nothing leaks: its *holdout* model
+    (``holdout/user_embeddings.parquet`` and ``holdout/item_embeddings.parquet``), the one that
+    trained only on interactions older than the current run's cutoff. The published (refit) model
+    trained on the whole of its log, which for an unchanged or grown log contains the candidate's
+    holdout rows: scoring it here would compare the candidate with a model that has seen the
+    answers (measured: 0.86 against the candidate's 0.38 Recall@20 on an unchanged log). For an
+    append-only log the current cutoff is not newer than the candidate's, so its holdout model never
+    saw a candidate test row; it did see fewer recent interactions than the candidate's holdout
+    model, a small bias in the candidate's favour that the gate's tolerance absorbs. A run written
+    without ``holdout/`` (``train.refit: false``: its published model is its holdout model) is
+    scored with its top-level embeddings.
 
     Args:
         current_run_dir: the published run (a run directory or an artifacts root).
@@ -1122,8 +1130,11 @@ def score_current_on_holdout(
     )
     candidates = training_items_mask(train_seen)
 
-    user_table = read_embeddings(current / "user_embeddings.parquet")
-    item_table = read_embeddings(current / "item_embeddings.parquet")
+    source = (
+        current / HOLDOUT_DIR if (current / HOLDOUT_DIR / "item_embeddings.parquet").is_file() else current
+    )
+    user_table = read_embeddings(source / "user_embeddings.parquet")
+    item_table = read_embeddings(source / "item_embeddings.parquet")
     if user_table.distance != item_table.distance:
         raise RegistryError(
             f"run {current}: user embeddings use {user_table.distance} but item embeddings {item_table.distance}"
