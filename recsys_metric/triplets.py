@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from recsys_metric.config import LabelConfig, TripletConfig
 from recsys_metric.data.matrix import InteractionMatrix
@@ -44,6 +45,18 @@ _EXACT_TO_MEMBERSHIP_COST = 64.0
 
 # Guide-table buckets per catalogue item for weighted draws: more buckets, fewer scan steps.
 _GUIDE_BUCKETS_PER_ITEM = 4
+
+# Order of the rows of one (user, item) pair when building triplets, indexed by the label's byte:
+# liked (1) first, then disliked (-1 = 255), then anything else.
+_LABEL_RANK = np.full(256, 2, dtype=np.uint8)
+_LABEL_RANK[LIKED] = 0
+_LABEL_RANK[UNLIKED & 0xFF] = 1
+# Largest n_users * n_items whose keys leave two low bits for the label rank in an int64.
+_MAX_PACKED_PAIR = 2**61
+# Elements per block for element-wise work on big arrays. Every whole-array temporary is fresh memory,
+# and first touching a page costs ~2 us here (a VM): 1 GB of temporaries is ~0.5 s of system time.
+# Blocks of 2^20 keep temporaries at 8 MB, which the allocator reuses and the cache holds.
+_BLOCK = 1 << 20
 
 
 def label_interactions(frame: Frame, config: LabelConfig) -> Frame:
@@ -70,6 +83,12 @@ def label_interactions(frame: Frame, config: LabelConfig) -> Frame:
         DataError: ``rating`` is not numeric.
     """
     schema = frame.collect_schema()
+    if (
+        isinstance(frame, pl.DataFrame)
+        and "event" not in schema
+        and schema.get("rating") in (pl.Float32, pl.Float64)
+    ):
+        return frame.with_columns(_rating_labels(frame.get_column("rating"), config))
     liked = pl.lit(LIKED, dtype=pl.Int8)
     unliked = pl.lit(UNLIKED, dtype=pl.Int8)
     neutral = pl.lit(NEUTRAL, dtype=pl.Int8)
@@ -105,6 +124,53 @@ def label_interactions(frame: Frame, config: LabelConfig) -> Frame:
             .otherwise(neutral)
         )
     return frame.with_columns(label.cast(pl.Int8).alias("label"))
+
+
+def _rating_labels(rating: pl.Series, config: LabelConfig) -> pl.Series:
+    """``label`` from a float ``rating`` column alone: the rating rule of :func:`label_interactions`.
+
+    The same answer as the polars expression (which compares in float64 after turning NaN into
+    null) from three numpy passes over the column, without a float64 copy: on 20M rows the
+    expression allocated 700 MB of temporaries here. Comparing in the column's own precision is
+    exact with the thresholds rounded outwards to it (see :func:`_float_bound`).
+    """
+    dtype = np.dtype(np.float32 if rating.dtype == pl.Float32 else np.float64)
+    like = _float_bound(config.like_threshold, dtype, up=True)
+    dislike = _float_bound(config.dislike_threshold, dtype, up=False)
+    label = np.empty(rating.len(), dtype=np.int8)
+    start = 0
+    # Chunk by chunk: to_numpy() of a column read from many row groups copies all of it.
+    for chunk in rating.get_chunks():
+        x = chunk.to_numpy()
+        liked = np.greater_equal(x, like)
+        unliked = np.less_equal(x, dislike)
+        if not like > dislike:
+            # Overlapping thresholds: the like rule comes first.
+            unliked &= ~liked
+        out = label[start : start + x.size]
+        start += x.size
+        np.subtract(liked.view(np.int8), unliked.view(np.int8), out=out)
+        # NaN (and null, which to_numpy gives as NaN) fails both comparisons: 0 + 1 = liked, as for a
+        # row without a rating.
+        out += np.isnan(x).view(np.int8)
+    return pl.Series("label", label, dtype=pl.Int8)
+
+
+def _float_bound(threshold: float, dtype: np.dtype, *, up: bool) -> np.floating:
+    """The float of ``dtype`` nearest ``threshold`` on one side: the smallest value ``>= threshold``
+    (``up``) or the largest ``<= threshold``.
+
+    For ``x`` of ``dtype``, ``x >= bound_up`` exactly when ``float(x) >= threshold``, and
+    ``x <= bound_down`` exactly when ``float(x) <= threshold``, so comparisons need no float64 copy.
+    """
+    kind = np.dtype(dtype).type
+    with np.errstate(over="ignore"):
+        bound = kind(threshold)
+    if up and float(bound) < threshold:
+        bound = np.nextafter(bound, kind(np.inf))
+    elif not up and float(bound) > threshold:
+        bound = np.nextafter(bound, kind(-np.inf))
+    return bound
 
 
 def popularity_probs(item_nums: np.ndarray, n_items: int, alpha: float) -> np.ndarray:
@@ -202,27 +268,35 @@ class _ItemSampler:
         return candidates[np.minimum(pos, candidates.size - 1)].astype(np.int32)
 
 
+def _sort_keys(keys: np.ndarray, key_limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stable sort of int64 keys in ``[0, key_limit)``: ``(sorted keys, their rows)``, both int64 ``[n]``.
+
+    The row number is packed into the low bits so that one single-threaded polars sort of int64
+    (0.3-0.45 s for 16M keys here, random or presorted; numpy's sort 1.3 s, a stable argsort 2.7 s
+    on random keys) gives both, ties in row order.
+    """
+    n = keys.size
+    row_bits = max(int(n - 1).bit_length(), 1)
+    if n and int(max(key_limit - 1, 1)).bit_length() + row_bits <= 63:
+        packed = keys << row_bits
+        packed |= np.arange(n, dtype=np.int64)
+        packed = pl.Series(packed).sort(multithreaded=False).to_numpy()
+        return packed >> row_bits, packed & np.int64((1 << row_bits) - 1)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order
+
+
 def _user_order(users: np.ndarray, n_users: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """A permutation that sorts ``users`` (or None when already sorted) and the sorted int64 users.
+    """A permutation that sorts ``users`` stably (or None when already sorted) and the sorted int64 users.
 
     Membership tests binary-search a key array of ``nnz`` int64; in random user order every probe is a
     cache miss (~20 s for 12M queries against 20M keys here), in user order they hit the same few
-    lines (~1 s). Sorting is cheaper than the misses it saves. The row number is packed into the low
-    bits so that one ``np.sort`` of int64 (SIMD) replaces a slower ``argsort``.
+    lines (~1 s). Sorting is cheaper than the misses it saves.
     """
     if users.size < 2 or bool(np.all(users[1:] >= users[:-1])):
         return None, users.astype(np.int64)
-    row_bits = int(users.size - 1).bit_length()
-    if int(max(n_users - 1, 1)).bit_length() + row_bits <= 63:
-        packed = users.astype(np.int64)
-        packed <<= row_bits
-        packed |= np.arange(users.size, dtype=np.int64)
-        packed.sort()
-        order = packed & ((1 << row_bits) - 1)
-        packed >>= row_bits
-        return order, packed
-    order = np.argsort(users, kind="stable")
-    return order, users[order].astype(np.int64)
+    sorted_users, order = _sort_keys(users.astype(np.int64), n_users)
+    return order, sorted_users
 
 
 def sample_negatives(
@@ -415,9 +489,87 @@ def _explicit_slots(share: float, k: int) -> tuple[int, float]:
     return base, expected - base
 
 
-def _first_occurrences(keys: np.ndarray) -> np.ndarray:
-    """bool ``[n]``: True at the first row of each distinct key."""
-    return pl.Series(keys).is_first_distinct().to_numpy()
+def _pair_firsts(
+    users: np.ndarray, items: np.ndarray, labels: np.ndarray, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ``(user, item)`` pairs of the rows, how each is labelled, and the first liked rows.
+
+    Rows of a pair are ordered liked first, then disliked, then the rest, and by row number within
+    a label; one sort of ``(key, label rank, row)`` gives every pair's first row in that order.
+
+    Returns:
+        ``(keys, ranks, first_liked)``: int64 ``[n_pairs]`` sorted distinct ``user * n_items + item``;
+        uint8 ``[n_pairs]`` label rank of the pair's first row (0: the pair is liked on some row, 1:
+        disliked and never liked, 2: neither); bool ``[n]``, True at the first liked row of each pair.
+    """
+    n = users.size
+    if labels.dtype == np.int8:
+        ranks = _LABEL_RANK[labels.view(np.uint8)]
+    else:
+        ranks = np.where(labels == LIKED, 0, np.where(labels == UNLIKED, 1, 2)).astype(np.uint8)
+    first_liked = np.zeros(n, dtype=bool)
+    row_bits = max(int(n - 1).bit_length(), 1)
+    if (
+        n == 0
+        or n_users * n_items > _MAX_PACKED_PAIR
+        or (n_users * n_items * 4 - 1).bit_length() + row_bits > 63
+    ):
+        keys = users.astype(np.int64) * n_items + items
+        order = np.lexsort((ranks, keys))
+        sorted_keys = keys[order]
+        new_pair = np.ones(n, dtype=bool)
+        np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new_pair[1:])
+        starts = order[np.flatnonzero(new_pair)]
+        first_ranks = ranks[starts]
+        first_liked[starts[first_ranks == 0]] = True
+        return keys[starts], first_ranks, first_liked
+    # Pack (key, rank, row) into one int64 so that one single-threaded polars sort orders the rows
+    # (see _sort_keys). Block-wise arithmetic keeps the temporaries small (see _BLOCK).
+    packed = np.empty(n, dtype=np.int64)
+    for lo, hi in _blocks(n):
+        block = packed[lo:hi]
+        np.multiply(users[lo:hi], n_items, out=block, dtype=np.int64)
+        block += items[lo:hi]
+        block <<= 2
+        block |= ranks[lo:hi]
+        block <<= row_bits
+        block |= np.arange(lo, hi, dtype=np.int64)
+    del ranks
+    unsorted, packed = packed, pl.Series(packed).sort(multithreaded=False).to_numpy()
+    key_shift = row_bits + 2
+    new_pair = np.empty(n, dtype=bool)
+    new_pair[0] = True
+    for lo, hi in _blocks(n - 1):
+        np.greater_equal(
+            packed[lo + 1 : hi + 1] ^ packed[lo:hi], 1 << key_shift, out=new_pair[lo + 1 : hi + 1]
+        )
+    n_pairs = int(np.count_nonzero(new_pair))
+    # The unsorted keys are no longer needed and their pages are already mapped: reuse them.
+    pair_keys = unsorted[:n_pairs]
+    del unsorted
+    first_ranks = np.empty(n_pairs, dtype=np.uint8)
+    done = 0
+    for lo, hi in _blocks(n):
+        firsts = packed[lo:hi][new_pair[lo:hi]]
+        block_ranks = first_ranks[done : done + firsts.size]
+        np.right_shift(firsts, key_shift, out=pair_keys[done : done + firsts.size])
+        block_ranks[:] = (firsts >> row_bits) & 3
+        first_liked[firsts[block_ranks == 0] & ((1 << row_bits) - 1)] = True
+        done += firsts.size
+    return pair_keys, first_ranks, first_liked
+
+
+def _take(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``table[indices]`` block by block: numpy copies int32 indices to int64 before a gather."""
+    out = np.empty(indices.shape[0], dtype=table.dtype)
+    for lo, hi in _blocks(indices.shape[0]):
+        np.take(table, indices[lo:hi], out=out[lo:hi])
+    return out
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` bounds of consecutive blocks of ``_BLOCK`` elements covering ``range(n)``."""
+    return [(lo, min(lo + _BLOCK, n)) for lo in range(0, n, _BLOCK)]
 
 
 def build_triplets(train: pl.DataFrame, n_users: int, n_items: int, config: TripletConfig) -> TripletArrays:
@@ -465,44 +617,48 @@ def build_triplets(train: pl.DataFrame, n_users: int, n_items: int, config: Trip
     users = train["user_num"].to_numpy().astype(np.int32, copy=False)
     items = train["item_num"].to_numpy().astype(np.int32, copy=False)
     labels = train["label"].to_numpy()
-    seen = InteractionMatrix.from_pairs(users, items, n_users, n_items)
+    if users.size and (users.min() < 0 or users.max() >= n_users):
+        raise ValueError(f"user numbers must lie in [0, {n_users})")
+    if items.size and (items.min() < 0 or items.max() >= n_items):
+        raise ValueError(f"item numbers must lie in [0, {n_items})")
 
-    liked_rows = np.flatnonzero(labels == LIKED)
-    disliked_rows = np.flatnonzero(labels == UNLIKED)
-    dislikes = InteractionMatrix.from_pairs(users[disliked_rows], items[disliked_rows], n_users, n_items)
-    if seen.nnz < train.height:
-        # Duplicate pairs exist; only then are repeated likes and liked-and-disliked pairs possible.
-        liked_keys = users[liked_rows].astype(np.int64) * n_items + items[liked_rows]
-        liked_rows = liked_rows[_first_occurrences(liked_keys)]
-        liked = InteractionMatrix.from_pairs(users[liked_rows], items[liked_rows], n_users, n_items)
-        # CSR keys are sorted, which keeps the membership test cache-friendly.
-        disliked_keys = dislikes.keys()
-        disliked_users = disliked_keys // n_items
-        disliked_items = disliked_keys - disliked_users * n_items
-        conflict = liked.contains(disliked_users, disliked_items)
-        if conflict.any():
-            dislikes = InteractionMatrix.from_pairs(
-                disliked_users[~conflict], disliked_items[~conflict], n_users, n_items
-            )
+    # One sort serves every structure below: the seen matrix (distinct pairs), the first liked row of
+    # each pair and the pairs disliked but never liked.
+    pair_keys, first_rank, first_liked = _pair_firsts(users, items, labels, n_users, n_items)
+    seen = InteractionMatrix.from_sorted_keys(pair_keys, n_users, n_items)
+    dislikes = InteractionMatrix.from_sorted_keys(pair_keys[first_rank == 1], n_users, n_items)
+    del pair_keys, first_rank
 
-    liked_users = users[liked_rows]
-    liked_items = items[liked_rows]
+    liked_users = users[first_liked]
+    liked_items = items[first_liked]
+    del first_liked
     m = liked_users.shape[0]
 
-    n_disliked = dislikes.row_lengths()[liked_users]
+    n_disliked = _take(dislikes.row_lengths().astype(np.int32), liked_users)
     base, frac = _explicit_slots(config.explicit_share, k)
-    n_explicit = np.full(m, base, dtype=np.int64)
+    n_explicit = np.full(m, base, dtype=np.int32)
     if frac > 0.0:
-        n_explicit += rng.random(m) < frac
+        # Block-wise draws give the same stream as one rng.random(m) without an [m] float64 temporary.
+        for lo, hi in _blocks(m):
+            n_explicit[lo:hi] += rng.random(hi - lo) < frac
     n_explicit[n_disliked == 0] = 0
-    explicit = np.arange(k)[None, :] < n_explicit[:, None]
+    explicit = np.arange(k, dtype=np.int32)[None, :] < n_explicit[:, None]
+    del n_explicit
 
     negatives = np.empty((m, k), dtype=np.int32)
-    explicit_rows = np.nonzero(explicit)[0]
-    explicit_users = liked_users[explicit_rows]
-    offsets = (rng.random(explicit_rows.size) * n_disliked[explicit_rows]).astype(np.int64)
-    np.minimum(offsets, n_disliked[explicit_rows] - 1, out=offsets)
-    negatives[explicit] = dislikes.indices[dislikes.indptr[explicit_users] + offsets]
+    explicit_slots = np.flatnonzero(explicit)
+    explicit_rows = explicit_slots if k == 1 else explicit_slots // k
+    del explicit_slots
+    explicit_negatives = np.empty(explicit_rows.size, dtype=np.int32)
+    for lo, hi in _blocks(explicit_rows.size):
+        rows = explicit_rows[lo:hi]
+        n_options = n_disliked[rows]
+        offsets = (rng.random(hi - lo) * n_options).astype(np.int64)
+        np.minimum(offsets, n_options - 1, out=offsets)
+        offsets += dislikes.indptr[liked_users[rows]]
+        explicit_negatives[lo:hi] = dislikes.indices[offsets]
+    negatives[explicit] = explicit_negatives
+    del explicit_rows, explicit_negatives, n_disliked
 
     sampled = ~explicit
     item_probs = (
@@ -514,9 +670,9 @@ def build_triplets(train: pl.DataFrame, n_users: int, n_items: int, config: Trip
     )[:, 0]
 
     unliked = negatives.reshape(-1)
-    source = explicit.reshape(-1).astype(np.int8)
-    user_num = np.repeat(liked_users, k)
-    liked_num = np.repeat(liked_items, k)
+    source = explicit.reshape(-1).view(np.int8)
+    user_num = liked_users if k == 1 else np.repeat(liked_users, k)
+    liked_num = liked_items if k == 1 else np.repeat(liked_items, k)
     keep = unliked >= 0
     n_dropped = int(keep.size - np.count_nonzero(keep))
     if n_dropped:
@@ -570,7 +726,16 @@ def write_triplets(triplets: TripletArrays, user_ids: Any, item_ids: Any, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        frame.write_parquet(tmp, metadata={"n_dropped": str(triplets.n_dropped)})
+        # pyarrow with lz4, no statistics and a dictionary for negative_source only: 0.5 s of CPU for
+        # 9M triplets here, against 0.7 s for polars' lz4 writer (which dictionary-encodes the item
+        # ids by hashing them) and 1.2 s for its default zstd with statistics; the file is 25% larger.
+        table = frame.to_arrow()
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"n_dropped": str(triplets.n_dropped).encode()}
+        )
+        pq.write_table(
+            table, tmp, compression="lz4", use_dictionary=["negative_source"], write_statistics=False
+        )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -580,13 +745,25 @@ def write_triplets(triplets: TripletArrays, user_ids: Any, item_ids: Any, path: 
 def _count_distinct(values: np.ndarray) -> int:
     if values.size == 0:
         return 0
-    # A sort beats np.unique here: numpy 2.4's hash-based unique is ~15x slower on this machine.
-    s = np.sort(values)
-    return int(np.count_nonzero(s[1:] != s[:-1])) + 1
+    # A sort beats np.unique (numpy 2.4's hash-based unique is ~15x slower here), and a single-threaded
+    # polars sort beats np.sort (0.2 s vs 0.6 s for 9M int64).
+    s = pl.Series(values).sort(multithreaded=False).to_numpy()
+    changes = 0
+    for lo, hi in _blocks(s.size - 1):
+        changes += int(np.count_nonzero(s[lo + 1 : hi + 1] != s[lo:hi]))
+    return changes + 1
 
 
 def _count_present(nums: np.ndarray) -> int:
-    return int(np.count_nonzero(np.bincount(nums))) if nums.size else 0
+    """Distinct values among non-negative ints; a bitmap (bincount would copy them to int64 first)."""
+    if nums.size == 0:
+        return 0
+    if int(nums.min()) < 0:
+        return int(np.count_nonzero(np.bincount(nums)))  # raises bincount's error for negatives
+    present = np.zeros(int(nums.max()) + 1, dtype=bool)
+    for lo, hi in _blocks(nums.size):
+        present[nums[lo:hi]] = True
+    return int(np.count_nonzero(present))
 
 
 def triplet_stats(triplets: TripletArrays) -> dict[str, int | float]:
@@ -600,7 +777,9 @@ def triplet_stats(triplets: TripletArrays) -> dict[str, int | float]:
     n = len(triplets)
     n_explicit = int(np.count_nonzero(triplets.source == SOURCE_EXPLICIT))
     n_item_keys = int(max(triplets.liked_num.max(), triplets.unliked_num.max())) + 1 if n else 1
-    pair_keys = triplets.user_num.astype(np.int64) * n_item_keys + triplets.liked_num
+    pair_keys = triplets.user_num.astype(np.int64)
+    pair_keys *= n_item_keys
+    pair_keys += triplets.liked_num
     n_pairs = _count_distinct(pair_keys)
     return {
         "n_triplets": n,

@@ -6,8 +6,9 @@ import polars as pl
 import pytest
 
 from recsys_metric.config import Config, config_from_dict
-from recsys_metric.data.prepare import prepare_dataset
+from recsys_metric.data.prepare import SPLIT_ENUM, prepare_dataset, split_column
 from recsys_metric.errors import DataError, RejectLimitExceeded
+from recsys_metric.triplets import triplet_stats
 
 BUNDLED = Path(__file__).resolve().parent.parent / "data" / "interactions.parquet"
 
@@ -114,3 +115,63 @@ def test_bundled_data_prepares_with_defaults(tmp_path):
     assert r["n_users"] == 2000 and r["n_items"] == 1000
     assert r["split"]["method"] == "temporal"
     assert r["triplets"]["n_explicit"] > 0 and r["triplets"]["n_sampled"] > 0
+
+
+def test_split_column_known_answer():
+    column = split_column(5, np.array([0, 3]), np.array([1]))
+    assert column.dtype == SPLIT_ENUM
+    assert column.to_list() == ["train", "test", "test_dropped", "train", "test_dropped"]
+
+
+def test_prepare_report_and_files_agree_with_the_arrays(tmp_path):
+    out = tmp_path / "prep"
+    prepared = prepare_dataset(_log(tmp_path), out)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["triplets"] == prepared.report()["triplets"] == triplet_stats(prepared.triplets)
+    assert set(report["seconds"]) >= {"read_validate", "vocab_encode_label", "split", "triplets"}
+    assert {"write_interactions", "write_triplets"} <= set(report["seconds"])
+    inter = pl.read_parquet(out / "interactions.parquet")
+    assert inter.equals(prepared.interactions)
+    labels = prepared.interactions["label"]
+    assert report["labels"] == {
+        "liked": int((labels == 1).sum()),
+        "neutral": int((labels == 0).sum()),
+        "unliked": int((labels == -1).sum()),
+    }
+    triplets = pl.read_parquet(out / "triplets.parquet")
+    assert triplets.height == len(prepared.triplets)
+    assert triplets["user_id"].to_list() == prepared.users.ids(prepared.triplets.user_num).to_list()
+
+
+def test_prepare_restores_numpy_huge_page_setting(tmp_path):
+    switch = np._core.multiarray._set_madvise_hugepage
+    before = switch(True)
+    try:
+        prepare_dataset(_log(tmp_path), tmp_path / "prep", triplets=False)
+        assert switch(True) is True
+        switch(False)
+        prepare_dataset(_log(tmp_path), tmp_path / "prep2", triplets=False)
+        assert switch(before) is False
+    finally:
+        switch(before)
+
+
+def test_duplicates_are_dropped_as_if_the_log_had_none(tmp_path):
+    clean = pl.read_parquet(_log(tmp_path))
+    repeated = pl.concat([clean, clean[[5, 7, 7, 300]]]).sample(fraction=1.0, shuffle=True, seed=3)
+    first_seen = repeated.filter(pl.struct(pl.all()).is_first_distinct())
+    repeated.write_parquet(tmp_path / "dups.parquet")
+    first_seen.write_parquet(tmp_path / "deduplicated.parquet")
+    a = prepare_dataset(tmp_path / "dups.parquet", tmp_path / "a")
+    b = prepare_dataset(tmp_path / "deduplicated.parquet", tmp_path / "b")
+    assert a.validation.n_duplicates == repeated.height - first_seen.height == 4
+    assert a.validation.n_valid == b.validation.n_valid == first_seen.height
+    assert a.interactions.equals(b.interactions)
+    assert a.split == b.split
+    assert pl.read_parquet(tmp_path / "a" / "triplets.parquet").equals(
+        pl.read_parquet(tmp_path / "b" / "triplets.parquet")
+    )
+    kept = prepare_dataset(
+        tmp_path / "dups.parquet", tmp_path / "c", config_from_dict({"data": {"deduplicate": False}})
+    )
+    assert kept.validation.n_duplicates == 0 and kept.interactions.height == repeated.height

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -9,7 +10,16 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from recsys_metric.config import SplitConfig
-from recsys_metric.data.split import split_interactions, temporal_split, user_holdout_split
+from recsys_metric.data.split import (
+    SPLIT_DROPPED,
+    SPLIT_NAMES,
+    SPLIT_TEST,
+    SPLIT_TRAIN,
+    split_codes,
+    split_interactions,
+    temporal_split,
+    user_holdout_split,
+)
 from recsys_metric.errors import ConfigError, DataError
 
 T0 = datetime(2024, 1, 1)
@@ -307,3 +317,27 @@ def test_no_leak_no_loss_property(data, method, with_time, fraction, min_n, seed
         assert ts_min(split.test) > split.info.cutoff
         assert split.test["timestamp"].null_count() == 0
     assert split.info.n_test_liked == int((split.test["label"] == 1).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows, st.sampled_from(["temporal", "user_holdout"]), st.booleans(), st.floats(0.05, 0.95))
+def test_split_codes_agree_with_the_frames(data, method, with_time, fraction):
+    users, items, seconds, labels = (list(x) for x in zip(*data, strict=True))
+    df = make_frame(users, items, seconds if with_time else None, labels)
+    config = SplitConfig(method=method, test_fraction=fraction, min_user_interactions=2)
+    try:
+        split = split_interactions(df, config)
+    except DataError as err:
+        with pytest.raises(DataError, match=re.escape(str(err))):
+            split_codes(df, config)
+        return
+    codes, info = split_codes(df, config)
+    assert codes.dtype == np.uint8 and codes.shape == (df.height,)
+    assert info == split.info
+    for code, frame in ((SPLIT_TRAIN, split.train), (SPLIT_TEST, split.test), (SPLIT_DROPPED, split.dropped)):
+        assert np.flatnonzero(codes == code).tolist() == frame["row"].to_list()
+    assert [SPLIT_NAMES[c] for c in (SPLIT_TRAIN, SPLIT_TEST, SPLIT_DROPPED)] == [
+        "train",
+        "test",
+        "test_dropped",
+    ]

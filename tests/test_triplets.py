@@ -4,7 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys_metric import triplets as triplets_module
 from recsys_metric.config import LabelConfig, TripletConfig
+from recsys_metric.data import matrix as matrix_module
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.errors import DataError
 from recsys_metric.triplets import (
@@ -440,3 +442,167 @@ def test_triplet_stats_known_answer():
 def test_triplet_arrays_check_lengths():
     with pytest.raises(ValueError, match=r"liked_num has shape \(1,\), user_num has \(2,\)"):
         TripletArrays(np.zeros(2), np.zeros(1), np.zeros(2), np.zeros(2))
+
+
+# fast paths against the plain algorithms they replace
+
+
+def reference_triplets(
+    train: pl.DataFrame, n_users: int, n_items: int, config: TripletConfig
+) -> TripletArrays:
+    """build_triplets as first written: a matrix per structure and a hash dedupe of the liked rows."""
+    rng = np.random.default_rng(config.seed)
+    k = config.negatives_per_positive
+    users = train["user_num"].to_numpy().astype(np.int32)
+    items = train["item_num"].to_numpy().astype(np.int32)
+    labels = train["label"].to_numpy()
+    seen = InteractionMatrix.from_pairs(users, items, n_users, n_items)
+    liked_rows = np.flatnonzero(labels == 1)
+    liked_keys = users[liked_rows].astype(np.int64) * n_items + items[liked_rows]
+    liked_rows = liked_rows[pl.Series(liked_keys).is_first_distinct().to_numpy()]
+    liked_pairs = set(zip(users[liked_rows].tolist(), items[liked_rows].tolist(), strict=True))
+    disliked = [
+        (u, i)
+        for u, i, lab in zip(users.tolist(), items.tolist(), labels.tolist(), strict=True)
+        if lab == -1 and (u, i) not in liked_pairs
+    ]
+    dislikes = InteractionMatrix.from_pairs(
+        np.array([u for u, _ in disliked], dtype=np.int64),
+        np.array([i for _, i in disliked], dtype=np.int64),
+        n_users,
+        n_items,
+    )
+    liked_users, liked_items = users[liked_rows], items[liked_rows]
+    m = liked_users.shape[0]
+    n_disliked = dislikes.row_lengths()[liked_users]
+    expected = config.explicit_share * k
+    base = round(expected) if abs(expected - round(expected)) <= 1e-9 else int(np.floor(expected))
+    frac = expected - base if abs(expected - round(expected)) > 1e-9 else 0.0
+    n_explicit = np.full(m, base, dtype=np.int64)
+    if frac > 0.0:
+        n_explicit += rng.random(m) < frac
+    n_explicit[n_disliked == 0] = 0
+    explicit = np.arange(k)[None, :] < n_explicit[:, None]
+    negatives = np.empty((m, k), dtype=np.int32)
+    explicit_rows = np.nonzero(explicit)[0]
+    offsets = (rng.random(explicit_rows.size) * n_disliked[explicit_rows]).astype(np.int64)
+    np.minimum(offsets, n_disliked[explicit_rows] - 1, out=offsets)
+    negatives[explicit] = dislikes.indices[dislikes.indptr[liked_users[explicit_rows]] + offsets]
+    probs = (
+        popularity_probs(items, n_items, config.popularity_alpha) if config.sampling == "popularity" else None
+    )
+    sampled_users = np.broadcast_to(liked_users[:, None], (m, k))[~explicit]
+    negatives[~explicit] = sample_negatives(
+        sampled_users, seen, 1, rng, item_probs=probs, max_retries=config.max_retries
+    )[:, 0]
+    unliked = negatives.reshape(-1)
+    keep = unliked >= 0
+    return TripletArrays(
+        user_num=np.repeat(liked_users, k)[keep],
+        liked_num=np.repeat(liked_items, k)[keep],
+        unliked_num=unliked[keep],
+        source=explicit.reshape(-1).astype(np.int8)[keep],
+        n_dropped=int(keep.size - keep.sum()),
+    )
+
+
+@st.composite
+def triplet_cases(draw):
+    n_users = draw(st.integers(1, 6))
+    n_items = draw(st.integers(1, 9))
+    rows = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, n_users - 1), st.integers(0, n_items - 1), st.sampled_from([1, 1, 0, -1])
+            ),
+            max_size=60,
+        )
+    )
+    config = TripletConfig(
+        negatives_per_positive=draw(st.integers(1, 3)),
+        explicit_share=draw(st.sampled_from([0.0, 0.25, 0.5, 1.0, 0.3])),
+        sampling=draw(st.sampled_from(["uniform", "popularity"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    variant = draw(st.sampled_from(["packed", "tiny_blocks", "lexsort"]))
+    return train_frame(rows), n_users, n_items, config, variant
+
+
+@settings(max_examples=150, deadline=None)
+@given(triplet_cases())
+def test_build_triplets_equals_the_reference_algorithm(case):
+    train, n_users, n_items, config, variant = case
+    with pytest.MonkeyPatch.context() as patch:
+        if variant == "tiny_blocks":
+            patch.setattr(triplets_module, "_BLOCK", 3)
+            patch.setattr(matrix_module, "_BLOCK", 3)
+        elif variant == "lexsort":
+            patch.setattr(triplets_module, "_MAX_PACKED_PAIR", 0)
+        fast = build_triplets(train, n_users, n_items, config)
+    slow = reference_triplets(train, n_users, n_items, config)
+    for name in ("user_num", "liked_num", "unliked_num", "source"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+        assert getattr(fast, name).dtype == getattr(slow, name).dtype, name
+    assert fast.n_dropped == slow.n_dropped
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=50), st.integers(1, 6))
+def test_user_order_is_a_stable_sort(users, n_users):
+    users = np.array(users, dtype=np.int32) % n_users
+    order, sorted_users = triplets_module._user_order(users, n_users)
+    expected = np.argsort(users, kind="stable")
+    if order is None:
+        assert (np.diff(users) >= 0).all()
+        order = np.arange(users.size)
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(sorted_users, users[expected])
+    assert sorted_users.dtype == np.int64
+
+
+THRESHOLDS = [4.0, 3.7, 2.1, 2.0, 0.1, -0.0, 1e-45, 3.6999998, 1e39, -1e39, float("inf"), float("-inf")]
+RATINGS = st.one_of(
+    st.none(),
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 3.7, 2.1, 3.7000003, 2.0999999]),
+    st.floats(-10, 10),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(RATINGS, max_size=30),
+    st.sampled_from(THRESHOLDS),
+    st.sampled_from(THRESHOLDS),
+    st.sampled_from([pl.Float32, pl.Float64]),
+    st.booleans(),
+)
+def test_rating_labels_fast_path_equals_the_expression(ratings, like, dislike, dtype, chunked):
+    rating = pl.Series("rating", ratings, dtype=pl.Float64).cast(dtype)
+    if chunked and len(ratings) > 2:
+        rating = pl.concat([rating[:2], rating[2:]], rechunk=False)
+    frame = pl.DataFrame([rating])
+    config = LabelConfig.model_construct(
+        like_threshold=like, dislike_threshold=dislike, liked_events=(), disliked_events=()
+    )
+    fast = label_interactions(frame, config)["label"]
+    expression = label_interactions(frame.lazy(), config).collect()["label"]
+    assert fast.dtype == expression.dtype == pl.Int8
+    assert fast.to_list() == expression.to_list()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 6), st.integers(0, 6)), max_size=40))
+def test_triplet_stats_counts_match_python_sets(rows):
+    triplets = TripletArrays(
+        user_num=np.array([r[0] for r in rows], dtype=np.int32),
+        liked_num=np.array([r[1] for r in rows], dtype=np.int32),
+        unliked_num=np.array([r[2] for r in rows], dtype=np.int32),
+        source=np.zeros(len(rows), dtype=np.int8),
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triplets_module, "_BLOCK", 3)
+        stats = triplet_stats(triplets)
+    assert stats["n_liked_pairs"] == len({(u, i) for u, i, _ in rows})
+    assert stats["n_users"] == len({u for u, _, _ in rows})
+    assert stats["n_liked_items"] == len({i for _, i, _ in rows})
+    assert stats["n_unliked_items"] == len({j for _, _, j in rows})

@@ -3,13 +3,21 @@ import math
 from datetime import date, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys_metric.config import DataConfig
-from recsys_metric.data.validate import read_interactions, validate_interactions
+from recsys_metric.data import validate as validate_module
+from recsys_metric.data.validate import (
+    _n_distinct,
+    drop_rows,
+    duplicate_rows,
+    read_interactions,
+    validate_interactions,
+)
 from recsys_metric.errors import DataError, RejectLimitExceeded
 
 LENIENT = DataConfig(max_reject_fraction=1.0)
@@ -375,8 +383,46 @@ def test_movielens_csv_defaults_to_half_star_scale_unless_set(tmp_path):
     from recsys_metric.data.validate import read_interactions
 
     path = tmp_path / "ratings.csv"
-    path.write_text("userId,movieId,rating,timestamp\n1,10,0.5,964982703\n2,10,4.0,964981247\n1,11,5.0,964982224\n2,11,1.0,1\n")
+    path.write_text(
+        "userId,movieId,rating,timestamp\n1,10,0.5,964982703\n2,10,4.0,964981247\n1,11,5.0,964982224\n2,11,1.0,1\n"
+    )
     df, report = read_interactions(path)
     assert report.n_rejected == 0 and df.height == 4
     with pytest.raises(Exception, match="rating outside"):
         read_interactions(path, DataConfig(rating_scale=(1.0, 5.0)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(-3, 40), min_size=1, max_size=10), min_size=1, max_size=4))
+def test_distinct_ids_of_a_chunked_column(chunks):
+    ids = pl.concat([pl.Series("user_id", c, dtype=pl.Int64) for c in chunks], rechunk=False)
+    assert _n_distinct(ids) == len({x for c in chunks for x in c})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 3), st.sampled_from([1.0, 2.0])),
+        max_size=40,
+    ),
+    st.booleans(),
+    st.sampled_from([2, 3, 1 << 20]),
+)
+def test_duplicate_rows_match_a_plain_first_distinct(rows, ordered, block):
+    if ordered:
+        rows = sorted(rows, key=lambda r: (r[0], r[2]))
+    df = pl.DataFrame(
+        {
+            "user_id": pl.Series([r[0] for r in rows], dtype=pl.Int64),
+            "item_id": pl.Series([r[1] for r in rows], dtype=pl.Int64),
+            "timestamp": pl.Series([r[2] for r in rows], dtype=pl.Int64).cast(pl.Datetime("ms")),
+            "rating": pl.Series([r[3] for r in rows], dtype=pl.Float32),
+        }
+    )
+    expected = np.flatnonzero(~df.select(pl.struct(pl.all()).is_first_distinct()).to_series().to_numpy())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(validate_module, "_BLOCK", block)
+        patch.setattr(validate_module, "_MAX_TIED_SHARE", 1.0)
+        found = duplicate_rows(df)
+    assert found.to_list() == expected.tolist()
+    assert drop_rows(df, found).equals(df.filter(pl.struct(pl.all()).is_first_distinct()))

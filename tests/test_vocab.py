@@ -4,6 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from recsys_metric.data import vocab as vocab_module
 from recsys_metric.data.vocab import UnknownIdError, Vocabulary
 from recsys_metric.errors import DataError
 
@@ -234,3 +235,46 @@ def test_encode_eager_and_lazy_agree(missing):
     assert eager["user_num"].to_list() == expected
     with pytest.raises(UnknownIdError, match=r"2 distinct user_id value\(s\) in the frame .*: 30, None;"):
         v.encode(frame)
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(-60, 60), min_size=1, max_size=30),
+    st.lists(st.integers(-90, 90), max_size=30),
+    st.sampled_from([0, 2**62 - 100, -(2**62)]),
+    st.booleans(),
+)
+def test_lookup_table_and_join_agree(values, queries, offset, chunked):
+    values = [v + offset for v in values]
+    queries = [q + offset for q in queries]
+
+    def series(name, xs):
+        s = pl.Series(name, xs, dtype=pl.Int64)
+        return pl.concat([s[:3], s[3:]], rechunk=False) if chunked and len(xs) > 3 else s
+
+    results = []
+    for enabled in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            # Integer ids always (or never) use the direct table instead of a join.
+            patch.setattr(vocab_module, "_DENSE_SPAN_PER_ID", 2**40 if enabled else 0)
+            patch.setattr(vocab_module, "_DENSE_MIN_SPAN", 0)
+            v = Vocabulary.from_ids(series("user_id", values), name="user")
+            frame = pl.DataFrame([series("user_id", queries), pl.Series("row", range(len(queries)))])
+            try:
+                v.encode(frame)
+                error = None
+            except UnknownIdError as err:
+                error = str(err)
+            results.append(
+                (
+                    v.ids().to_list(),
+                    v.numbers(series("user_id", queries), missing="negative").tolist(),
+                    v.encode(frame, missing="null").to_dicts(),
+                    v.encode(frame, missing="drop").to_dicts(),
+                    error,
+                )
+            )
+    assert results[0] == results[1]
+    ids, nums = results[0][0], results[0][1]
+    assert ids == sorted(set(values))
+    assert nums == [ids.index(q) if q in ids else -1 for q in queries]

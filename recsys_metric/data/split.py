@@ -13,6 +13,8 @@ cannot be scored by a model trained on ``train``, so it is removed from the test
 :attr:`Split.dropped`.
 
 Everything is vectorised (numpy masks and one polars sort); 20M rows split in seconds.
+:func:`split_codes` gives the same split as one code per row, for callers that keep a single frame
+(``prepare_dataset`` writes it as the ``split`` column) instead of three copies of it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from recsys_metric.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+
+# Rows per block for element-wise work on big arrays (temporaries stay small and are reused).
+_BLOCK = 1 << 20
+
+SPLIT_TRAIN: int = 0
+SPLIT_TEST: int = 1
+SPLIT_DROPPED: int = 2
+SPLIT_NAMES: tuple[str, ...] = ("train", "test", "test_dropped")
+"""Name of each :func:`split_codes` code, in code order."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +116,29 @@ def split_interactions(df: pl.DataFrame, config: SplitConfig) -> Split:
     Raises:
         DataError: missing or bad columns, or a split with an empty train or test set.
     """
+    return _frames(df, _assign(df, config))
+
+
+def split_codes(df: pl.DataFrame, config: SplitConfig) -> tuple[np.ndarray, SplitInfo]:
+    """:func:`split_interactions` as one code per row, without building the three frames.
+
+    Returns:
+        ``(codes, info)``: uint8 ``[df.height]``, :data:`SPLIT_TRAIN` (0), :data:`SPLIT_TEST` (1) or
+        :data:`SPLIT_DROPPED` (2: a test row the leakage guard removed), and the same
+        :class:`SplitInfo` as :func:`split_interactions` gives.
+
+    Raises:
+        DataError: as :func:`split_interactions`.
+    """
+    assignment = _assign(df, config)
+    codes = (~assignment.is_train).view(np.uint8)
+    codes[np.flatnonzero(assignment.unseen_user | assignment.unseen_item)] = SPLIT_DROPPED
+    return codes, assignment.info
+
+
+def _assign(df: pl.DataFrame, config: SplitConfig) -> _Assignment:
     if config.method == "user_holdout":
-        return user_holdout_split(
+        return _assign_user_holdout(
             df,
             test_fraction=config.test_fraction,
             min_user_interactions=config.min_user_interactions,
@@ -114,18 +146,18 @@ def split_interactions(df: pl.DataFrame, config: SplitConfig) -> Split:
         )
     reason = _no_timestamps_reason(df)
     if reason is None:
-        return temporal_split(df, test_fraction=config.test_fraction, cutoff=config.cutoff)
+        return _assign_temporal(df, test_fraction=config.test_fraction, cutoff=config.cutoff)
     if config.cutoff is not None:
         reason += f"; split.cutoff {config.cutoff.isoformat()} is ignored"
     logger.warning("temporal split not possible (%s): falling back to user_holdout", reason)
-    split = user_holdout_split(
+    assignment = _assign_user_holdout(
         df,
         test_fraction=config.test_fraction,
         min_user_interactions=config.min_user_interactions,
         seed=config.seed,
     )
-    info = dataclasses.replace(split.info, requested_method="temporal", fallback_reason=reason)
-    return Split(train=split.train, test=split.test, info=info, dropped=split.dropped)
+    info = dataclasses.replace(assignment.info, requested_method="temporal", fallback_reason=reason)
+    return dataclasses.replace(assignment, info=info)
 
 
 def temporal_split(
@@ -151,6 +183,10 @@ def temporal_split(
         DataError: no usable timestamps, or an empty train or test set (the message gives the
             oldest/newest event and the cutoff, and what to change).
     """
+    return _frames(df, _assign_temporal(df, test_fraction=test_fraction, cutoff=cutoff))
+
+
+def _assign_temporal(df: pl.DataFrame, *, test_fraction: float, cutoff: datetime | None) -> _Assignment:
     _check_frame(df)
     _check_fraction(test_fraction)
     reason = _no_timestamps_reason(df)
@@ -195,7 +231,7 @@ def temporal_split(
         )
     if n_valid < df.height:
         logger.warning("%d of %d rows have no timestamp; they stay in train", df.height - n_valid, df.height)
-    return _finish(
+    return _guard(
         df,
         is_test,
         method="temporal",
@@ -223,6 +259,17 @@ def user_holdout_split(
     Raises:
         DataError: no user reaches ``min_user_interactions`` (empty test set).
     """
+    return _frames(
+        df,
+        _assign_user_holdout(
+            df, test_fraction=test_fraction, min_user_interactions=min_user_interactions, seed=seed
+        ),
+    )
+
+
+def _assign_user_holdout(
+    df: pl.DataFrame, *, test_fraction: float, min_user_interactions: int, seed: int
+) -> _Assignment:
     _check_frame(df)
     _check_fraction(test_fraction)
     if min_user_interactions < 2:
@@ -256,7 +303,7 @@ def user_holdout_split(
     test_sorted = rank < np.repeat(n_test_per_user, counts)
     is_test = np.zeros(df.height, dtype=bool)
     is_test[order[test_sorted]] = True
-    return _finish(
+    return _guard(
         df,
         is_test,
         method="user_holdout",
@@ -266,7 +313,19 @@ def user_holdout_split(
     )
 
 
-def _finish(
+@dataclass(frozen=True)
+class _Assignment:
+    """Row masks of a split (bool ``[n]`` each) and its info; the three test masks are disjoint."""
+
+    is_train: np.ndarray
+    keep: np.ndarray
+    """Test rows that survive the leakage guard."""
+    unseen_user: np.ndarray
+    unseen_item: np.ndarray
+    info: SplitInfo
+
+
+def _guard(
     df: pl.DataFrame,
     is_test: np.ndarray,
     *,
@@ -274,44 +333,53 @@ def _finish(
     cutoff: datetime | None,
     test_fraction: float,
     hint: str,
-) -> Split:
-    """Apply the leakage guard to a test mask and package the result."""
+) -> _Assignment:
+    """Apply the leakage guard to a test mask and count the result."""
     users = df.get_column("user_num").to_numpy()
     items = df.get_column("item_num").to_numpy()
     is_train = ~is_test
     seen_user = np.zeros(int(users.max()) + 1, dtype=bool)
-    seen_user[users[is_train]] = True
     seen_item = np.zeros(int(items.max()) + 1, dtype=bool)
-    seen_item[items[is_train]] = True
-    unseen_user = is_test & ~seen_user[users]
-    unseen_item = is_test & ~unseen_user & ~seen_item[items]
-    keep = is_test & ~unseen_user & ~unseen_item
-    n_unseen_user, n_unseen_item = int(unseen_user.sum()), int(unseen_item.sum())
-    n_test = int(keep.sum())
+    # Block by block: a masked gather of every training row at once allocates two arrays of 16M
+    # int64 indices, and fresh memory is what costs most here.
+    for lo in range(0, users.size, _BLOCK):
+        train_block = is_train[lo : lo + _BLOCK]
+        seen_user[users[lo : lo + _BLOCK][train_block]] = True
+        seen_item[items[lo : lo + _BLOCK][train_block]] = True
+    test_rows = np.flatnonzero(is_test)
+    # Only test rows can be dropped: look them up alone instead of masking every row.
+    test_unseen_user = ~seen_user[users[test_rows]]
+    test_unseen_item = ~test_unseen_user & ~seen_item[items[test_rows]]
+    unseen_user = np.zeros(df.height, dtype=bool)
+    unseen_user[test_rows[test_unseen_user]] = True
+    unseen_item = np.zeros(df.height, dtype=bool)
+    unseen_item[test_rows[test_unseen_item]] = True
+    n_unseen_user, n_unseen_item = int(test_unseen_user.sum()), int(test_unseen_item.sum())
+    n_test = test_rows.size - n_unseen_user - n_unseen_item
     if n_test == 0:
         raise DataError(
             f"{method} split left the test set empty after the leakage guard: of {int(is_test.sum())} test "
             f"rows, {n_unseen_user} belong to users and {n_unseen_item} to items with no training row. "
             f"Likely {hint}."
         )
-    train = df.filter(pl.Series(is_train))
-    test = df.filter(pl.Series(keep))
-    dropped = df.filter(pl.Series(unseen_user | unseen_item)).with_columns(
-        drop_reason=pl.Series(np.where(unseen_user[unseen_user | unseen_item], "unseen_user", "unseen_item"))
-    )
-    n_test_liked = int((test.get_column("label") == 1).sum()) if "label" in df.columns else None
+    keep = is_test.copy()
+    keep[test_rows[test_unseen_user | test_unseen_item]] = False
+    kept_rows = test_rows[~(test_unseen_user | test_unseen_item)]
+    n_test_liked = None
+    if "label" in df.columns:
+        n_test_liked = int(np.count_nonzero(df.get_column("label").to_numpy()[kept_rows] == 1))
     info = SplitInfo(
         method=method,
         requested_method=method,
         fallback_reason=None,
         cutoff=cutoff,
         test_fraction=float(test_fraction),
-        n_train=train.height,
+        n_train=int(users.size - test_rows.size),
         n_test=n_test,
         n_test_dropped_unseen_user=n_unseen_user,
         n_test_dropped_unseen_item=n_unseen_item,
         n_train_users=int(seen_user.sum()),
-        n_test_users=int(np.count_nonzero(np.bincount(users[keep]))),
+        n_test_users=int(np.count_nonzero(np.bincount(users[kept_rows]))),
         n_test_liked=n_test_liked,
     )
     logger.info(
@@ -323,7 +391,20 @@ def _finish(
         n_unseen_user,
         n_unseen_item,
     )
-    return Split(train=train, test=test, info=info, dropped=dropped)
+    return _Assignment(
+        is_train=is_train, keep=keep, unseen_user=unseen_user, unseen_item=unseen_item, info=info
+    )
+
+
+def _frames(df: pl.DataFrame, a: _Assignment) -> Split:
+    """The train, test and dropped frames of an assignment."""
+    dropped_mask = a.unseen_user | a.unseen_item
+    train = df.filter(pl.Series(a.is_train))
+    test = df.filter(pl.Series(a.keep))
+    dropped = df.filter(pl.Series(dropped_mask)).with_columns(
+        drop_reason=pl.Series(np.where(a.unseen_user[dropped_mask], "unseen_user", "unseen_item"))
+    )
+    return Split(train=train, test=test, info=a.info, dropped=dropped)
 
 
 def _check_frame(df: pl.DataFrame) -> None:

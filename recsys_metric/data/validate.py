@@ -58,6 +58,10 @@ _ISO_FORMATS = (
 _ISO_TZ_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
 _F32_MAX = 3.4028234663852886e38
 _DEFAULTS = DataConfig()
+# Rows per block for element-wise numpy work on whole columns (temporaries stay small and reused).
+_BLOCK = 1 << 20
+# Share of rows in runs of equal (user_id, timestamp) above which duplicate detection hashes every row.
+_MAX_TIED_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -300,29 +304,85 @@ def _narrow_text_ids(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(out) if out else df
 
 
-def _drop_duplicates(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """Drop rows equal in every column to an earlier row; keeps order. Returns (frame, rows dropped).
+def duplicate_rows(df: pl.DataFrame) -> pl.Series:
+    """Positions of the rows equal in every column to an earlier row, ascending (empty if none).
 
     A generic multi-column ``unique`` on 20M rows takes tens of seconds on two cores. Instead, one
     64-bit hash per row is sorted to find the few hash values that repeat; only rows carrying one
     of them are compared exactly, so a hash collision never drops a row.
     """
+    none = pl.Series("row", [], dtype=pl.get_index_type())
     if df.height < 2:
-        return df, 0
-    row_hash = pl.reduce(lambda a, b: a ^ b, [pl.col(c).hash(seed=i) for i, c in enumerate(df.columns)])
-    hashes = df.select(row_hash).to_series()
+        return none
+    tied = _tied_rows_if_ordered(df)
+    if tied is not None:
+        # Rows ordered by (user_id, timestamp): two equal rows share both, so they sit in one run of
+        # equal (user_id, timestamp), and only the rows of such runs need comparing.
+        candidates = pl.Series("row", tied, dtype=pl.get_index_type())
+        if candidates.is_empty():
+            return none
+        first = df[candidates].select(pl.struct(pl.all()).is_first_distinct()).to_series()
+        return candidates.filter(~first)
+    # One pass over all columns; hashing each column and xor-ing them allocated five 160 MB arrays.
+    hashes = df.hash_rows()
     # single-threaded: on two busy cores it measured 2.5x less CPU than the parallel sort
     ordered = hashes.sort(multithreaded=False)
     repeated = ordered.slice(1).filter(ordered.slice(1) == ordered.slice(0, df.height - 1)).unique()
     if repeated.is_empty():
-        return df, 0
+        return none
     candidates = hashes.is_in(repeated.implode()).arg_true()
     first = df[candidates].select(pl.struct(pl.all()).is_first_distinct()).to_series()
-    drop = candidates.filter(~first)
-    if drop.is_empty():
-        return df, 0
-    keep = pl.Series(np.ones(df.height, dtype=bool)).scatter(drop, False)
-    return df.filter(keep), len(drop)
+    return candidates.filter(~first).alias("row")
+
+
+def _tied_rows_if_ordered(df: pl.DataFrame) -> np.ndarray | None:
+    """Positions of the rows in runs of equal ``(user_id, timestamp)``, ascending, when the rows are
+    ordered by that pair (a log exported user by user in time order); None otherwise, or when such
+    runs hold more than ``_MAX_TIED_SHARE`` of the rows.
+
+    One pass of comparisons (0.05 s for 20M rows here) instead of hashing and sorting every row
+    (0.6 s). Needs Int64 ids and a timestamp column without nulls.
+    """
+    if "timestamp" not in df.columns:
+        return None
+    users, times = df.get_column("user_id"), df.get_column("timestamp")
+    if users.dtype != pl.Int64 or not isinstance(times.dtype, pl.Datetime):
+        return None
+    if users.null_count() or times.null_count():
+        return None
+    n = df.height
+    tied: list[np.ndarray] = []
+    n_tied = 0
+    for lo in range(0, n - 1, _BLOCK):
+        # One row of overlap so that each block also compares across its left boundary.
+        u = users.slice(lo, _BLOCK + 1).to_numpy()
+        t = times.slice(lo, _BLOCK + 1).to_numpy()
+        same_user = u[1:] == u[:-1]
+        if not np.all((u[1:] > u[:-1]) | (same_user & (t[1:] >= t[:-1]))):
+            return None
+        starts = np.flatnonzero(same_user & (t[1:] == t[:-1])) + lo
+        n_tied += starts.size
+        if n_tied > _MAX_TIED_SHARE * n:
+            return None
+        tied.append(starts)
+    starts = np.concatenate(tied) if tied else np.empty(0, dtype=np.int64)
+    # A tie at i pairs rows i and i + 1; runs of three or more repeat rows, hence the dedupe.
+    rows = np.sort(np.concatenate([starts, starts + 1]))
+    return rows[np.r_[True, rows[1:] != rows[:-1]]] if rows.size else rows
+
+
+def drop_rows(df: pl.DataFrame, rows: pl.Series) -> pl.DataFrame:
+    """``df`` without the rows at positions ``rows`` (e.g. from :func:`duplicate_rows`), order kept."""
+    if rows.is_empty():
+        return df
+    keep = pl.Series(np.ones(df.height, dtype=bool)).scatter(rows, False)
+    return df.filter(keep)
+
+
+def _drop_duplicates(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Drop rows equal in every column to an earlier row; keeps order. Returns (frame, rows dropped)."""
+    drop = duplicate_rows(df)
+    return drop_rows(df, drop), drop.len()
 
 
 def _n_distinct(ids: pl.Series) -> int:
@@ -331,7 +391,9 @@ def _n_distinct(ids: pl.Series) -> int:
         low, high = ids.min(), ids.max()
         if 0 <= low and high < 1 << 26:
             seen = np.zeros(high + 1, dtype=bool)
-            seen[ids.to_numpy()] = True
+            # Chunk by chunk: to_numpy() of a column read from many row groups copies all of it.
+            for chunk in ids.get_chunks():
+                seen[chunk.to_numpy()] = True
             return int(seen.sum())
     return ids.n_unique()
 

@@ -28,6 +28,47 @@ _NAMES: tuple[str, ...] = ("user", "item")
 _MAX_SIZE = int(np.iinfo(np.int32).max)
 _N_SHOWN = 5
 _SKIP_ENCODE = "missing='null' or 'drop'"
+# Integer ids whose range spans at most this many values per id (or fewer than _DENSE_MIN_SPAN values)
+# are mapped with a direct table indexed by the id: a bitmap for from_ids, an int32 array for lookups.
+# A join or a hash unique on 20M ids took 0.3-1.3 s here, the table 0.05 s.
+_DENSE_SPAN_PER_ID = 8
+_DENSE_MIN_SPAN = 1 << 16
+
+
+def _strictly_increasing(s: pl.Series) -> bool:
+    """Whether an integer Series without nulls is strictly increasing (so its values are distinct)."""
+    if not s.dtype.is_integer() or s.len() < 2:
+        return False
+    values = s.to_numpy()
+    return bool(np.all(values[1:] > values[:-1]))
+
+
+def _chunk_arrays(s: pl.Series) -> list[np.ndarray]:
+    """The chunks of a Series without nulls as numpy arrays, each a view where polars allows one.
+
+    A Series read from many row groups has one chunk per group, and ``Series.to_numpy()`` then
+    copies the whole column into fresh memory (160 MB for 20M Int64 ids), which costs more here
+    than the work done on it.
+    """
+    return [chunk.to_numpy() for chunk in s.get_chunks()]
+
+
+def _dense_unique(s: pl.Series) -> pl.Series | None:
+    """Sorted distinct values of Int64 ``s`` (no nulls) by a bitmap over their range, or None when the
+    range is too wide for one (see ``_DENSE_SPAN_PER_ID``)."""
+    if s.dtype != pl.Int64 or s.len() == 0:
+        return None
+    low, high = int(s.min()), int(s.max())  # type: ignore[arg-type]
+    span = high - low + 1
+    if span > max(_DENSE_SPAN_PER_ID * s.len(), _DENSE_MIN_SPAN):
+        return None
+    present = np.zeros(span, dtype=bool)
+    for values in _chunk_arrays(s):
+        present[values - low if low else values] = True
+    distinct = np.flatnonzero(present)
+    if low:
+        distinct += low
+    return pl.Series(s.name, distinct, dtype=pl.Int64)
 
 
 class UnknownIdError(DataError, KeyError):
@@ -106,7 +147,7 @@ class Vocabulary:
         TypeError: ids that are neither integers nor strings.
     """
 
-    __slots__ = ("_ids", "_name", "_frame", "_sorted_cache")
+    __slots__ = ("_ids", "_name", "_frame", "_sorted_cache", "_table")
 
     def __init__(self, ids: Any, *, name: VocabName):
         if name not in _NAMES:
@@ -119,7 +160,7 @@ class Vocabulary:
             )
         if s.len() > _MAX_SIZE:
             raise DataError(f"{self.id_column}: {s.len()} ids exceed the int32 number range")
-        n_unique = s.n_unique()
+        n_unique = s.len() if _strictly_increasing(s) else s.n_unique()
         if n_unique != s.len():
             dup = s.filter(s.is_duplicated()).unique(maintain_order=True).head(_N_SHOWN).to_list()
             raise DataError(
@@ -129,6 +170,7 @@ class Vocabulary:
         self._ids: pl.Series = s
         self._frame: pl.DataFrame | None = None
         self._sorted_cache: np.ndarray | None = None
+        self._table: tuple[int, np.ndarray] | None = None
 
     @classmethod
     def from_ids(cls, values: Any, *, name: VocabName) -> Vocabulary:
@@ -142,6 +184,9 @@ class Vocabulary:
             raise DataError(
                 f"{name}_id: {s.null_count()} null id(s) among {s.len()}; drop or fix those rows first"
             )
+        dense = _dense_unique(s)
+        if dense is not None:
+            return cls(dense, name=name)
         return cls(s.unique().sort(), name=name)
 
     @property
@@ -244,9 +289,14 @@ class Vocabulary:
                 [query, pl.Series(self.num_column, [None] * query.len(), dtype=pl.Int32)]
             )
         else:
-            looked_up = pl.DataFrame(self._coerce_query(query)).join(
-                self.to_frame(), on=self.id_column, how="left", maintain_order="left"
-            )
+            query = self._coerce_query(query)
+            direct = self._lookup(query)
+            if direct is not None:
+                looked_up = pl.DataFrame([query, direct])
+            else:
+                looked_up = pl.DataFrame(query).join(
+                    self.to_frame(), on=self.id_column, how="left", maintain_order="left"
+                )
         nums = looked_up.get_column(self.num_column)
         if nums.null_count():
             if missing == "error":
@@ -257,6 +307,49 @@ class Vocabulary:
                 )
             nums = nums.fill_null(-1)
         return nums.to_numpy().astype(np.int32, copy=False)
+
+    def _lookup(self, keys: pl.Series) -> pl.Series | None:
+        """Int32 ``{name}_num`` of Int64 ``keys`` (null where unknown) by a direct table, or None.
+
+        None when the ids are strings, ``keys`` has nulls, or the vocabulary's ids are too sparse for
+        a table (see ``_DENSE_SPAN_PER_ID``); the caller then joins.
+        """
+        if keys.dtype != pl.Int64 or self.id_dtype != pl.Int64 or keys.null_count() or len(self) == 0:
+            return None
+        table = self._dense_table()
+        if table is None:
+            return None
+        low, nums_at = table
+        high = low + nums_at.size - 1
+        nums = np.empty(keys.len(), dtype=np.int32)
+        start = 0
+        for k in _chunk_arrays(keys):
+            out_k = nums[start : start + k.size]
+            start += k.size
+            if k.size and low <= int(k.min()) and int(k.max()) <= high:
+                np.take(nums_at, k - low if low else k, out=out_k, mode="clip")
+            else:
+                out_k.fill(-1)
+                inside = (k >= low) & (k <= high)
+                out_k[inside] = nums_at[k[inside] - low]
+        out = pl.Series(self.num_column, nums)
+        if nums.size and int(nums.min()) < 0:
+            out = out.to_frame().select(pl.when(out >= 0).then(out).alias(self.num_column)).to_series()
+        return out
+
+    def _dense_table(self) -> tuple[int, np.ndarray] | None:
+        """``(low, nums_at)``: ``nums_at[id - low]`` is the number of ``id`` or -1; None for sparse ids."""
+        if self._table is None:
+            low, high = int(self._ids.min()), int(self._ids.max())  # type: ignore[arg-type]
+            span = high - low + 1
+            if span > max(_DENSE_SPAN_PER_ID * len(self), _DENSE_MIN_SPAN):
+                self._table = (0, np.empty(0, dtype=np.int32))
+            else:
+                nums_at = np.full(span, -1, dtype=np.int32)
+                ids = self._ids.to_numpy()
+                nums_at[ids - low if low else ids] = np.arange(len(self), dtype=np.int32)
+                self._table = (low, nums_at)
+        return self._table if self._table[1].size else None
 
     def _coerce_query(self, query: pl.Series) -> pl.Series:
         if query.dtype == self.id_dtype:
@@ -311,11 +404,13 @@ class Vocabulary:
             # Joining the key column alone and attaching the numbers is about twice as fast as a
             # (lazy) join that gathers every payload column.
             keys = frame.get_column(key).cast(self.id_dtype)
-            nums = (
-                pl.DataFrame(keys)
-                .join(self.to_frame(), on=key, how="left", maintain_order="left")
-                .get_column(self.num_column)
-            )
+            nums = self._lookup(keys)
+            if nums is None:
+                nums = (
+                    pl.DataFrame(keys)
+                    .join(self.to_frame(), on=key, how="left", maintain_order="left")
+                    .get_column(self.num_column)
+                )
             out = frame.with_columns(nums)
             if nums.null_count():
                 if missing == "error":
