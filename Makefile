@@ -11,18 +11,20 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,bench
 # pip on this machine warns about an unused extra index for every package; keep real errors visible.
 QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
+comma := ,
+# One stamp per set of extras, so `make test` after `make run EXTRAS=dev` installs what is missing.
+STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
 .PHONY: setup run test bench bench-quick data lint clean
 
-$(VENV)/.installed-$(subst $(comma),_,$(EXTRAS)): pyproject.toml
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(QUIET_PIP)
 	$(PY) -m pip install -q $(TORCH_SPEC) $(QUIET_PIP)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(QUIET_PIP)
 	touch $@
 
-comma := ,
-setup: $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
+setup: $(STAMP)
 
 ## The main job: the nightly pipeline once on the bundled data in data/ (train, evaluate, index, gate, publish to ./artifacts/current)
 run: setup
