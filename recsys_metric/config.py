@@ -154,6 +154,13 @@ class TripletConfig(_Section):
 class ModelConfig(_Section):
     """The two-tower model: what it embeds and in which metric."""
 
+    mode: Literal["two_tower", "item_item"] = "two_tower"
+    """``two_tower``: user and item towers, trained on (user, liked item, unliked item) triplets.
+    ``item_item`` (Siamese): the item tower only, trained on (item, co-liked item, unliked item)
+    triplets, for catalogs where only item-to-item similarity is wanted: the positive is another item
+    liked by the same user, drawn afresh every epoch; the negatives are items that user never
+    interacted with. A user's vector is then the fold-in of their liked items (their centroid);
+    ``user_tower`` must stay ``embedding``."""
     dim: int = Field(64, ge=2)
     """D: embedding dimension of the shared space."""
     distance: Literal["euclidean", "cosine", "dot"] = "euclidean"
@@ -171,6 +178,15 @@ class ModelConfig(_Section):
     init_scale: float = Field(0.1, gt=0.0)
     """Typical L2 norm of an initial embedding row: entries are drawn from N(0, init_scale^2 / dim),
     well inside the unit ball (CML). Id embeddings of a model with item features start at zero."""
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ModelConfig:
+        if self.mode == "item_item" and self.user_tower != "embedding":
+            raise ValueError(
+                f"user_tower {self.user_tower!r} has no meaning in mode 'item_item' (there is no user tower); "
+                "leave user_tower at 'embedding'"
+            )
+        return self
 
 
 class TrainConfig(_Section):

@@ -1,6 +1,9 @@
 """Train, evaluate and export one run: the model half of the nightly pipeline, without Prefect.
 
-``train_run`` writes a complete run directory (the contract in ARCHITECTURE.md)::
+``train_run`` writes a complete run directory (the contract in ARCHITECTURE.md) in three stages
+that can also be called one by one on the same directory (the Prefect flow does):
+``prepare_dataset`` (data files), :func:`train_and_evaluate` (model, embeddings, metrics.json) and
+:func:`index_run` (Annoy index, recorded in metrics.json)::
 
     run_dir/
       rejects.parquet, users.parquet, items.parquet       from prepare_dataset
@@ -25,6 +28,17 @@ How the holdout is used, so that nothing leaks:
 4. With ``train.refit`` (default) a fresh model trains on the whole log for the chosen number of
    epochs; that model is exported. It has no honest test score (it saw the test rows), so
    ``metrics.json`` records its training history only.
+
+Item-item mode (``model.mode: item_item``, the Siamese item tower): the model has no user tower.
+A user is scored item-kNN style from the learned space: an item's score is its mean similarity to
+the user's liked items of the rows the model may use (fit rows for early stopping, train rows for
+the holdout figures, the whole log for the published model). With the similarity of the training
+loss (squared euclidean distance negated, dot, cosine) that mean ranks items exactly as the
+similarity to the fold-in of those items (:meth:`TwoTowerModel.fold_in_rows`: their centroid,
+normalised for cosine and dot), so the user is scored through that one vector. Those vectors are what
+``user_embeddings.parquet`` holds (a user without liked items gets the zero vector), so the run
+directory keeps its contract: the Recommender, the batch tables and a later run's quality gate use
+it unchanged, and ``score = distance(user, item)`` reproduces the evaluated rankings.
 """
 
 from __future__ import annotations
@@ -44,9 +58,11 @@ import torch
 from recsys_metric import __version__
 from recsys_metric.config import Config, SplitConfig
 from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.prepare import PreparedData, prepare_dataset
+from recsys_metric.data.prepare import PreparedData, PreparedPaths, prepare_dataset
 from recsys_metric.data.split import split_interactions
+from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.device import resolve_device
+from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
     ScoreFn,
@@ -93,17 +109,29 @@ def train_data(frame: pl.DataFrame, n_users: int, n_items: int, config: Config) 
     )
 
 
-def model_score_fn(model: TwoTowerModel) -> ScoreFn:
+def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None) -> ScoreFn:
     """``user_nums -> [B, n_items]`` scores of ``model`` (no gradients, on the model's device).
 
     Item vectors are computed once per call of this factory, not per batch.
+
+    Args:
+        model: the model.
+        liked: item-item mode only (required there): the liked items ``[n_users, n_items]`` a user
+            is scored from; the user's vector is their fold-in (see the module docstring).
+
+    Raises:
+        ConfigError: an item-item model without ``liked``.
     """
+    if model.item_item and liked is None:
+        raise ConfigError("an item-item model scores users from their liked items: pass liked=")
     with torch.no_grad():
         items = model.item_embeddings()
+        folded = model.fold_in_rows(liked) if model.item_item and liked is not None else None
 
     def score(user_nums: np.ndarray) -> torch.Tensor:
         with torch.no_grad():
-            users = model.user_embeddings(torch.as_tensor(np.asarray(user_nums), device=model.device))
+            nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
+            users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
             return model.distance.score(users, items)
 
     return score
@@ -117,7 +145,7 @@ def _sample_users(test: InteractionMatrix, max_users: int | None, seed: int) -> 
 
 
 def build_model(
-    prepared: PreparedData,
+    prepared: PreparedData | RunData,
     config: Config,
     history: InteractionMatrix | None,
     items_table: pl.DataFrame | None,
@@ -126,8 +154,6 @@ def build_model(
     features = None
     if config.model.item_features:
         if items_table is None:
-            from recsys_metric.errors import ConfigError
-
             raise ConfigError(
                 f"model.item_features {list(config.model.item_features)} needs an item table: pass items=PATH "
                 "(a Parquet file with item_id and the feature columns)"
@@ -147,14 +173,60 @@ def build_model(
 
 
 @dataclass
+class RunData:
+    """What the training stage reads from a prepared run directory.
+
+    Attributes:
+        interactions: every valid row (``user_num``, ``item_num`` Int32, ``label`` Int8,
+            ``split``, and timestamp/rating/weight when the log has them).
+        users: user vocabulary (external id <-> ``user_num``).
+        items: item vocabulary (external id <-> ``item_num``).
+        report: the data report (``PreparedData.report()``, ``data_report.json``).
+    """
+
+    interactions: pl.DataFrame
+    users: Vocabulary
+    items: Vocabulary
+    report: dict[str, Any]
+
+    @classmethod
+    def of(cls, prepared: PreparedData) -> RunData:
+        """The in-memory result of ``prepare_dataset`` (no file is read)."""
+        return cls(prepared.interactions, prepared.users, prepared.items, prepared.report())
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunData:
+        """Read what ``prepare_dataset`` wrote into ``run_dir``.
+
+        Raises:
+            DataError: a prepared file is missing (``prepare_dataset`` did not run into ``run_dir``).
+        """
+        paths = PreparedPaths.in_dir(Path(run_dir))
+        missing = [
+            p.name for p in (paths.interactions, paths.users, paths.items, paths.report) if not p.is_file()
+        ]
+        if missing:
+            raise DataError(
+                f"run directory {run_dir} lacks {', '.join(missing)}: run prepare_dataset(log, run_dir, config) "
+                "into it before training"
+            )
+        return cls(
+            interactions=pl.read_parquet(paths.interactions),
+            users=Vocabulary.load(paths.users),
+            items=Vocabulary.load(paths.items),
+            report=json.loads(paths.report.read_text()),
+        )
+
+
+@dataclass
 class RunResult:
-    """What :func:`train_run` produced."""
+    """What :func:`train_run` (or :func:`train_and_evaluate`) produced."""
 
     run_id: str
     run_dir: Path
     metrics: dict[str, Any]
     evaluation: EvaluationResult
-    prepared: PreparedData
+    prepared: PreparedData | RunData
     model: TwoTowerModel
     holdout_training: TrainResult
     refit_training: TrainResult | None
@@ -189,7 +261,12 @@ def train_run(
     progress: bool | None = None,
     build_ann: bool = True,
 ) -> RunResult:
-    """Prepare the data, train with early stopping, evaluate on the holdout, refit, export.
+    """Prepare the data, train with early stopping, evaluate on the holdout, refit, export, index.
+
+    The three stages are public so that an orchestrator can run them one by one on the same
+    directory: ``prepare_dataset(interactions, run_dir, config)``, :func:`train_and_evaluate`,
+    :func:`index_run`. This function is exactly that sequence (the in-memory prepared data is
+    handed to the training stage instead of being read back).
 
     Args:
         interactions: the interaction log (file, Parquet directory or glob).
@@ -208,31 +285,84 @@ def train_run(
     config = config or Config()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = run_id or new_run_id()
-    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-
     prepared = prepare_dataset(interactions, run_dir, config)
-    seconds["prepare"] = time.perf_counter() - t0
-    n_users, n_items = len(prepared.users), len(prepared.items)
+    result = train_and_evaluate(
+        run_dir,
+        config,
+        items=items,
+        run_id=run_id,
+        progress=progress,
+        prepared=prepared,
+        prepare_seconds=time.perf_counter() - t0,
+    )
+    if build_ann:
+        result.metrics = index_run(run_dir, config)
+        result.seconds = dict(result.metrics["seconds"])
+    return result
+
+
+def train_and_evaluate(
+    run_dir: str | Path,
+    config: Config | None = None,
+    *,
+    items: str | Path | None = None,
+    run_id: str | None = None,
+    progress: bool | None = None,
+    prepared: PreparedData | RunData | None = None,
+    prepare_seconds: float | None = None,
+) -> RunResult:
+    """Train with early stopping, evaluate on the holdout, refit and export, in a prepared run directory.
+
+    Writes ``model.pt``, ``model.json``, both embedding tables (and ``holdout/`` with refit) and
+    ``metrics.json`` with ``"index": None`` (:func:`index_run` fills it in).
+
+    Args:
+        run_dir: a directory ``prepare_dataset`` wrote into.
+        config: the config ``prepare_dataset`` ran with; defaults when None.
+        items: item table, needed when ``model.item_features`` names columns.
+        run_id: id recorded in the exported files; a new one when None.
+        progress: progress bars (None: when stderr is a terminal).
+        prepared: the prepared data already in memory; None reads it from ``run_dir``
+            (:meth:`RunData.load`).
+        prepare_seconds: wall seconds the preparation took, recorded as ``seconds["prepare"]``.
+
+    Returns:
+        The run's metrics, evaluation, model (the exported one) and training histories.
+    """
+    config = config or Config()
+    run_dir = Path(run_dir)
+    run_id = run_id or new_run_id()
+    if prepared is None:
+        data = RunData.load(run_dir)
+    elif isinstance(prepared, PreparedData):
+        data = RunData.of(prepared)
+    else:
+        data = prepared
+    seconds: dict[str, float] = {}
+    if prepare_seconds is not None:
+        seconds["prepare"] = prepare_seconds
+    n_users, n_items = len(data.users), len(data.items)
     items_table = pl.read_parquet(items) if items is not None else None
-    full = prepared.interactions
+    full = data.interactions
     train = full.filter(pl.col("split") == "train")
     test_liked = full.filter((pl.col("split") == "test") & (pl.col("label") == 1))
     train_seen = _matrix(train, n_users, n_items)
+    train_liked = _matrix(train.filter(pl.col("label") == 1), n_users, n_items)
     test_relevant = _matrix(test_liked, n_users, n_items)
     candidates = training_items_mask(train_seen)
 
     t = time.perf_counter()
     fit_rows, fit_seen, val_relevant = _holdout_validation(train, config, n_users, n_items)
     fit_data = train_data(fit_rows, n_users, n_items, config)
+    fit_liked = _matrix(fit_rows.filter(pl.col("label") == 1), n_users, n_items)
     k_stop = config.train.early_stopping_k
     val_users = _sample_users(val_relevant, config.eval.validation_max_users, config.eval.seed)
     val_candidates = training_items_mask(fit_seen)
 
     def validate(m: TwoTowerModel) -> dict[str, float]:
         return evaluate_scores(
-            model_score_fn(m),
+            model_score_fn(m, fit_liked),
             fit_seen,
             val_relevant,
             ks=(k_stop,),
@@ -240,9 +370,7 @@ def train_run(
             users=val_users,
         )
 
-    holdout_model = build_model(
-        prepared, config, _matrix(fit_rows.filter(pl.col("label") == 1), n_users, n_items), items_table
-    )
+    holdout_model = build_model(data, config, fit_liked, items_table)
     holdout = fit(
         holdout_model,
         fit_data,
@@ -255,18 +383,21 @@ def train_run(
 
     t = time.perf_counter()
     evaluation = evaluate_with_baselines(
-        model_score_fn(holdout_model), train_seen, test_relevant, config.eval, candidate_mask=candidates
+        model_score_fn(holdout_model, train_liked),
+        train_seen,
+        test_relevant,
+        config.eval,
+        candidate_mask=candidates,
     )
     seconds["evaluate"] = time.perf_counter() - t
     logger.info("holdout evaluation:\n%s", evaluation.to_table())
 
-    final_model, refit = holdout_model, None
+    final_model, refit, final_liked = holdout_model, None, train_liked
     if config.train.refit:
         t = time.perf_counter()
         epochs = holdout.best_epoch or holdout.epochs_run
-        final_model = build_model(
-            prepared, config, _matrix(full.filter(pl.col("label") == 1), n_users, n_items), items_table
-        )
+        final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+        final_model = build_model(data, config, final_liked, items_table)
         refit = fit(
             final_model,
             train_data(full, n_users, n_items, config),
@@ -281,20 +412,15 @@ def train_run(
     if refit is not None:
         # A later run's quality gate scores this model, never the refit one (see registry).
         (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
-        export_embeddings(holdout_model, prepared, run_dir / HOLDOUT_DIR, run_id)
-    export_model(final_model, prepared, run_dir, run_id)
+        export_embeddings(holdout_model, data, run_dir / HOLDOUT_DIR, run_id, liked=train_liked)
+    export_model(final_model, data, run_dir, run_id, liked=final_liked)
     seconds["export"] = time.perf_counter() - t
-
-    index_metrics = None
-    if build_ann:
-        t = time.perf_counter()
-        index_metrics = build_index(run_dir, config.index)
-        seconds["index"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
+    seconds["total"] = sum(seconds.values())
 
     metrics = {
         "run_id": run_id,
         "library_version": __version__,
+        "mode": config.model.mode,
         "holdout": evaluation.to_dict(),
         "early_stopping": {
             "metric": f"recall@{k_stop}",
@@ -308,8 +434,8 @@ def train_run(
             "holdout": holdout.to_dict(),
             "refit": refit.to_dict() if refit is not None else None,
         },
-        "index": index_metrics,
-        "data": prepared.report(),
+        "index": None,
+        "data": data.report,
         "device": holdout.device,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
@@ -319,12 +445,41 @@ def train_run(
         run_dir=run_dir,
         metrics=metrics,
         evaluation=evaluation,
-        prepared=prepared,
+        prepared=prepared if prepared is not None else data,
         model=final_model,
         holdout_training=holdout,
         refit_training=refit,
         seconds=seconds,
     )
+
+
+def index_run(run_dir: str | Path, config: Config | None = None) -> dict[str, Any]:
+    """Build the Annoy index of a trained run directory and record it in its ``metrics.json``.
+
+    Calls :func:`recsys_metric.index.build_index` (``items.ann`` + ``index.json``, recall@10
+    against exact search), then rewrites ``metrics.json`` with ``"index"`` set and
+    ``seconds["index"]`` added to ``seconds["total"]``.
+
+    Returns:
+        The updated metrics.
+
+    Raises:
+        DataError: ``metrics.json`` is missing (run :func:`train_and_evaluate` first).
+    """
+    config = config or Config()
+    run_dir = Path(run_dir)
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run train_and_evaluate on {run_dir} before index_run")
+    metrics = json.loads(path.read_text())
+    t = time.perf_counter()
+    metrics["index"] = build_index(run_dir, config.index)
+    elapsed = time.perf_counter() - t
+    seconds = metrics.setdefault("seconds", {})
+    seconds["index"] = round(elapsed, 3)
+    seconds["total"] = round(seconds.get("total", 0.0) + elapsed, 3)
+    _write_json(path, metrics)
+    return metrics
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -333,11 +488,29 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def export_embeddings(model: TwoTowerModel, prepared: PreparedData, out_dir: Path, run_id: str) -> None:
-    """Write ``user_embeddings.parquet`` and ``item_embeddings.parquet`` of ``model`` into ``out_dir``."""
+def export_embeddings(
+    model: TwoTowerModel,
+    prepared: PreparedData | RunData,
+    out_dir: Path,
+    run_id: str,
+    *,
+    liked: InteractionMatrix | None = None,
+) -> None:
+    """Write ``user_embeddings.parquet`` and ``item_embeddings.parquet`` of ``model`` into ``out_dir``.
+
+    In item-item mode the user vectors are the fold-in of ``liked`` (required there; see the module
+    docstring).
+    """
+    if model.item_item and liked is None:
+        raise ConfigError(
+            "an item-item model exports its users as the fold-in of their liked items: pass liked="
+        )
     model = model.to("cpu").eval()
     with torch.no_grad():
-        users = model.user_embeddings().contiguous().numpy()
+        if liked is not None and model.item_item:
+            users = model.fold_in_rows(liked).contiguous().numpy()
+        else:
+            users = model.user_embeddings().contiguous().numpy()
         items = model.item_embeddings().contiguous().numpy()
     distance = model.config.distance
     for kind, vocab, vectors in (("user", prepared.users, users), ("item", prepared.items, items)):
@@ -351,9 +524,17 @@ def export_embeddings(model: TwoTowerModel, prepared: PreparedData, out_dir: Pat
         )
 
 
-def export_model(model: TwoTowerModel, prepared: PreparedData, run_dir: Path, run_id: str) -> None:
-    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model``."""
-    export_embeddings(model, prepared, run_dir, run_id)
+def export_model(
+    model: TwoTowerModel,
+    prepared: PreparedData | RunData,
+    run_dir: Path,
+    run_id: str,
+    *,
+    liked: InteractionMatrix | None = None,
+) -> None:
+    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model`` (``liked``: see
+    :func:`export_embeddings`)."""
+    export_embeddings(model, prepared, run_dir, run_id, liked=liked)
     model = model.to("cpu").eval()
     tmp = run_dir / (MODEL_FILE + ".tmp")
     torch.save(model.state_dict(), tmp)

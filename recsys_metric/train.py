@@ -22,6 +22,18 @@ Two ways to compute a step, chosen by :func:`fused_supported`:
 - autograd: everything else; sparse gradients from the embedding lookups feed the same
   :class:`SparseRowOptimizer`, then the touched rows are projected.
 
+Item-item mode (``model.mode: item_item``, :class:`CoLikedSource`): each liked ``(user, item)``
+pair of a user with at least two liked items becomes a triplet ``(item, co-liked item, unliked
+item)``. The co-liked item is another item liked by the same user, drawn afresh every epoch; the
+negatives are items that user never interacted with (``sample_negatives`` over ``seen``), i.e.
+unliked in the context that made the anchor and the positive a pair. Sampling negatives among the
+items never co-liked with the anchor by anyone would need the item-item co-occurrence set, which is
+quadratic in user history length; the user's complement is the cheap and standard proxy (a rare
+false negative is an item co-liked with the anchor by someone else). The query side is the item
+tower: the fused step runs with the item table as both tables (its rows are gathered, projected
+and updated once, so an item that is the anchor of one triplet and the positive or negative of
+another gets both gradients), the autograd step through :meth:`TwoTowerModel.query_embeddings`.
+
 On CPU a run is deterministic for a seed, and a run resumed from a checkpoint ends with the same
 weights, bit for bit, as the run that was never interrupted.
 """
@@ -36,7 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +217,11 @@ def use_compile(config: TrainConfig, fused: bool, device: torch.device, n_triple
 
 
 def fused_supported(model: TwoTowerModel, config: TrainConfig) -> bool:
-    """True when :func:`fit` takes the fused path: triplet loss, free user and item embeddings only."""
+    """True when :func:`fit` takes the fused path: triplet loss, free user (or, in item-item mode,
+    query item) and item embeddings only."""
     return (
         config.loss == "triplet"
-        and model.user_embedding is not None
+        and (model.user_embedding is not None or model.item_item)
         and model.pool is None
         and model.item_encoder is None
         and model.feature_map is None
@@ -358,6 +371,8 @@ class FusedGradients:
         user_values: ``[B, D]`` the user rows after projection onto the unit ball, as the gradient
             saw them (euclidean only, else None); the update starts from them.
         item_values: ``[M, D]`` the same for ``item_rows``.
+
+    In item-item mode the "user" rows are the anchor items' rows of the item table.
     """
 
     loss: Tensor
@@ -367,6 +382,18 @@ class FusedGradients:
     item_grads: Tensor
     user_values: Tensor | None
     item_values: Tensor | None
+
+    def merged(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows ``[B + M]``, gradients and values of both sides in one list, for one table that
+        holds both (item-item mode): every occurrence keeps its own gradient."""
+        values = None
+        if self.user_values is not None and self.item_values is not None:
+            values = torch.cat([self.user_values, self.item_values])
+        return (
+            torch.cat([self.user_rows, self.item_rows]),
+            torch.cat([self.user_grads, self.item_grads]),
+            values,
+        )
 
 
 def _triplet_gradients(
@@ -383,17 +410,28 @@ def _triplet_gradients(
     n_items: int,
     weight_decay: float,
     project: bool,
+    aliased: bool = False,
 ) -> FusedGradients:
-    """The fused step's forward and backward (see :class:`FusedTripletStep`); plain tensor ops."""
+    """The fused step's forward and backward (see :class:`FusedTripletStep`); plain tensor ops.
+
+    ``aliased``: ``user_table`` is ``item_table`` (item-item mode); all rows are then read in one
+    gather and projection, so that occurrences of one row carry bit-identical values.
+    """
     batch, k = negs.shape
     dim = user_table.shape[1]
     dtype = user_table.dtype
     item_idx = torch.cat([pos, negs.reshape(-1)])
-    u = user_table.index_select(0, users)
-    x = item_table.index_select(0, item_idx)
-    if project:
-        _project_rows_(u)
-        _project_rows_(x)
+    if aliased:
+        rows = item_table.index_select(0, torch.cat([users, item_idx]))
+        if project:
+            _project_rows_(rows)
+        u, x = rows[:batch], rows[batch:]
+    else:
+        u = user_table.index_select(0, users)
+        x = item_table.index_select(0, item_idx)
+        if project:
+            _project_rows_(u)
+            _project_rows_(x)
     p = x[:batch]
     n = x[batch:].view(batch, k, dim)
 
@@ -496,10 +534,14 @@ def _fused_update(
     n_items: int,
     weight_decay: float,
     project: bool,
+    aliased: bool = False,
 ) -> Tensor:
     """Gradient and SGD/row-wise Adagrad update of one batch, in place; returns the summed loss.
 
-    One function so that ``torch.compile`` can fuse gathers, arithmetic and scatters.
+    One function so that ``torch.compile`` can fuse gathers, arithmetic and scatters. With
+    ``aliased`` (one table for both sides, ``item_acc`` its accumulator) both sides' occurrences go
+    into one row update: two updates in a row would let the second one's write of the rows'
+    projected values undo the first one's step on rows that occur on both sides.
     """
     g = _triplet_gradients(
         user_table,
@@ -514,7 +556,12 @@ def _fused_update(
         n_items=n_items,
         weight_decay=weight_decay,
         project=project,
+        aliased=aliased,
     )
+    if aliased:
+        rows, grads, values = g.merged()
+        _row_update_(item_table, item_acc, rows, grads, lr, values)
+        return g.loss
     _row_update_(user_table, user_acc, g.user_rows, g.user_grads, lr, g.user_values)
     _row_update_(item_table, item_acc, g.item_rows, g.item_grads, lr, g.item_values)
     return g.loss
@@ -541,15 +588,21 @@ class FusedTripletStep:
 
     With ``compiled=True`` (sgd and adagrad) the whole step, gathers and scatters included, runs
     through ``torch.compile``: one fused loop instead of some fifty tensor passes.
+
+    In item-item mode the item table is both tables (``users`` are anchor item numbers); the
+    optimiser then holds the one table ``item``, and each step updates it once from the
+    occurrences of both sides (:meth:`FusedGradients.merged`).
     """
 
     def __init__(self, model: TwoTowerModel, config: TrainConfig, n_items: int, *, compiled: bool = False):
-        if model.user_embedding is None:
+        self.aliased = model.item_item
+        if model.user_embedding is None and not self.aliased:
             raise ConfigError("the fused step needs free user embeddings (model.user_tower: embedding)")
-        self.users = model.user_embedding.weight.data
         self.items = model.item_embedding.weight.data
+        self.users = self.items if model.user_embedding is None else model.user_embedding.weight.data
         self.config = config
-        self.rows = SparseRowOptimizer({"user": self.users, "item": self.items}, config.optimizer)
+        tables = {"item": self.items} if self.aliased else {"user": self.users, "item": self.items}
+        self.rows = SparseRowOptimizer(tables, config.optimizer)
         self.options: dict[str, Any] = {
             "metric": model.distance.name,
             "margin": float(config.margin),
@@ -557,6 +610,7 @@ class FusedTripletStep:
             "n_items": int(n_items),
             "weight_decay": float(config.weight_decay),
             "project": model.distance.name == "euclidean",
+            "aliased": self.aliased,
         }
         self.compiled = compiled and config.optimizer != "adam"
         self._update = torch.compile(_fused_update, dynamic=True) if self.compiled else _fused_update
@@ -568,8 +622,8 @@ class FusedTripletStep:
         """Loss and row gradients of one batch (eager); nothing is updated.
 
         Args:
-            users: int64 ``[B]``.
-            pos: int64 ``[B]`` liked items.
+            users: int64 ``[B]`` (anchor items in item-item mode).
+            pos: int64 ``[B]`` liked (co-liked) items.
             negs: int64 ``[B, k]`` negatives (any value where ``valid`` is False).
             valid: bool ``[B, k]`` or None (all valid); invalid slots are never violating.
         """
@@ -578,6 +632,10 @@ class FusedTripletStep:
     def __call__(self, users: Tensor, pos: Tensor, negs: Tensor, valid: Tensor | None, lr: float) -> Tensor:
         if self.config.optimizer == "adam":
             g = self.gradients(users, pos, negs, valid)
+            if self.aliased:
+                rows, grads, values = g.merged()
+                self.rows.step("item", rows, grads, lr, values)
+                return g.loss
             self.rows.step("user", g.user_rows, g.user_grads, lr, g.user_values)
             self.rows.step("item", g.item_rows, g.item_grads, lr, g.item_values)
             return g.loss
@@ -597,7 +655,7 @@ class FusedTripletStep:
         return self._update(
             self.users,
             self.items,
-            self.rows.accumulator("user"),
+            None if self.aliased else self.rows.accumulator("user"),
             self.rows.accumulator("item"),
             users,
             pos,
@@ -652,7 +710,7 @@ class _AutogradStep:
         cfg = self.config
         model = self.model
         batch = users.shape[0]
-        u = model.user_embeddings(users)
+        u = model.query_embeddings(users)
         if negs is None:
             assert self.log_q is not None
             p = model.item_embeddings(pos)
@@ -769,10 +827,15 @@ class _NegativeSource:
             assert data.dislikes is not None
             self.dislike_lengths = data.dislikes.row_lengths()
 
+    def pairs(self, order: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(users, queries, positives)`` of the pairs ``order``: the user whose history the
+        negatives avoid, the query row of the step, the positive item. Here queries are the users."""
+        users = self.data.user_num[order]
+        return users, users, self.data.item_num[order]
+
     def chunk(self, order: np.ndarray, rng: np.random.Generator) -> _Chunk:
         data = self.data
-        users = data.user_num[order]
-        items = data.item_num[order]
+        users, queries, items = self.pairs(order, rng)
         negs_t = valid_t = None
         if self.needs_negatives:
             negs = sample_negatives(users, data.seen, self.k, rng, item_probs=data.item_probs)
@@ -781,17 +844,17 @@ class _NegativeSource:
             ok = negs >= 0
             if not ok.all():
                 keep = ok.any(1)
-                users, items, negs, ok = users[keep], items[keep], negs[keep], ok[keep]
+                queries, items, negs, ok = queries[keep], items[keep], negs[keep], ok[keep]
                 if not ok.all():
                     valid_t = torch.from_numpy(ok).to(self.device)
                     negs = np.where(ok, negs, 0)
             negs_t = torch.from_numpy(negs.astype(np.int64)).to(self.device)
         return _Chunk(
-            users=torch.from_numpy(users.astype(np.int64)).to(self.device),
+            users=torch.from_numpy(queries.astype(np.int64)).to(self.device),
             items=torch.from_numpy(items.astype(np.int64)).to(self.device),
             negs=negs_t,
             valid=valid_t,
-            n_pairs=int(users.shape[0]),
+            n_pairs=int(queries.shape[0]),
         )
 
     def _mix_explicit(self, users: np.ndarray, negs: np.ndarray, rng: np.random.Generator) -> None:
@@ -808,6 +871,57 @@ class _NegativeSource:
         offsets = (rng.random(rows.size) * n_disliked[rows]).astype(np.int64)
         np.minimum(offsets, n_disliked[rows] - 1, out=offsets)
         negs[explicit] = dislikes.indices[dislikes.indptr[users[rows]] + offsets]
+
+
+class CoLikedSource(_NegativeSource):
+    """Item-item mode: the pair ``(user, item)`` becomes ``(anchor item, co-liked item)``.
+
+    The co-liked item is drawn uniformly among the user's other liked items, afresh in every
+    chunk, vectorised through the liked CSR: an offset ``r`` uniform in ``[0, L - 1)`` of the
+    user's ``L`` distinct liked items, and where ``r`` lands on the anchor, the segment's last item
+    instead (each other item then has probability ``1 / (L - 1)``). Negatives are drawn for the
+    user, as in two-tower mode. ``data`` must hold only users with at least two distinct liked
+    items (:func:`co_liked_data`).
+    """
+
+    def __init__(
+        self, data: TrainData, k: int, explicit_share: float, device: torch.device, needs_negatives: bool
+    ):
+        super().__init__(data, k, explicit_share, device, needs_negatives)
+        self.liked = InteractionMatrix.from_pairs(data.user_num, data.item_num, data.n_users, data.n_items)
+
+    def pairs(self, order: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        users = self.data.user_num[order]
+        anchors = self.data.item_num[order]
+        indptr = self.liked.indptr
+        start = indptr[users].astype(np.int64)
+        length = indptr[users + 1].astype(np.int64) - start
+        offset = (rng.random(users.shape[0]) * (length - 1)).astype(np.int64)
+        np.minimum(offset, length - 2, out=offset)
+        positives = self.liked.indices[start + offset]
+        last = self.liked.indices[start + length - 1]
+        positives = np.where(positives == anchors, last, positives)
+        return users, anchors, positives
+
+
+def co_liked_data(data: TrainData) -> TrainData:
+    """``data`` restricted to the liked pairs of users with at least two distinct liked items: the
+    pairs that have a co-liked item (item-item mode); the other pairs contribute nothing.
+
+    Raises:
+        DataError: no user liked two distinct items.
+    """
+    liked = InteractionMatrix.from_pairs(data.user_num, data.item_num, data.n_users, data.n_items)
+    keep = liked.row_lengths()[data.user_num] >= 2
+    if not keep.any():
+        raise DataError(
+            f"item-item training: none of the {data.n_pairs} liked pairs belongs to a user with two or "
+            "more liked items, so there is no co-liked pair to learn from; use model.mode: two_tower, "
+            "or a log where users like several items"
+        )
+    if keep.all():
+        return data
+    return replace(data, user_num=data.user_num[keep], item_num=data.item_num[keep])
 
 
 def _chunks(
@@ -867,6 +981,10 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` in place on the liked pairs of ``data``.
 
+    In item-item mode (``model.item_item``) the pairs become ``(item, co-liked item)`` pairs
+    (:class:`CoLikedSource`; pairs of users with a single liked item are dropped) and ``validate``
+    scores items for users however it likes (e.g. from the fold-in of their liked items).
+
     Args:
         model: the model; moved to the configured device.
         data: liked pairs, seen matrix, optional dislikes and sampling weights.
@@ -889,7 +1007,8 @@ def fit(
     Raises:
         ConfigError: the device is unusable, ``validate`` lacks the metric, or the checkpoint
             does not fit the model.
-        DataError: the pairs do not fit the model's vocabulary sizes.
+        DataError: the pairs do not fit the model's vocabulary sizes, or (item-item mode) no user
+            liked two distinct items.
     """
     if (data.n_users, data.n_items) != (model.n_users, model.n_items):
         raise DataError(
@@ -898,6 +1017,8 @@ def fit(
         )
     if not 0.0 <= explicit_share <= 1.0:
         raise ConfigError(f"explicit_share must lie in [0, 1], got {explicit_share}")
+    if model.item_item:
+        data = co_liked_data(data)
     device = resolve_device(config.device)
     n_epochs = config.epochs if epochs is None else int(epochs)
     if n_epochs < 1:
@@ -951,7 +1072,8 @@ def _fit(
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
     else:
         step = _AutogradStep(model, config, data, device)
-    source = _NegativeSource(data, k, explicit_share, device, needs_negatives)
+    source_type = CoLikedSource if model.item_item else _NegativeSource
+    source = source_type(data, k, explicit_share, device, needs_negatives)
     batch_size = config.batch_size
     chunk_pairs = max(1, _CHUNK_TRIPLETS // (batch_size * k)) * batch_size
 

@@ -21,6 +21,12 @@ what export writes, and :meth:`~TwoTowerModel.score` is ``distance.score`` of th
 For euclidean distance the id embedding tables are kept in the unit ball (CML); the trainer
 projects them after each step.
 
+Item-item mode (``ModelConfig.mode: item_item``, the Siamese model): there is no user tower. The
+item tower embeds both sides of a pair, so queries are items (:meth:`TwoTowerModel.query_embeddings`,
+:meth:`~TwoTowerModel.score` go item to item) and :meth:`~TwoTowerModel.user_embeddings` raises; a
+user is represented by the fold-in of their liked items (:meth:`~TwoTowerModel.fold_in`,
+:meth:`~TwoTowerModel.fold_in_rows`).
+
 Persistence: ``state_dict()`` holds tensors only (loadable with ``torch.load(weights_only=True)``);
 :meth:`~TwoTowerModel.hparams` is the JSON-able rest, and :meth:`~TwoTowerModel.from_hparams` rebuilds
 the model from the two. Item feature tensors and the users' histories are buffers, so nothing else
@@ -180,6 +186,7 @@ class TwoTowerModel(nn.Module):
             raise ConfigError(f"item_features has {item_features.n_items} rows, expected {n_items} items")
 
         self.config = config
+        self.item_item = config.mode == "item_item"
         self.n_users = int(n_users)
         self.n_items = int(n_items)
         self.distance = get_distance(config.distance)
@@ -188,7 +195,7 @@ class TwoTowerModel(nn.Module):
         std = config.init_scale / math.sqrt(dim)
 
         self.user_embedding: nn.Embedding | None = None
-        if config.user_tower in ("embedding", "hybrid"):
+        if config.user_tower in ("embedding", "hybrid") and not self.item_item:
             self.user_embedding = nn.Embedding(n_users, dim, sparse=True)
             _normal_(self.user_embedding.weight, std, generator)
         self.item_embedding = nn.Embedding(n_items, dim, sparse=True)
@@ -269,7 +276,16 @@ class TwoTowerModel(nn.Module):
         return self.distance.normalize(x)
 
     def user_embeddings(self, user_nums: Tensor | np.ndarray | None = None) -> Tensor:
-        """Final user vectors ``[B, D]`` float32 (all ``n_users`` rows when ``user_nums`` is None)."""
+        """Final user vectors ``[B, D]`` float32 (all ``n_users`` rows when ``user_nums`` is None).
+
+        Raises:
+            ConfigError: the model is an item-item model (it has no user tower).
+        """
+        if self.item_item:
+            raise ConfigError(
+                "an item-item model (model.mode: item_item) has no user tower: represent a user by "
+                "fold_in(liked item numbers) or fold_in_rows(liked matrix)"
+            )
         if user_nums is None:
             if self.pool is None:
                 assert self.user_embedding is not None
@@ -282,9 +298,18 @@ class TwoTowerModel(nn.Module):
         """Final item vectors ``[N, D]`` float32 (all ``n_items`` rows when ``item_nums`` is None)."""
         return self._finish(self._item_raw(None if item_nums is None else self._as_index(item_nums)))
 
-    def score(self, user_nums: Tensor | np.ndarray, item_nums: Tensor | np.ndarray | None = None) -> Tensor:
-        """``[B, N]`` ranking scores, higher is better (``distance.score`` of the final vectors)."""
-        return self.distance.score(self.user_embeddings(user_nums), self.item_embeddings(item_nums))
+    def query_embeddings(self, query_nums: Tensor | np.ndarray) -> Tensor:
+        """Final ``[B, D]`` vectors of the query side of a pair: users, or items in item-item mode."""
+        if self.item_item:
+            return self.item_embeddings(query_nums)
+        return self.user_embeddings(query_nums)
+
+    def score(self, query_nums: Tensor | np.ndarray, item_nums: Tensor | np.ndarray | None = None) -> Tensor:
+        """``[B, N]`` ranking scores, higher is better (``distance.score`` of the final vectors).
+
+        ``query_nums`` are user numbers, or item numbers in item-item mode (item-to-item scores).
+        """
+        return self.distance.score(self.query_embeddings(query_nums), self.item_embeddings(item_nums))
 
     def fold_in(self, item_nums: Tensor | np.ndarray) -> Tensor:
         """Final ``[D]`` vector of a user who is not in the model, from the items they liked.
@@ -314,6 +339,30 @@ class TwoTowerModel(nn.Module):
         if self.distance.name == "euclidean":
             return mean
         return F.normalize(mean, dim=0, eps=1e-12)
+
+    def fold_in_rows(self, history: InteractionMatrix) -> Tensor:
+        """:meth:`fold_in` of every row of ``history`` at once: ``[history.n_users, D]`` float32.
+
+        A row without items gets the zero vector (no preference: every item scores alike for dot
+        and cosine, by its norm for euclidean).
+
+        Args:
+            history: liked items per user ``[n_rows, n_items]``.
+
+        Raises:
+            ConfigError: the model has a pooled user tower (use :meth:`user_embeddings`), or
+                ``history`` has another number of items.
+        """
+        if self.pool is not None:
+            raise ConfigError("fold_in_rows is for free-embedding and item-item models; pooled towers pool")
+        if history.n_items != self.n_items:
+            raise ConfigError(f"history has {history.n_items} items, the model {self.n_items}")
+        items = torch.from_numpy(history.indices.astype(np.int64)).to(self.device)
+        offsets = torch.from_numpy(history.indptr[:-1].astype(np.int64)).to(self.device)
+        mean = F.embedding_bag(items, self.item_embeddings(), offsets, mode="mean")
+        if self.distance.name == "euclidean":
+            return mean
+        return F.normalize(mean, dim=1, eps=1e-12)
 
     def feature_state(self) -> dict[str, Any] | None:
         """State of the item features (pass to ``ItemFeatureTensors.from_frame(state=...)``), or None."""
@@ -373,7 +422,8 @@ class TwoTowerModel(nn.Module):
         return model
 
     def sparse_tables(self) -> dict[str, nn.Parameter]:
-        """The id embedding tables by name (``user``, ``item``): updated row by row in training."""
+        """The id embedding tables by name (``user``, ``item``; ``item`` only in item-item mode):
+        updated row by row in training."""
         out = {"item": self.item_embedding.weight}
         if self.user_embedding is not None:
             out = {"user": self.user_embedding.weight, **out}
