@@ -177,6 +177,53 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_HELP = (
+    "schedules need a running Prefect API server (the temporary one a flow starts never fires them):\n"
+    "  1. in another terminal:  prefect server start\n"
+    "  2. here:                 export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
+    "  3. then again:           recsys-metric serve"
+)
+
+
+def prefect_api_problem(timeout: float = 3.0) -> str | None:
+    """Why the configured Prefect API cannot serve schedules, or None when it answers its health check."""
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return "PREFECT_API_URL is not set"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return None
+            return f"PREFECT_API_URL={url} answered its health check with HTTP {response.status}"
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        return f"PREFECT_API_URL={url} is not reachable ({getattr(err, 'reason', err)})"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    problem = prefect_api_problem()
+    if problem is not None:
+        print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    # Imported only here: the other commands never load Prefect's flow machinery.
+    from flows.deployments import serve_all
+
+    items = _items_path(args)
+    serve_all(
+        interactions=args.interactions,
+        artifacts=args.artifacts,
+        config_path=args.config,
+        items=str(items) if items is not None else None,
+        out=args.out,
+        k=args.k,
+    )
+    return 0
+
+
 def _print_frame(frame) -> None:
     import polars as pl
 
@@ -379,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar (default: when stderr is a terminal)",
     )
     p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the scheduled Prefect deployments: nightly retrain 02:00 UTC, batch table 04:00 UTC",
+        description="Register both flows' deployments with the Prefect server named by PREFECT_API_URL and run "
+        "them on schedule in this process until interrupted. Needs `prefect server start` running.",
+    )
+    p.add_argument(
+        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
+    )
+    p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.add_argument("--config", help="YAML or TOML config file for the nightly run")
+    p.add_argument("--out", help="parent of the batch tables (default: ARTIFACTS/recommendations)")
+    p.add_argument("-k", type=int, default=100, help="items per user in the batch table (default: 100)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
