@@ -18,6 +18,7 @@ SECTIONS = [
     ("quality", "Quality against popularity, BPR, ALS and EASE"),
     ("index", "Annoy against exact search"),
     ("batch", "Batch recommendation tables against the matmul rate"),
+    ("orchestration", "Orchestration overhead: the nightly flow against the same library calls"),
 ]
 
 

@@ -239,12 +239,42 @@ def main(argv: list[str] | None = None) -> int:
             f"{o['steady_triplets_per_s'] / 1e6:.2f}M after epoch 1), best recall@20 {o['best_recall@20']:.4f}, "
             f"seconds to BPR's best: {o['seconds_to_bpr_best']} (BPR: {time_to_reach(bpr['path'], target)})"
         )
+    result["markdown"] = to_markdown(result)
     if not args.no_save:
         path = save_result(
             "train_speed", result, "python -m bench.train_speed " + " ".join(argv or sys.argv[1:])
         )
         print(f"wrote {path}")
     return 0
+
+
+def _secs(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.1f} s"
+
+
+def to_markdown(r: dict) -> str:
+    """The BENCHMARKS.md table of one run (also used to re-render a saved result)."""
+    bpr, d = r["bpr"], r["data"]
+    goal = 1.0
+    lines = [
+        f"{d['train_pairs']:,} liked pairs ({d['users']:,} users x {d['items']:,} items, synthetic), D = "
+        f"{r['model_config']['dim']}, {r['train_config']['negatives']} negative(s); implicit BPR with "
+        f"{r['threads']['bpr']} threads, ours with {r['threads']['ours']} torch thread(s).",
+        "",
+        "| trainer | samples or triplets / s | ratio to BPR | best Recall@20 | seconds to BPR's best |",
+        "|---|---:|---:|---:|---:|",
+        f"| implicit BPR | {bpr['samples_per_s'] / 1e6:.2f} M | 1.00 | {bpr['best_recall@20']:.4f} | "
+        f"{_secs(time_to_reach(bpr['path'], r['bpr_best_recall@20']))} |",
+    ]
+    for variant, o in r["ours"].items():
+        ratio = o["triplets_per_s"] / bpr["samples_per_s"]
+        met = "met" if ratio >= goal else "NOT met"
+        lines.append(
+            f"| ours, fused step (compile={variant}) | {o['triplets_per_s'] / 1e6:.2f} M "
+            f"({o['steady_triplets_per_s'] / 1e6:.2f} M after epoch 1) | {ratio:.2f} ({met}: goal {goal:.1f}) | "
+            f"{o['best_recall@20']:.4f} | {_secs(o.get('seconds_to_bpr_best'))} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
