@@ -79,6 +79,7 @@ def _cmd_inspect_data(args: argparse.Namespace) -> int:
     if args.out:
         prepared = prepare_dataset(args.path, args.out, config)
         report = prepared.report()
+        report["validation"]["rejects_path"] = str(prepared.paths.rejects)
     else:
         with tempfile.TemporaryDirectory(prefix="recsys-metric-inspect-") as tmp:
             report = prepare_dataset(args.path, tmp, config).report()

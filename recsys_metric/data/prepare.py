@@ -127,7 +127,8 @@ class PreparedData:
         """Counts of every stage, JSON-serialisable (written to ``data_report.json``)."""
         label_counts = _label_counts(self.interactions["label"])
         out: dict[str, Any] = {
-            "validation": self.validation.to_dict(),
+            # Relative to the prepared directory: run directories are renamed when finalized.
+            "validation": {**self.validation.to_dict(), "rejects_path": self.paths.rejects.name},
             "n_users": len(self.users),
             "n_items": len(self.items),
             "n_interactions": self.interactions.height,
