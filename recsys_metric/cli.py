@@ -300,6 +300,23 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pipeline_arguments(p: argparse.ArgumentParser, *, progress: bool) -> None:
+    """The options every command that runs the pipeline shares (run, serve)."""
+    p.add_argument(
+        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
+    )
+    p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.add_argument("--config", help="YAML or TOML config file")
+    if progress:
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="progress bars (default: when stderr is a terminal)",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recsys-metric",
@@ -373,19 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a new run on the log, compare it with the published model on the same holdout, and "
         "switch ARTIFACTS/current to it only when it passes the quality gate (or with --force).",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
-    p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
-    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
-    p.add_argument("--config", help="YAML or TOML config file")
+    _add_pipeline_arguments(p, progress=True)
     p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bars (default: when stderr is a terminal)",
-    )
     p.set_defaults(func=_cmd_run)
 
     for name, func, helptext in (
@@ -434,12 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Register both flows' deployments with the Prefect server named by PREFECT_API_URL and run "
         "them on schedule in this process until interrupted. Needs `prefect server start` running.",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
-    p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
-    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
-    p.add_argument("--config", help="YAML or TOML config file for the nightly run")
+    _add_pipeline_arguments(p, progress=False)
     p.add_argument("--out", help="parent of the batch tables (default: ARTIFACTS/recommendations)")
     p.add_argument("-k", type=int, default=100, help="items per user in the batch table (default: 100)")
     p.set_defaults(func=_cmd_serve)
