@@ -93,20 +93,41 @@ def training_items_mask(train_seen: InteractionMatrix) -> np.ndarray:
     return mask
 
 
-def popularity_score_fn(train_seen: InteractionMatrix) -> ScoreFn:
+class ItemScores:
+    """A scorer that gives every user the same item scores (popularity and other global rankings).
+
+    Calling it is a :data:`ScoreFn` (``[B]`` users -> ``[B, n_items]``, an expanded view, no copy).
+    Evaluation recognises it and ranks the catalog once instead of once per user: each user's top
+    K are the first items of one global order that are neither excluded for the user nor outside
+    the candidates, which costs ``B x (K + seen)`` per batch instead of ``B x n_items``.
+
+    Args:
+        scores: float ``[n_items]``, higher is better, no NaN.
+    """
+
+    def __init__(self, scores: torch.Tensor | np.ndarray):
+        scores = torch.as_tensor(scores)
+        if scores.ndim != 1:
+            raise ValueError(f"item scores must be 1-D [n_items], got shape {tuple(scores.shape)}")
+        if not scores.is_floating_point():
+            scores = scores.to(torch.float32)
+        n_nan = int(torch.isnan(scores).sum())
+        if n_nan:
+            raise ValueError(f"item scores hold {n_nan} NaN values of {scores.shape[0]}")
+        self.scores = scores
+
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        return self.scores.unsqueeze(0).expand(len(users), -1)
+
+
+def popularity_score_fn(train_seen: InteractionMatrix) -> ItemScores:
     """Popularity baseline: every user gets the same scores, the item's number of training users.
 
     ``train_seen`` is binary, so the count is distinct users per item. Equal counts fall back to
     the evaluation tie rule (lower item number first).
     """
-    counts = torch.from_numpy(
-        np.bincount(train_seen.indices, minlength=train_seen.n_items).astype(np.float32)
-    )
-
-    def score(users: np.ndarray) -> torch.Tensor:
-        return counts.unsqueeze(0).expand(len(users), -1)
-
-    return score
+    counts = np.bincount(train_seen.indices, minlength=train_seen.n_items).astype(np.float32)
+    return ItemScores(torch.from_numpy(counts))
 
 
 @dataclass(frozen=True)
@@ -177,9 +198,10 @@ def _segments(matrix: InteractionMatrix, users: np.ndarray) -> tuple[np.ndarray,
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` items per row with deterministic ties (equal scores: lower item number first).
 
-    ``torch.topk`` gives the k-th largest value exactly but may pick any of several equal items.
-    Everything strictly above that value is taken, then the lowest-numbered items equal to it
-    fill the remaining slots; a stable sort orders the chosen k.
+    ``torch.topk`` may pick any of several items that tie at the k-th value. One ``topk`` of
+    ``k + 1`` settles every row whose k-th and (k+1)-th values differ: its k items are then the
+    only possible choice, and only their order needs the tie rule. The few rows with a tie across
+    that boundary go through :func:`_top_k_ties`.
 
     Args:
         scores: float ``[B, N]``, no NaN; ``k <= N``.
@@ -187,6 +209,29 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(items, values)``: int64 ``[B, k]`` item numbers and their scores, best first.
     """
+    n_items = scores.shape[1]
+    if k >= n_items:
+        return _top_k_ties(scores, k)
+    values, items = torch.topk(scores, k + 1, dim=1, sorted=True)
+    tied = values[:, k - 1] == values[:, k]
+    items, values = _order_ties(items[:, :k], values[:, :k])
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        items[rows], values[rows] = _top_k_ties(scores[rows], k)
+    return items, values
+
+
+def _order_ties(items: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order ``[B, k]`` chosen items best first, equal values by item number (lowest first)."""
+    items, by_item = torch.sort(items, dim=1)
+    values = values.gather(1, by_item)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return items.gather(1, order), values.gather(1, order)
+
+
+def _top_k_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k` for rows with ties at the k-th value: everything strictly above that value,
+    then the lowest-numbered items equal to it (several passes over ``[B, N]``)."""
     n_rows = scores.shape[0]
     threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]
     above = scores > threshold
@@ -194,35 +239,95 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     need = k - above.sum(dim=1, keepdim=True, dtype=torch.int32)
     take = above | (ties & (torch.cumsum(ties, dim=1, dtype=torch.int32) <= need))
     items = take.nonzero()[:, 1].view(n_rows, k)
-    values = scores.gather(1, items)
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
-    return items.gather(1, order), values.gather(1, order)
+    return _order_ties(items, scores.gather(1, items))
 
 
-def _batch_scores(
-    score_fn: ScoreFn, users: np.ndarray, n_items: int, device: torch.device | None
-) -> torch.Tensor:
+def _model_top_k(
+    score_fn: ScoreFn, prep: _Prepared, users: np.ndarray, k: int, device: torch.device | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score a batch of users, mask what they may not be shown, and take the top ``k``."""
+    n_items = prep.relevant.n_items
     with torch.no_grad():
         raw = score_fn(users)
-    # Scores are written in place below; a copy keeps the caller's tensor (possibly an expanded
-    # view, as in the popularity baseline) intact.
-    if isinstance(raw, np.ndarray):
-        scores = torch.tensor(raw)
-        if device is not None:
-            scores = scores.to(device)
-    else:
-        scores = raw.detach().to(device=device if device is not None else raw.device, copy=True)
+    # The caller's tensor (possibly a cached table or an expanded view) must stay intact: the
+    # first write below goes to a copy unless the tensor was made here.
+    owned = isinstance(raw, np.ndarray)
+    scores = torch.tensor(raw) if owned else raw.detach()
+    if device is not None:
+        moved = scores.to(device)
+        owned = owned or moved is not scores
+        scores = moved
     if not scores.is_floating_point():
-        scores = scores.to(torch.float32)
+        scores, owned = scores.to(torch.float32), True
     if scores.shape != (users.shape[0], n_items):
         raise ValueError(
             f"score_fn returned shape {tuple(scores.shape)}, expected [{users.shape[0]}, {n_items}]"
         )
-    if torch.isnan(scores).any():
+    # NaN propagates through a max: one reduction, no [B, N] temporary, finds any.
+    if torch.isnan(scores.amax()):
         raise ValueError(
             f"score_fn returned {int(torch.isnan(scores).sum())} NaN scores for {users.shape[0]} users"
         )
-    return scores
+    dev = scores.device
+    cut = None
+    if prep.candidate_mask is not None and not prep.candidate_mask.all():
+        cut = torch.from_numpy(~prep.candidate_mask).to(dev)
+    if cut is not None:
+        # Out of place, the copy and the mask are one pass.
+        if owned:
+            scores.masked_fill_(cut, float("-inf"))
+        else:
+            scores = torch.where(cut, float("-inf"), scores)
+    elif prep.exclude_seen and not owned:
+        scores = scores.clone()
+    if prep.exclude_seen:
+        rows, cols = _segments(prep.train_seen, users)
+        scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = float("-inf")
+    return top_k(scores, k)
+
+
+class _GlobalRanking:
+    """Top k of an :class:`ItemScores` scorer for any users, from one sort of the catalog.
+
+    A user's top k are the first items of the global order (score descending, equal scores by item
+    number: the :func:`top_k` rule) that are not among their training items; so only the first
+    ``k + (largest number of training items in the batch)`` items of that order need checking.
+    Items outside the candidate mask score -inf, as in :func:`_model_top_k`.
+    """
+
+    def __init__(self, scorer: ItemScores, prep: _Prepared, device: torch.device | None):
+        n_items = prep.relevant.n_items
+        scores = scorer.scores
+        if scores.shape != (n_items,):
+            raise ValueError(f"item scores have shape {tuple(scores.shape)}, expected [{n_items}]")
+        scores = scores.to(device) if device is not None else scores
+        if prep.candidate_mask is not None:
+            scores = scores.masked_fill(
+                torch.from_numpy(~prep.candidate_mask).to(scores.device), float("-inf")
+            )
+        self.device = scores.device
+        order = torch.sort(scores, descending=True, stable=True)
+        self.items = order.indices.cpu().numpy()
+        self.values = order.values
+        self.prep = prep
+
+    def __call__(self, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prep = self.prep
+        n_seen = prep.train_seen.row_lengths()[users] if prep.exclude_seen else np.zeros(1, np.int64)
+        m = min(self.items.shape[0], k + int(n_seen.max()))
+        head = self.items[:m]
+        position = np.broadcast_to(np.arange(m, dtype=np.int64), (users.shape[0], m))
+        if prep.exclude_seen:
+            seen = prep.train_seen.contains(users, np.broadcast_to(head, (users.shape[0], m)))
+            # Seen items move behind every other one (keys stay distinct), so a row's first k
+            # keys are its first k unseen items in global order, padded with seen ones.
+            position = np.where(seen, position + m, position)
+        chosen = np.sort(position, axis=1)[:, :k]
+        padded = torch.from_numpy(chosen >= m).to(self.device)
+        chosen %= m
+        items = torch.from_numpy(head[chosen]).to(self.device)
+        values = self.values[torch.from_numpy(chosen).to(self.device)].masked_fill(padded, float("-inf"))
+        return items, values
 
 
 def _evaluate_prepared(
@@ -240,21 +345,16 @@ def _evaluate_prepared(
     device = torch.device(device) if device is not None else None
     k_max = min(ks[-1], n_items)
     n_candidates = int(prep.candidate_mask.sum()) if prep.candidate_mask is not None else n_items
-    candidate_cut: torch.Tensor | None = None
+    global_ranking = _GlobalRanking(score_fn, prep, device) if isinstance(score_fn, ItemScores) else None
     sums = {f"{name}@{k}": 0.0 for name in METRICS[:-1] for k in ks}
     best_rank: torch.Tensor | None = None
     for start in range(0, n_users, batch_size):
         users = prep.users[start : start + batch_size]
-        scores = _batch_scores(score_fn, users, n_items, device)
-        dev = scores.device
-        if prep.candidate_mask is not None:
-            if candidate_cut is None or candidate_cut.device != dev:
-                candidate_cut = torch.from_numpy(~prep.candidate_mask).to(dev)
-            scores.masked_fill_(candidate_cut, float("-inf"))
-        if prep.exclude_seen:
-            rows, cols = _segments(prep.train_seen, users)
-            scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = float("-inf")
-        items, values = top_k(scores, k_max)
+        if global_ranking is not None:
+            items, values = global_ranking(users, k_max)
+        else:
+            items, values = _model_top_k(score_fn, prep, users, k_max, device)
+        dev = items.device
         finite = torch.isfinite(values)
         hit_np = prep.relevant.contains(users, items.cpu().numpy())
         hits = torch.from_numpy(hit_np).to(dev, torch.float64) * finite

@@ -13,6 +13,7 @@ from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.errors import DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
+    ItemScores,
     evaluate_scores,
     evaluate_with_baselines,
     interaction_matrices,
@@ -75,6 +76,75 @@ def test_top_k_breaks_ties_by_item_number():
     assert items.tolist() == [[1, 2, 3], [4, 0, 1]]
     assert values[0].tolist() == [2.0, 2.0, 2.0]
     assert values[1, 0] == 5.0 and torch.isinf(values[1, 1:]).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_rows=st.integers(1, 6),
+    n_items=st.integers(1, 30),
+    levels=st.integers(1, 4),
+    k=st.integers(1, 30),
+)
+def test_top_k_matches_a_sort_by_score_then_item(seed, n_rows, n_items, levels, k):
+    # Few score levels and some -inf: ties across the k-th place are the common case here.
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (n_rows, n_items)).astype(np.float32)
+    scores[rng.random((n_rows, n_items)) < 0.2] = -np.inf
+    k = min(k, n_items)
+    items, values = top_k(torch.from_numpy(scores), k)
+    for row in range(n_rows):
+        expected = sorted(range(n_items), key=lambda i: (-scores[row, i], i))[:k]
+        assert items[row].tolist() == expected
+        assert values[row].tolist() == scores[row, expected].tolist()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_users=st.integers(1, 12),
+    n_items=st.integers(1, 15),
+    levels=st.integers(1, 4),
+    exclude_seen=st.booleans(),
+    masked=st.booleans(),
+    batch_size=st.integers(1, 8),
+)
+def test_item_scores_ranked_once_match_per_user_ranking(
+    seed, n_users, n_items, levels, exclude_seen, masked, batch_size
+):
+    # ItemScores (popularity) takes the global-order path; the same scores as a plain table take
+    # the per-user path. Every metric must agree, ties and candidate masks included.
+    rng = np.random.default_rng(seed)
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 4 * n_users), rng.integers(0, n_items, 4 * n_users), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 2 * n_users), rng.integers(0, n_items, 2 * n_users), n_users, n_items
+    )
+    item_scores = torch.from_numpy(rng.integers(0, levels, n_items).astype(np.float32))
+    mask = rng.random(n_items) < 0.8 if masked else None
+    kwargs = dict(ks=(1, 3, 10), exclude_seen=exclude_seen, candidate_mask=mask, batch_size=batch_size)
+    try:
+        expected = evaluate_scores(lambda u: item_scores.expand(len(u), -1).clone(), train, test, **kwargs)
+    except DataError:
+        with pytest.raises(DataError):
+            evaluate_scores(ItemScores(item_scores), train, test, **kwargs)
+        return
+    assert evaluate_scores(ItemScores(item_scores), train, test, **kwargs) == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_scores_of_the_caller_are_not_written():
+    table = SCORES.clone()
+    mask = np.array([True, True, True, True, True, False])
+    # A view of the caller's table (the rows do not matter here, only that nothing writes into it).
+    evaluate_scores(lambda u: table[: len(u)], TRAIN, TEST, ks=(2,))
+    evaluate_scores(lambda u: table[: len(u)], TRAIN, TEST, ks=(2,), candidate_mask=mask)
+    evaluate_scores(lambda u: table[: len(u)], TRAIN, TEST, ks=(2,), device="cpu")
+    assert torch.equal(table, SCORES)
+    with pytest.raises(ValueError, match="1 NaN values"):
+        ItemScores(torch.tensor([1.0, float("nan")]))
 
 
 def test_seen_items_never_count_as_hits_when_excluded():
