@@ -65,9 +65,17 @@ def run_nightly(
     store = ArtifactStore(artifacts, config.publish)
     pending = store.new_run()
     run_id = store.run_id_of(pending)
-    run = train_run(interactions, pending, config, items=items, run_id=run_id, progress=progress)
-
     previous = store.current()
+    run = train_run(
+        interactions,
+        pending,
+        config,
+        items=items,
+        run_id=run_id,
+        progress=progress,
+        warm_start_from=store.run_dir(previous) if previous is not None else None,
+    )
+
     current_on_holdout = None
     if previous is not None:
         current_on_holdout = score_current_on_holdout(store.run_dir(previous), pending, config)

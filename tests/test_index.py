@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import recsys_metric.index as index_module
 from recsys_metric.config import IndexConfig
 from recsys_metric.errors import DataError
 from recsys_metric.export import write_embeddings
@@ -412,12 +413,17 @@ def test_build_index_measures_and_records(tmp_path):
         "recall_at_10",
         "n_trees",
         "search_k",
+        "search_k_configured",
+        "search_k_tuning",
+        "serve",
         "build_seconds",
         "size_bytes",
         "p50_ms",
         "p99_ms",
     }
     assert result["recall_at_10"] >= 0.9 and (result["n_trees"], result["search_k"]) == (10, 2000)
+    # The configured search_k met the floor: one measurement, no tuning, Annoy serves.
+    assert [t["search_k"] for t in result["search_k_tuning"]] == [2000] and result["serve"] == "annoy"
     assert result["size_bytes"] == (tmp_path / "items.ann").stat().st_size
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["build_seconds"] > 0
     meta = json.loads((tmp_path / "index.json").read_text())
@@ -431,15 +437,22 @@ def test_build_index_recall_floor(tmp_path, caplog):
     rng = np.random.default_rng(19)
     vectors = rng.standard_normal((2000, 32)).astype(np.float32)
     write_run(tmp_path, vectors)
-    config = IndexConfig(n_trees=1, search_k=10, recall_queries=100, recall_floor=0.99)
+    config = IndexConfig(
+        n_trees=1,
+        search_k=10,
+        recall_queries=100,
+        recall_floor=0.99,
+        tune_search_k=False,
+        latency_budget_ms=1e-6,
+    )
     with pytest.raises(IndexRecallError) as err:
         build_index(tmp_path, config)
     recall = json.loads((tmp_path / "index.json").read_text())["recall_at_10"]
     assert recall < 0.99 and err.value.recall == pytest.approx(recall, abs=1e-4)
     assert str(err.value) == (
         f"Annoy index in {tmp_path}: recall@10 against exact search is {err.value.recall:.4f} on 100 sampled "
-        "items, below index.recall_floor 0.99; raise index.n_trees (now 1) or index.search_k (now 10), or set "
-        "index.on_low_recall: warn"
+        "items at search_k 10, below index.recall_floor 0.99; raise index.n_trees (now 1), index.search_k "
+        "(now 10) or index.latency_budget_ms (now 1e-06), or set index.on_low_recall: warn"
     )
     with caplog.at_level(logging.WARNING, logger="recsys_metric.index"):
         result = build_index(tmp_path, config.model_copy(update={"on_low_recall": "warn"}))
@@ -451,3 +464,39 @@ def test_recall_at_k_ignores_padding():
     exact = np.array([[1, 2, -1], [-1, -1, -1], [4, 5, 6]])
     approx = np.array([[2, 9, 8], [0, 1, 2], [6, 4, 7]])
     assert recall_at_k(approx, exact) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_build_index_tunes_search_k_up_to_the_floor(tmp_path):
+    # Gaussian vectors in 32 dims are hard for one tree: search_k 10 misses, more nodes find them.
+    rng = np.random.default_rng(19)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    write_run(tmp_path, vectors)
+    config = IndexConfig(n_trees=1, search_k=10, recall_queries=100, recall_floor=0.99, latency_budget_ms=1e4)
+    result = build_index(tmp_path, config)
+    steps = [t["search_k"] for t in result["search_k_tuning"]]
+    assert steps[0] == 10 and steps == sorted(steps) and len(steps) > 1
+    assert all(b == min(4 * a, 2000) for a, b in zip(steps, steps[1:], strict=False))
+    assert result["search_k_tuning"][0]["recall_at_10"] < 0.99 <= result["recall_at_10"]
+    assert (result["search_k"], result["search_k_configured"], result["serve"]) == (steps[-1], 10, "annoy")
+    # The index answers with the tuned search_k from now on.
+    assert AnnoyIndex.load(tmp_path, vectors=vectors).search_k == steps[-1]
+    assert json.loads((tmp_path / "index.json").read_text())["search_k"] == steps[-1]
+
+
+def test_build_index_falls_back_to_exact_when_annoy_misses_within_the_budget(tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(19)
+    vectors = rng.standard_normal((2000, 32)).astype(np.float32)
+    write_run(tmp_path, vectors)
+    # Every Annoy query is over a 1 ns budget, so tuning stops at once; exact search "answers in" 0.5 ns.
+    monkeypatch.setattr(
+        index_module, "_exact_latency", lambda *a: {"exact_p50_ms": 0.0000005, "exact_p99_ms": 0.0000009}
+    )
+    config = IndexConfig(
+        n_trees=1, search_k=10, recall_queries=100, recall_floor=0.99, latency_budget_ms=1e-6
+    )
+    with caplog.at_level(logging.WARNING, logger="recsys_metric.index"):
+        result = build_index(tmp_path, config)
+    assert result["serve"] == "exact" and result["recall_at_10"] < 0.99 and result["search_k"] == 10
+    assert result["exact_p50_ms"] == 0.0000005
+    assert "so this run answers queries exactly (index.json serve: exact)" in caplog.text
+    assert json.loads((tmp_path / "index.json").read_text())["serve"] == "exact"

@@ -601,3 +601,23 @@ def test_exact_index_reference_agrees(trained):
     mine = rec.recommend(user, k=10, exclude_seen=False)
     assert list(mine["item_id"]) == rec.item_ids.gather(nums[0]).to_list()
     np.testing.assert_allclose(mine["score"], scores[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_marked_serve_exact_answers_exactly_by_default(tmp_path, monkeypatch):
+    import recsys_metric.index as index_module
+
+    items = np.zeros((8, 2), dtype=np.float32)
+    items[:, 0] = 0.125 * np.arange(8)
+    users = np.array([[0.0, 0.0], [0.875, 0.0], [0.4375, 0.0]], dtype=np.float32)
+    root = write_run(tmp_path / "run", USERS, ITEMS, users, items, [(0, 0, 1), (1, 7, 1)])
+    # Annoy "misses" the floor and exact search "fits" the budget: the build marks the run exact.
+    monkeypatch.setattr(
+        index_module, "_measure", lambda index, sample, exact: (0.5, np.full(sample.size, 1.0))
+    )
+    monkeypatch.setattr(index_module, "_exact_latency", lambda *a: {"exact_p50_ms": 0.0, "exact_p99_ms": 0.0})
+    build_index(root, IndexConfig(n_trees=1, recall_queries=8))
+    assert json.loads((root / "index.json").read_text())["serve"] == "exact"
+    rec = Recommender.load(root)
+    assert rec.is_exact and rec.index is None
+    assert ids(rec.similar_items("i3", k=2)) in (["i2", "i4"], ["i4", "i2"])
+    assert not Recommender.load(root, index="annoy").is_exact  # the Annoy file stays usable on request
