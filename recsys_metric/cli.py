@@ -13,10 +13,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
-from recsys_metric.config import load_config
+from recsys_metric.config import Config, load_config
 from recsys_metric.errors import RecsysMetricError
+
+if TYPE_CHECKING:
+    from recsys_metric.distributed import DistributedTraining
 
 DEFAULT_DATA = Path("data") / "interactions.parquet"
 DEFAULT_ITEMS = Path("data") / "items.parquet"
@@ -132,13 +136,27 @@ def _items_path(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.distributed:
+        from recsys_metric.distributed import run_distributed
+
+        return run_distributed(lambda group: _train(args, config, group), device=config.train.device)
+    return _train(args, config, None)
+
+
+def _train(args: argparse.Namespace, config: Config, distributed: DistributedTraining | None) -> int:
     from recsys_metric.pipeline import new_run_id, train_run
 
-    config = load_config(args.config)
     run_id = new_run_id()
     run_dir = Path(args.out) if args.out else Path(args.artifacts) / "runs" / run_id
     result = train_run(
-        args.interactions, run_dir, config, items=_items_path(args), run_id=run_id, progress=args.progress
+        args.interactions,
+        run_dir,
+        config,
+        items=_items_path(args),
+        run_id=run_id,
+        progress=args.progress,
+        distributed=distributed,
     )
     print(result.evaluation.to_table())
     es = result.metrics["early_stopping"]
@@ -153,10 +171,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from recsys_metric.nightly import run_nightly
 
+    config = load_config(args.config)
+    if args.warm_start:
+        config = config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True})})
     result = run_nightly(
         args.interactions,
         args.artifacts,
-        load_config(args.config),
+        config,
         items=_items_path(args),
         force=args.force,
         progress=args.progress,
@@ -167,6 +188,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"\nAnnoy index: recall@10 {index['recall_at_10']:.3f} against exact search, "
             f"p50 {index['p50_ms']:.2f} ms, p99 {index['p99_ms']:.2f} ms"
+            + ("; below the floor, so queries are answered exactly" if index.get("serve") == "exact" else "")
+        )
+    warm = result.run.metrics.get("warm_start") or {}
+    if warm.get("enabled"):
+        print(
+            f"{warm['reason']}; training took {result.run.metrics['seconds'].get('train_holdout', 0):.1f} s"
         )
     print(f"\nrun {result.run_id} -> {result.run_dir}")
     print(f"quality gate: {result.decision.reason}")
@@ -206,22 +233,27 @@ def prefect_api_problem(timeout: float = 3.0) -> str | None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    problem = prefect_api_problem()
-    if problem is not None:
-        print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
-        return EXIT_USER_ERROR
     # Imported only here: the other commands never load Prefect's flow machinery.
-    from flows.deployments import serve_all
+    from flows.deployments import deployments, serve_all
 
     items = _items_path(args)
-    serve_all(
+    # Built (and the crons checked) before the server is asked: a typo is reported either way.
+    runner_deployments = deployments(
         interactions=args.interactions,
         artifacts=args.artifacts,
         config_path=args.config,
         items=str(items) if items is not None else None,
         out=args.out,
         k=args.k,
+        retrain_cron=args.retrain_cron,
+        batch_cron=args.batch_cron,
+        name_suffix=args.name_suffix,
     )
+    problem = prefect_api_problem()
+    if problem is not None:
+        print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    serve_all(*runner_deployments)
     return 0
 
 
@@ -382,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bars (default: when stderr is a terminal)",
     )
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="train on every process of a torchrun group (gloo on CPU, nccl on CUDA); only rank 0 "
+        "reads the log and writes the run: torchrun --nproc_per_node 2 -m recsys_metric.distributed",
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -392,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_pipeline_arguments(p, progress=True)
     p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start training from the current run's models (train.warm_start; cold when it cannot serve)",
+    )
     p.set_defaults(func=_cmd_run)
 
     for name, func, helptext in (
@@ -436,13 +479,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve the scheduled Prefect deployments: nightly retrain 02:00 UTC, batch table 04:00 UTC",
+        help="serve the scheduled Prefect deployments: nightly retrain 02:00 UTC, batch table 04:00 UTC "
+        "(--retrain-cron/--batch-cron to change)",
         description="Register both flows' deployments with the Prefect server named by PREFECT_API_URL and run "
         "them on schedule in this process until interrupted. Needs `prefect server start` running.",
     )
     _add_pipeline_arguments(p, progress=False)
     p.add_argument("--out", help="parent of the batch tables (default: ARTIFACTS/recommendations)")
     p.add_argument("-k", type=int, default=100, help="items per user in the batch table (default: 100)")
+    p.add_argument(
+        "--retrain-cron",
+        default="0 2 * * *",
+        help="when the nightly retrain runs, cron in UTC (default: '0 2 * * *')",
+    )
+    p.add_argument(
+        "--batch-cron",
+        default="0 4 * * *",
+        help="when the batch table is written, cron in UTC (default: '0 4 * * *')",
+    )
+    p.add_argument(
+        "--name-suffix",
+        help="append -SUFFIX to both deployment names, e.g. a trial with --retrain-cron '* * * * *' "
+        "--name-suffix test next to the real deployments (docs/scheduling.md)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")

@@ -49,7 +49,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -59,7 +59,7 @@ from recsys_metric import __version__
 from recsys_metric.config import Config, SplitConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.prepare import PreparedData, PreparedPaths, prepare_dataset
-from recsys_metric.data.split import split_interactions
+from recsys_metric.data.split import SplitInfo, split_interactions
 from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.device import resolve_device
 from recsys_metric.errors import ConfigError, DataError
@@ -77,6 +77,10 @@ from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
 from recsys_metric.train import TrainData, TrainResult, fit
 from recsys_metric.triplets import popularity_probs
+from recsys_metric.warm_start import plan_warm_start, warm_start_model
+
+if TYPE_CHECKING:
+    from recsys_metric.distributed import DistributedTraining
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +239,7 @@ class RunResult:
 
 def _holdout_validation(
     train: pl.DataFrame, config: Config, n_users: int, n_items: int
-) -> tuple[pl.DataFrame, InteractionMatrix, InteractionMatrix]:
+) -> tuple[pl.DataFrame, InteractionMatrix, InteractionMatrix, SplitInfo]:
     """Cut the training rows into fit rows and a validation set for early stopping."""
     val_split = split_interactions(
         train,
@@ -248,7 +252,7 @@ def _holdout_validation(
     )
     fit_rows = val_split.train
     val_liked = val_split.test.filter(pl.col("label") == 1)
-    return fit_rows, _matrix(fit_rows, n_users, n_items), _matrix(val_liked, n_users, n_items)
+    return fit_rows, _matrix(fit_rows, n_users, n_items), _matrix(val_liked, n_users, n_items), val_split.info
 
 
 def train_run(
@@ -260,6 +264,8 @@ def train_run(
     run_id: str | None = None,
     progress: bool | None = None,
     build_ann: bool = True,
+    warm_start_from: str | Path | None = None,
+    distributed: DistributedTraining | None = None,
 ) -> RunResult:
     """Prepare the data, train with early stopping, evaluate on the holdout, refit, export, index.
 
@@ -278,6 +284,9 @@ def train_run(
         progress: progress bars (None: when stderr is a terminal).
         build_ann: build the Annoy index (``items.ann`` + ``index.json``) and record its recall@10
             against exact search under ``metrics["index"]``.
+        warm_start_from: the run to warm-start from when ``train.warm_start`` is on.
+        distributed: train every model on all ranks of this group (see
+            :func:`train_and_evaluate`).
 
     Returns:
         The run's metrics, evaluation, model (the exported one) and training histories.
@@ -295,6 +304,8 @@ def train_run(
         progress=progress,
         prepared=prepared,
         prepare_seconds=time.perf_counter() - t0,
+        warm_start_from=warm_start_from,
+        distributed=distributed,
     )
     if build_ann:
         result.metrics = index_run(run_dir, config)
@@ -311,6 +322,8 @@ def train_and_evaluate(
     progress: bool | None = None,
     prepared: PreparedData | RunData | None = None,
     prepare_seconds: float | None = None,
+    warm_start_from: str | Path | None = None,
+    distributed: DistributedTraining | None = None,
 ) -> RunResult:
     """Train with early stopping, evaluate on the holdout, refit and export, in a prepared run directory.
 
@@ -326,6 +339,11 @@ def train_and_evaluate(
         prepared: the prepared data already in memory; None reads it from ``run_dir``
             (:meth:`RunData.load`).
         prepare_seconds: wall seconds the preparation took, recorded as ``seconds["prepare"]``.
+        warm_start_from: the run to warm-start from when ``train.warm_start`` is on (e.g. the
+            current run); ``metrics["warm_start"]`` records whether it was used and why.
+        distributed: rank 0 of a ``torch.distributed`` group, leading
+            (:meth:`recsys_metric.distributed.DistributedTraining.leading`): both fits run on every
+            rank; everything else (evaluation, files) stays in this process.
 
     Returns:
         The run's metrics, evaluation, model (the exported one) and training histories.
@@ -353,7 +371,7 @@ def train_and_evaluate(
     candidates = training_items_mask(train_seen)
 
     t = time.perf_counter()
-    fit_rows, fit_seen, val_relevant = _holdout_validation(train, config, n_users, n_items)
+    fit_rows, fit_seen, val_relevant, val_info = _holdout_validation(train, config, n_users, n_items)
     fit_data = train_data(fit_rows, n_users, n_items, config)
     fit_liked = _matrix(fit_rows.filter(pl.col("label") == 1), n_users, n_items)
     k_stop = config.train.early_stopping_k
@@ -371,13 +389,38 @@ def train_and_evaluate(
         )
 
     holdout_model = build_model(data, config, fit_liked, items_table)
+    plan, warm_reason = None, "cold start: train.warm_start is off"
+    if config.train.warm_start:
+        plan, warm_reason = plan_warm_start(
+            warm_start_from, holdout_model, split_method=val_info.method, validation_cutoff=val_info.cutoff
+        )
+    logger.info("%s", warm_reason)
+    warm = {"enabled": plan is not None, "reason": warm_reason, "source_run_id": None}
+    if plan is not None:
+        warm["source_run_id"] = plan.source_run_id
+        warm["holdout"] = warm_start_model(
+            holdout_model,
+            plan.holdout_state,
+            plan.users,
+            plan.items,
+            data.users,
+            data.items,
+            same_features=plan.same_features,
+        )
+    train_config = config.train
+    if plan is not None:
+        train_config = train_config.model_copy(
+            update={"lr": train_config.lr * train_config.warm_start_lr_scale}
+        )
+        warm["lr"] = train_config.lr
     holdout = fit(
         holdout_model,
         fit_data,
-        config.train,
+        train_config,
         explicit_share=config.train.explicit_share,
         validate=validate,
         progress=progress,
+        distributed=distributed,
     )
     seconds["train_holdout"] = time.perf_counter() - t
 
@@ -398,13 +441,24 @@ def train_and_evaluate(
         epochs = holdout.best_epoch or holdout.epochs_run
         final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
         final_model = build_model(data, config, final_liked, items_table)
+        if plan is not None:
+            warm["refit"] = warm_start_model(
+                final_model,
+                plan.final_state,
+                plan.users,
+                plan.items,
+                data.users,
+                data.items,
+                same_features=plan.same_features,
+            )
         refit = fit(
             final_model,
             train_data(full, n_users, n_items, config),
-            config.train,
+            train_config,
             explicit_share=config.train.explicit_share,
             epochs=epochs,
             progress=progress,
+            distributed=distributed,
         )
         seconds["train_refit"] = time.perf_counter() - t
 
@@ -413,6 +467,8 @@ def train_and_evaluate(
         # A later run's quality gate scores this model, never the refit one (see registry).
         (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
         export_embeddings(holdout_model, data, run_dir / HOLDOUT_DIR, run_id, liked=train_liked)
+        # What a later run's holdout model warm-starts from (recsys_metric.warm_start).
+        _save_state(holdout_model, run_dir / HOLDOUT_DIR / MODEL_FILE)
     export_model(final_model, data, run_dir, run_id, liked=final_liked)
     seconds["export"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
@@ -428,7 +484,9 @@ def train_and_evaluate(
             "best_validation": holdout.best_metric,
             "epochs_run": holdout.epochs_run,
             "stopped_early": holdout.stopped_early,
+            "validation_cutoff": val_info.cutoff.isoformat() if val_info.cutoff is not None else None,
         },
+        "warm_start": warm,
         "published_model": "refit_on_full_log" if refit is not None else "holdout_model",
         "training": {
             "holdout": holdout.to_dict(),
@@ -536,10 +594,15 @@ def export_model(
     :func:`export_embeddings`)."""
     export_embeddings(model, prepared, run_dir, run_id, liked=liked)
     model = model.to("cpu").eval()
-    tmp = run_dir / (MODEL_FILE + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, run_dir / MODEL_FILE)
+    _save_state(model, run_dir / MODEL_FILE)
     _write_json(run_dir / MODEL_JSON, {"run_id": run_id, "hparams": model.hparams()})
+
+
+def _save_state(model: TwoTowerModel, path: Path) -> None:
+    """``model``'s state dict to ``path`` (written aside, then renamed), loadable with weights_only=True."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.to("cpu").state_dict(), tmp)
+    os.replace(tmp, path)
 
 
 def load_model(run_dir: str | Path, device: str = "cpu") -> TwoTowerModel:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -70,6 +70,9 @@ from recsys_metric.model.losses import (
 )
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.triplets import sample_negatives
+
+if TYPE_CHECKING:
+    from recsys_metric.distributed import DistributedTraining
 
 logger = logging.getLogger(__name__)
 
@@ -749,10 +752,21 @@ class _AutogradStep:
     def __call__(
         self, users: Tensor, pos: Tensor, negs: Tensor | None, valid: Tensor | None, lr: float
     ) -> Tensor:
-        cfg = self.config
+        loss = self.backward(users, pos, negs, valid)
+        self.apply(lr, users.shape[0])
+        return loss
+
+    def backward(self, users: Tensor, pos: Tensor, negs: Tensor | None, valid: Tensor | None) -> Tensor:
+        """The batch's summed loss (detached); its gradients are left in ``.grad`` (sparse and
+        uncoalesced for the id tables: one row per lookup)."""
         with torch.enable_grad():
             loss = self._loss(users, pos, negs, valid)
             loss.backward()
+        return loss.detach()
+
+    def apply(self, lr: float, batch: int) -> None:
+        """Update every parameter from the gradients in ``.grad`` (of ``batch`` examples) and clear them."""
+        cfg = self.config
         for name, weight in self.tables.items():
             grad = weight.grad
             if grad is None:
@@ -771,10 +785,9 @@ class _AutogradStep:
                 for group in self.dense.param_groups:
                     for param in group["params"]:
                         if param.grad is not None:
-                            param.grad.div_(users.shape[0])
+                            param.grad.div_(batch)
             self.dense.step()
             self.dense.zero_grad(set_to_none=True)
-        return loss.detach()
 
     def end_epoch(self, model: TwoTowerModel) -> None:
         return None
@@ -978,6 +991,7 @@ def fit(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    distributed: DistributedTraining | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the liked pairs of ``data``.
 
@@ -1000,6 +1014,10 @@ def fit(
         checkpoint_dir: where ``checkpoint.pt`` is written every ``config.checkpoint_every`` epochs.
         resume: continue from ``checkpoint_dir``'s checkpoint when there is one.
         progress: show a progress bar; None shows one when stderr is a terminal.
+        distributed: train as one rank of a ``torch.distributed`` group
+            (:class:`recsys_metric.distributed.DistributedTraining`): every rank calls ``fit`` with
+            the same data and config, trains on its share of the pairs and applies the whole
+            group's gradients; rank 0 validates. None: this process alone.
 
     Returns:
         Per-epoch history, best epoch and metric, whether it stopped early, the device.
@@ -1019,6 +1037,18 @@ def fit(
         raise ConfigError(f"explicit_share must lie in [0, 1], got {explicit_share}")
     if model.item_item:
         data = co_liked_data(data)
+    if distributed is not None:
+        config, validate, progress = distributed.setup(
+            model,
+            data,
+            config,
+            validate=validate,
+            epochs=epochs,
+            explicit_share=explicit_share,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+        )
     device = resolve_device(config.device)
     n_epochs = config.epochs if epochs is None else int(epochs)
     if n_epochs < 1:
@@ -1040,6 +1070,7 @@ def fit(
             checkpoint_dir,
             resume,
             progress,
+            distributed,
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -1057,6 +1088,7 @@ def _fit(
     checkpoint_dir: Path | None,
     resume: bool,
     progress: bool | None,
+    distributed: DistributedTraining | None = None,
 ) -> TrainResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -1072,6 +1104,8 @@ def _fit(
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
     else:
         step = _AutogradStep(model, config, data, device)
+    if distributed is not None:
+        step = distributed.wrap_step(step, model, config, n_epochs, data.n_pairs)
     source_type = CoLikedSource if model.item_item else _NegativeSource
     source = source_type(data, k, explicit_share, device, needs_negatives)
     batch_size = config.batch_size
@@ -1123,8 +1157,10 @@ def _fit(
             if result.stopped_early:
                 break
             record = _run_epoch(
-                model, step, source, config, rng, epoch, n_epochs, chunk_pairs, m, k, bar, device
+                model, step, source, config, rng, epoch, n_epochs, chunk_pairs, m, k, bar, device, distributed
             )
+            if distributed is not None:
+                distributed.reduce_record(record)
             if validate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == n_epochs):
                 with torch.no_grad():
                     metrics = {key: float(v) for key, v in validate(model).items()}
@@ -1195,9 +1231,14 @@ def _run_epoch(
     k: int,
     bar: Any,
     device: torch.device,
+    distributed: DistributedTraining | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    order = rng.permutation(m)
+    if distributed is None:
+        order = rng.permutation(m)
+    else:
+        # This rank's share of one permutation common to all ranks, and a generator of its own.
+        order, rng = distributed.epoch_order(m, epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pairs_done = 0
     pairs_trained = 0
