@@ -1,12 +1,21 @@
-"""The nightly retraining flow: :func:`recsys_metric.nightly.run_nightly`, one task per stage.
+"""The nightly retraining flow: :func:`recsys_metric.nightly.run_nightly` as five or six tasks.
 
-Tasks call the library and hand each other paths (the run directory), never frames or models,
-so Prefect's default cache policy would have nothing large to hash; every task still uses
-``NO_CACHE`` because a nightly run must never be served from an earlier run's cache::
+Tasks call the library and hand each other paths (the run directory) and small dicts of figures,
+never frames or models; every task uses ``NO_CACHE`` (a nightly run must never be served from an
+earlier run's cache, and the default policy would hash every argument on every call) and
+``persist_result=False`` (nothing is written to Prefect's result storage)::
 
-    open_run -> prepare (reads the log; retried on OSError) -> train_and_evaluate -> build_index
-      -> score_current (the published run's holdout model on this run's holdout) -> gate -> report
-      -> finalize -> publish (retried on OSError; only when the gate passes) -> prune
+    (flow body: new run directory runs/.tmp-<id>; read which run is published)
+    prepare (reads the log; retried on OSError)
+      -> train (train with early stopping, evaluate on the holdout, refit, export, Annoy index)
+      -> gate (the published run's holdout model on this run's holdout, the quality gate, both
+         artifacts) -> finalize -> publish (retried on OSError; only when the gate passes) -> prune
+
+A task boundary is kept where it buys something: a retry that re-runs only I/O (``prepare``,
+``publish``), a stage whose failure must leave ``current`` alone (everything before ``publish``),
+or a stage worth its own state and duration in the UI. Each task costs about 15 ms in the flow
+and 40 ms of the API server's CPU (bench/orchestration.py), so stages that only compute a little
+more (index after training, gate decision after scoring, the report) share a task.
 
 ``publish`` is the only task that moves ``current``, and it runs after everything else that can
 fail: a crash in any earlier task leaves ``current`` where it was, and the half-written run stays
@@ -16,8 +25,8 @@ Each run leaves two Prefect artifacts: a markdown report (``nightly-retrain-repo
 (``nightly-retrain-metrics``) with this run's holdout metrics beside the published run's (scored
 on the same holdout) and popularity's, and the gate's reason.
 
-Run it once, with a temporary local Prefect API (about 5-10 s to start) or the server named by
-``PREFECT_API_URL``::
+Run it once, with a temporary local Prefect API (10-20 s to start) or the server named by
+``PREFECT_API_URL`` (:func:`run_once`: without the flow-run heartbeat)::
 
     python -m flows.nightly_retrain --interactions data/interactions.parquet --artifacts artifacts
 
@@ -36,6 +45,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import (
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    Settings,
+    get_current_settings,
+    temporary_settings,
+)
 
 from recsys_metric import pipeline, registry
 from recsys_metric.config import Config, load_config
@@ -53,16 +68,9 @@ def _retry_on_os_error(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(state.result(raise_on_failure=False), OSError)
 
 
-@task(cache_policy=NO_CACHE)
-def open_run(artifacts: str, config: Config) -> str:
-    """Create ``runs/.tmp-<run_id>`` in the store; returns its path."""
-    pending = ArtifactStore(artifacts, config.publish).new_run()
-    get_run_logger().info("new run directory %s", pending)
-    return str(pending)
-
-
 @task(
     cache_policy=NO_CACHE,
+    persist_result=False,
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=_retry_on_os_error,
@@ -84,68 +92,96 @@ def prepare(interactions: str, run_dir: str, config: Config) -> float:
     return seconds
 
 
-@task(cache_policy=NO_CACHE)
-def train_and_evaluate(
-    run_dir: str, config: Config, items: str | None, run_id: str, prepare_seconds: float
+@task(cache_policy=NO_CACHE, persist_result=False)
+def train(
+    run_dir: str,
+    config: Config,
+    items: str | None,
+    run_id: str,
+    prepare_seconds: float,
+    warm_start_from: str | None,
 ) -> dict[str, Any]:
-    """Train, evaluate on the holdout, refit and export from the prepared files; returns the holdout metrics."""
+    """Train, evaluate on the holdout, refit, export and index the prepared run directory.
+
+    ``warm_start_from`` is the published run's directory (None when nothing is published); it is
+    used only when ``train.warm_start`` is on.
+
+    Returns:
+        ``holdout`` (the holdout metrics of ``metrics.json``) and ``index`` (the Annoy index's
+        recall@10 against exact search and query latencies).
+    """
     result = pipeline.train_and_evaluate(
-        run_dir, config, items=items, run_id=run_id, progress=False, prepare_seconds=prepare_seconds
+        run_dir,
+        config,
+        items=items,
+        run_id=run_id,
+        progress=False,
+        prepare_seconds=prepare_seconds,
+        warm_start_from=warm_start_from,
     )
     es = result.metrics["early_stopping"]
-    get_run_logger().info(
+    logger = get_run_logger()
+    logger.info(
         "trained: best epoch %s of %s by validation %s\n%s",
         es["best_epoch"],
         es["epochs_run"],
         es["metric"],
         result.evaluation.to_table(),
     )
-    return result.metrics["holdout"]
-
-
-@task(cache_policy=NO_CACHE)
-def build_index(run_dir: str, config: Config) -> dict[str, Any] | None:
-    """Build the Annoy index into ``run_dir``; returns its recall and latency figures."""
     index = pipeline.index_run(run_dir, config)["index"]
-    get_run_logger().info(
+    logger.info(
         "Annoy index: recall@10 %.3f against exact search, p50 %.2f ms",
         index["recall_at_10"],
         index["p50_ms"],
     )
-    return index
+    return {"holdout": result.metrics["holdout"], "index": index}
 
 
-@task(cache_policy=NO_CACHE)
-def score_current(artifacts: str, run_dir: str, config: Config) -> dict[str, Any] | None:
-    """The published run's holdout model on this run's holdout (None when nothing is published)."""
-    store = ArtifactStore(artifacts, config.publish)
-    current = store.current()
-    if current is None:
-        get_run_logger().info("no published run: the gate compares with popularity only")
-        return None
-    scored = registry.score_current_on_holdout(store.run_dir(current), run_dir, config)
-    get_run_logger().info(
-        "current run %s on this holdout: recall@%d %.4f",
-        current,
-        scored["k"],
-        scored["metrics"][f"recall@{scored['k']}"],
-    )
-    return scored
-
-
-@task(cache_policy=NO_CACHE)
-def decide(
-    holdout: Mapping[str, Any], current_on_holdout: Mapping[str, Any] | None, config: Config, force: bool
+@task(cache_policy=NO_CACHE, persist_result=False)
+def gate(
+    current_dir: str | None,
+    run_dir: str,
+    run_id: str,
+    holdout: Mapping[str, Any],
+    config: Config,
+    force: bool,
 ) -> dict[str, Any]:
-    """The quality gate (:func:`recsys_metric.registry.gate`); returns the decision as a dict."""
+    """Score the published run on this run's holdout, apply the quality gate, publish the artifacts.
+
+    The published run's (``current_dir``) holdout model is scored on this run's holdout
+    (:func:`recsys_metric.registry.score_current_on_holdout`; skipped when ``current_dir`` is
+    None), :func:`recsys_metric.registry.gate` decides, and the run's markdown report and metrics
+    table go to the Prefect API.
+
+    Returns:
+        ``decision`` (the gate's decision as a dict), ``current_on_holdout`` (the published run's
+        scoring, or None) and ``metrics`` (the rows of the report table).
+    """
+    logger = get_run_logger()
+    current_on_holdout = None
+    if current_dir is None:
+        logger.info("no published run: the gate compares with popularity only")
+    else:
+        current_on_holdout = registry.score_current_on_holdout(current_dir, run_dir, config)
+        logger.info(
+            "current run %s on this holdout: recall@%d %.4f",
+            current_on_holdout["run_id"],
+            current_on_holdout["k"],
+            current_on_holdout["metrics"][f"recall@{current_on_holdout['k']}"],
+        )
     decision = registry.gate(
         {"holdout": holdout},
         None if current_on_holdout is None else current_on_holdout["metrics"],
         config.publish,
         force=force,
+    ).to_dict()
+    logger.info("quality gate: %s", decision["reason"])
+    rows = metrics_rows(run_id, holdout, current_on_holdout)
+    create_table_artifact(rows, key=METRICS_KEY, description=f"holdout metrics of run {run_id}")
+    create_markdown_artifact(
+        report_markdown(run_id, rows, decision), key=REPORT_KEY, description=f"nightly retrain {run_id}"
     )
-    get_run_logger().info("quality gate: %s", decision.reason)
-    return decision.to_dict()
+    return {"decision": decision, "current_on_holdout": current_on_holdout, "metrics": rows}
 
 
 def metrics_rows(
@@ -191,22 +227,7 @@ def report_markdown(run_id: str, rows: Sequence[Mapping[str, Any]], decision: Ma
     return "\n".join(lines) + "\n"
 
 
-@task(cache_policy=NO_CACHE)
-def report(
-    run_id: str,
-    holdout: Mapping[str, Any],
-    current_on_holdout: Mapping[str, Any] | None,
-    decision: Mapping[str, Any],
-) -> None:
-    """Publish the run's markdown and table artifacts to the Prefect API."""
-    rows = metrics_rows(run_id, holdout, current_on_holdout)
-    create_table_artifact(rows, key=METRICS_KEY, description=f"holdout metrics of run {run_id}")
-    create_markdown_artifact(
-        report_markdown(run_id, rows, decision), key=REPORT_KEY, description=f"nightly retrain {run_id}"
-    )
-
-
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def finalize(artifacts: str, run_dir: str, config: Config, interactions: str, extra: dict[str, Any]) -> str:
     """Write the manifest and rename the run to ``runs/<run_id>`` (complete, read-only)."""
     store = ArtifactStore(artifacts, config.publish)
@@ -218,6 +239,7 @@ def finalize(artifacts: str, run_dir: str, config: Config, interactions: str, ex
 
 @task(
     cache_policy=NO_CACHE,
+    persist_result=False,
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=_retry_on_os_error,
@@ -229,7 +251,7 @@ def publish(artifacts: str, run_id: str, config: Config) -> str | None:
     return previous
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def prune(artifacts: str, config: Config) -> list[str]:
     """Delete old runs and crash debris (never the published run); returns the deleted names."""
     deleted = ArtifactStore(artifacts, config.publish).prune()
@@ -261,14 +283,18 @@ def nightly_retrain(
         after it), ``metrics`` (rows of the report table), ``index`` and ``pruned``.
     """
     config = load_config(config_path)
-    pending = open_run(artifacts, config)
-    run_id = ArtifactStore(artifacts).run_id_of(pending)
+    store = ArtifactStore(artifacts, config.publish)
+    # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
+    pending = str(store.new_run())
+    run_id = store.run_id_of(pending)
+    # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
+    current = store.current()
+    current_dir = None if current is None else str(store.run_dir(current))
+    get_run_logger().info("new run directory %s (published run: %s)", pending, current)
     prepare_seconds = prepare(interactions, pending, config)
-    holdout = train_and_evaluate(pending, config, items, run_id, prepare_seconds)
-    index = build_index(pending, config)
-    current_on_holdout = score_current(artifacts, pending, config)
-    decision = decide(holdout, current_on_holdout, config, force)
-    report(run_id, holdout, current_on_holdout, decision)
+    trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
+    gated = gate(current_dir, pending, run_id, trained["holdout"], config, force)
+    decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
     run_dir = finalize(
         artifacts,
         pending,
@@ -287,11 +313,41 @@ def nightly_retrain(
         "reason": decision["reason"],
         "decision": decision,
         "previous_run_id": previous,
-        "current_run_id": ArtifactStore(artifacts).current(),
-        "metrics": metrics_rows(run_id, holdout, current_on_holdout),
-        "index": index,
+        "current_run_id": store.current(),
+        "metrics": gated["metrics"],
+        "index": trained["index"],
         "pruned": pruned,
     }
+
+
+def one_off_settings(settings: Settings) -> dict[Any, Any]:
+    """Setting updates for a run started by hand: no flow-run heartbeat, unless one is configured.
+
+    Prefect's heartbeat (a thread that emits an event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``
+    s, default 180) feeds a server's zombie-run automations; when the flow ends it waits for the
+    thread's 1 s sleep steps: 0.5 s on average, up to 1 s per run. A run started by hand has
+    someone watching it. A value the user set (environment or profile) is kept.
+    """
+    if "heartbeat_frequency" in settings.flows.model_fields_set:
+        return {}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+
+
+def run_once(**params: Any) -> dict[str, Any]:
+    """Run :func:`nightly_retrain` once in this process with :func:`one_off_settings`.
+
+    The settings apply to this call only (``temporary_settings``): nothing of the user's Prefect
+    configuration changes. Scheduled runs (``recsys-metric serve``) run in Prefect's runner and
+    keep its heartbeat.
+
+    Args:
+        params: the parameters of :func:`nightly_retrain`.
+
+    Returns:
+        The flow's result.
+    """
+    with temporary_settings(updates=one_off_settings(get_current_settings())):
+        return nightly_retrain(**params)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--items")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    result = nightly_retrain(**vars(args))
+    result = run_once(**vars(args))
     print(f"run {result['run_id']}: {'published' if result['published'] else 'NOT published'}")
     print(f"quality gate: {result['reason']}")
     return 0

@@ -1,24 +1,28 @@
 """Prefect flows: nightly retrain end to end, crash safety, gate refusal, batch tables, deployments."""
 
+import json
+
 import polars as pl
 import pytest
 from prefect.artifacts import Artifact
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    PREFECT_HOME,
+    PREFECT_LOCAL_STORAGE_PATH,
+    Settings,
+    get_current_settings,
     temporary_settings,
 )
-from prefect.testing.utilities import prefect_test_harness
 
+import flows.deployments as deployments_module
 import flows.nightly_retrain as nightly_module
 from flows.batch_recommendations import batch_recommendations
 from flows.deployments import deployments
-from flows.nightly_retrain import METRICS_KEY, REPORT_KEY, nightly_retrain
+from flows.nightly_retrain import METRICS_KEY, REPORT_KEY, nightly_retrain, one_off_settings, run_once
 from recsys_metric import cli, pipeline
 from recsys_metric.data import prepare as data_prepare
 from recsys_metric.data.synthetic import generate_log
-from recsys_metric.errors import DataError
+from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.recommend import Recommender
 from recsys_metric.registry import ArtifactStore
 
@@ -26,26 +30,7 @@ pytestmark = pytest.mark.prefect
 
 GOOD = "train: {epochs: 6, patience: 2, batch_size: 512}\n"
 WORSE = "train: {epochs: 1, patience: 2, batch_size: 512, lr: 0.001}\n"
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("prefect-home")
-    for name, value in {
-        "PREFECT_HOME": str(home),
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    }.items():
-        mp.setenv(name, value)
-    try:
-        # A fresh PREFECT_HOME: nothing persisted by an earlier session can be served from cache.
-        with temporary_settings(updates={PREFECT_HOME: home, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            with prefect_test_harness(server_startup_timeout=90):
-                yield
-    finally:
-        mp.undo()
+WARM = "train: {epochs: 6, patience: 2, batch_size: 512, warm_start: true}\n"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +39,7 @@ def data(tmp_path_factory):
     generate_log(300, 150, 9000, n_clusters=6, seed=3).interactions.write_parquet(d / "interactions.parquet")
     (d / "good.yaml").write_text(GOOD)
     (d / "worse.yaml").write_text(WORSE)
+    (d / "warm.yaml").write_text(WARM)
     return d
 
 
@@ -66,7 +52,13 @@ def _retrain(data, artifacts, config="good.yaml", **kw):
     )
 
 
+def _stored_results() -> set[str]:
+    storage = PREFECT_LOCAL_STORAGE_PATH.value()
+    return {str(p) for p in storage.rglob("*")} if storage.exists() else set()
+
+
 def test_flow_publishes_and_a_second_run_moves_current(prefect_api, data, tmp_path):
+    stored_before = _stored_results()
     first = _retrain(data, tmp_path)
     assert first["published"] and first["reason"].startswith("publish: no current model")
     assert first["current_run_id"] == first["run_id"] and first["previous_run_id"] is None
@@ -92,6 +84,17 @@ def test_flow_publishes_and_a_second_run_moves_current(prefect_api, data, tmp_pa
     assert second["run_id"] in markdown.data and second["reason"] in markdown.data
     assert first["run_id"] in markdown.data, "the published run's figures stand beside the candidate's"
     assert Artifact.get(METRICS_KEY).type == "table"
+    assert _stored_results() == stored_before, "no task result is persisted to Prefect's storage"
+
+
+def test_the_flow_warm_starts_from_the_run_it_is_gated_against(prefect_api, data, tmp_path):
+    first = _retrain(data, tmp_path, config="warm.yaml")
+    second = _retrain(data, tmp_path, config="warm.yaml")
+    warm = [ArtifactStore(tmp_path).run_dir(r["run_id"]) / "metrics.json" for r in (first, second)]
+    first_warm, second_warm = (json.loads(p.read_text())["warm_start"] for p in warm)
+    assert first_warm["reason"] == "cold start: there is no current run to start from"
+    assert second_warm["enabled"] and second_warm["source_run_id"] == first["run_id"]
+    assert {row["model"]: row["run_id"] for row in second["metrics"]}["current"] == first["run_id"]
 
 
 def test_a_crash_in_a_task_leaves_current_and_a_rerun_succeeds(prefect_api, data, tmp_path, monkeypatch):
@@ -193,6 +196,72 @@ def test_deployments_schedule_both_flows_without_a_server(tmp_path):
     assert batch.parameters["k"] == 50 and batch.parameters["index"] == "exact"
     assert nightly.entrypoint.endswith("nightly_retrain.py:nightly_retrain")
     assert batch.entrypoint.endswith("batch_recommendations.py:batch_recommendations")
+
+
+def test_cron_overrides_and_a_name_suffix_make_a_trial_deployment(tmp_path):
+    nightly, batch = deployments(
+        artifacts=str(tmp_path), retrain_cron="* * * * *", batch_cron="*/5 * * * *", name_suffix="test"
+    )
+    assert (nightly.name, batch.name) == ("nightly-retrain-test", "batch-recommendations-test")
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("* * * * *", "UTC")]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in batch.schedules] == [("*/5 * * * *", "UTC")]
+    assert nightly.parameters["artifacts"] == str(tmp_path) and nightly.parameters["force"] is False
+    assert batch.parameters["out"] == str(tmp_path / "recommendations") and batch.parameters["k"] == 100
+
+    with pytest.raises(ConfigError, match=r"--retrain-cron '\* \* \*' is not a valid cron expression"):
+        deployments(retrain_cron="* * *")
+    with pytest.raises(ConfigError, match="--batch-cron '0 25 \\* \\* \\*' is not a valid cron"):
+        deployments(batch_cron="0 25 * * *")
+    with pytest.raises(ConfigError, match="--name-suffix 'my test' must start with a letter or digit"):
+        deployments(name_suffix="my test")
+
+
+def test_serve_passes_the_command_line_to_the_deployments(monkeypatch, tmp_path):
+    served = []
+    monkeypatch.setattr(cli, "prefect_api_problem", lambda: None)
+    monkeypatch.setattr(deployments_module, "serve_all", lambda *deps: served.extend(deps))
+    argv = ["serve", "--artifacts", str(tmp_path), "-k", "7", "--retrain-cron", "* * * * *"]
+    assert cli.main([*argv, "--batch-cron", "30 * * * *", "--name-suffix", "trial-1"]) == 0
+    nightly, batch = served
+    assert (nightly.name, batch.name) == ("nightly-retrain-trial-1", "batch-recommendations-trial-1")
+    assert (
+        nightly.schedules[0].schedule.cron == "* * * * *" and batch.schedules[0].schedule.cron == "30 * * * *"
+    )
+    assert batch.parameters["k"] == 7 and batch.parameters["artifacts"] == str(tmp_path)
+
+    served.clear()
+    assert cli.main(["serve"]) == 0
+    assert [d.schedules[0].schedule.cron for d in served] == ["0 2 * * *", "0 4 * * *"]
+    assert [d.name for d in served] == ["nightly-retrain", "batch-recommendations"]
+
+
+def test_serve_reports_a_bad_cron_before_looking_for_a_server(monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert cli.main(["serve", "--retrain-cron", "every minute"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recsys-metric serve: error: --retrain-cron 'every minute' is not a valid cron")
+    assert "PREFECT_API_URL" not in err
+
+
+def test_a_run_started_by_hand_has_no_heartbeat_unless_one_is_configured(monkeypatch):
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    monkeypatch.delenv("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", raising=False)
+    assert one_off_settings(Settings()) == {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    assert one_off_settings(Settings()) == {}
+
+    def fake_flow(**params):
+        return {"heartbeat": get_current_settings().flows.heartbeat_frequency, **params}
+
+    monkeypatch.setattr(nightly_module, "nightly_retrain", fake_flow)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 90}):
+        assert run_once(artifacts="a") == {"heartbeat": 90, "artifacts": "a"}, "a configured value stands"
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    monkeypatch.setattr(nightly_module, "get_current_settings", Settings)  # nothing configured
+    with temporary_settings(restore_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY}):
+        assert run_once(artifacts="a") == {"heartbeat": None, "artifacts": "a"}
+        assert get_current_settings().flows.heartbeat_frequency == 180, "only for the call"
 
 
 def test_serve_without_a_reachable_api_says_what_to_run(monkeypatch, capsys):
