@@ -15,6 +15,10 @@ reference figures, so that the two can be compared. Results go to
     python -m bench.quality --datasets ml-latest-small --quick  # one setting per peer, no tuning;
                                                               # writes quality_quick.json
     python -m bench.quality --no-ours                         # peers only
+    python -m bench.quality --ours-only --datasets citeulike-a --set train.epochs=100 --set model.dim=128
+                                                              # ours alone, config overrides, validation
+                                                              # figures only (add --test for the refit and
+                                                              # test figures); writes quality_ours.json
 
 Real datasets are read from ``../shared/datasets``; a dataset whose files are absent is skipped
 and the output says so.
@@ -23,11 +27,12 @@ and the output says so.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.baselines import (
     ALS_GRID,
@@ -44,6 +49,9 @@ from bench.baselines import (
 from bench.common import save_result
 from bench.datasets import LOADERS, BenchDataset, DatasetUnavailable
 from recsys_metric.evaluate import evaluate_scores
+
+if TYPE_CHECKING:
+    from recsys_metric.config import Config
 
 logger = logging.getLogger("bench.quality")
 
@@ -67,56 +75,112 @@ REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
 """Recall@20 / NDCG@20 from the shared datasets README (EASE there: lambda = 250)."""
 
 
-def _ours(data: BenchDataset) -> tuple[ScoreFn, dict[str, Any]]:
-    """Train the project's two-tower model with its default config.
+def _ours(
+    data: BenchDataset, config: Config | None = None, *, refit: bool = True
+) -> tuple[ScoreFn | None, dict[str, Any]]:
+    """Train the project's two-tower model with ``config`` (default: the default config).
 
     Early stopping runs on a validation split of the training data (the peers' split), never on the
     test set. As for the peers, the setting chosen there (the best epoch) is then refitted on the
-    whole training set when ``TrainConfig.refit`` is on (the default).
+    whole training set when ``train.refit`` is on (the default) and ``refit`` is True. The trainer's
+    input is built as the pipeline builds it: pairs from the liked training items, every training
+    interaction seen, ``triplets.sampling: popularity`` weights from the training interactions.
+
+    Returns:
+        ``(score_fn, info)``; ``score_fn`` is None when ``refit`` is False (only the validation
+        figures are wanted). ``info`` holds the chosen epoch, the validation Recall@20 of every
+        evaluated epoch and the seconds of each fit.
 
     Raises:
         SkipBaseline: the trainer modules are not importable.
     """
     try:
-        from recsys_metric.config import ModelConfig, TrainConfig
+        from recsys_metric.config import Config
         from recsys_metric.model.towers import TwoTowerModel
         from recsys_metric.pipeline import model_score_fn
         from recsys_metric.train import TrainData, fit
+        from recsys_metric.triplets import popularity_probs
     except ImportError as err:
         raise SkipBaseline(f"recsys-metric trainer not available ({err})") from None
 
-    model_config, config = ModelConfig(), TrainConfig()
-    explicit_share = TrainConfig().explicit_share
+    config = config or Config()
+    model_config, train_config = config.model, config.train
 
     def train_data(part: BenchDataset) -> TrainData:
-        return TrainData.from_matrices(part.train_liked, seen=part.train, dislikes=part.train_disliked)
+        item_probs = None
+        if config.triplets.sampling == "popularity":
+            item_probs = popularity_probs(part.train.indices, part.n_items, config.triplets.popularity_alpha)
+        return TrainData.from_matrices(
+            part.train_liked, seen=part.train, dislikes=part.train_disliked, item_probs=item_probs
+        )
 
     val = data.validation_split()
 
     def validate(model: TwoTowerModel) -> dict[str, float]:
         return evaluate_scores(model_score_fn(model), val.train, val.test, ks=KS)
 
-    model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=config.seed)
+    t = time.perf_counter()
+    model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=train_config.seed)
     result = fit(
-        model, train_data(val), config, explicit_share=explicit_share, validate=validate, progress=False
+        model,
+        train_data(val),
+        train_config,
+        explicit_share=train_config.explicit_share,
+        validate=validate,
+        progress=False,
     )
+    key = f"recall@{train_config.early_stopping_k}"
     info: dict[str, Any] = {
         "params": f"defaults; best epoch {result.best_epoch} of {result.epochs_run} on validation",
-        "validation": {"recall@20": round(float(result.best_metric or 0.0), 5)},
+        "validation": {key: round(float(result.best_metric or 0.0), 5)},
+        "validation_history": [
+            round(record["metrics"][key], 5) for record in result.history if key in record["metrics"]
+        ],
         "device": result.device,
+        "train_seconds": {"validation_fit": round(time.perf_counter() - t, 2)},
     }
-    if config.refit and result.best_epoch:
-        model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=config.seed)
+    if not refit:
+        return None, info
+    if train_config.refit and result.best_epoch:
+        t = time.perf_counter()
+        model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=train_config.seed)
         fit(
             model,
             train_data(data),
-            config,
-            explicit_share=explicit_share,
+            train_config,
+            explicit_share=train_config.explicit_share,
             epochs=result.best_epoch,
             progress=False,
         )
         info["params"] += ", refitted on all training data"
+        info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
     return model_score_fn(model), info
+
+
+def parse_overrides(pairs: list[str]) -> Config:
+    """``["train.epochs=100", "model.dim=128"]`` -> the default :class:`Config` with those keys set.
+
+    Values are read as JSON where they parse (numbers, booleans, lists), else as strings, and
+    validated by the config model.
+
+    Raises:
+        ValueError: a pair is not ``section.key=value``.
+        recsys_metric.errors.ConfigError: an unknown key or a bad value.
+    """
+    from recsys_metric.config import config_from_dict
+
+    raw: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise ValueError(f"override {pair!r}: expected section.key=value, e.g. train.epochs=100")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, source="--set")
 
 
 def _metrics(score_fn: ScoreFn, data: BenchDataset) -> dict[str, float]:
@@ -164,6 +228,7 @@ def run_dataset(data: BenchDataset, *, quick: bool, ours: bool) -> dict[str, Any
             skipped[OURS] = str(err)
             logger.info("%s: %s", data.name, err)
         else:
+            assert score_fn is not None
             fitted[OURS] = score_fn
             rows[OURS] = {**info, "seconds": {"fit": round(time.perf_counter() - t, 2)}}
 
@@ -266,6 +331,41 @@ def to_markdown(results: dict[str, dict[str, Any]], skipped_datasets: dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def ours_only(
+    names: list[str], config: Config, overrides: list[str], *, test: bool, argv: list[str] | None
+) -> dict[str, Any]:
+    """Exploration runs: the recsys-metric row alone with ``config``, on the datasets ``names``.
+
+    Figures go to ``bench/results/quality_ours.json`` (never ``quality.json``, whose rows must all
+    come from one run). Without ``test`` only the validation figures are computed, so that settings
+    are chosen without looking at the test set.
+    """
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            data = LOADERS[name]()
+        except DatasetUnavailable as err:
+            print(f"SKIP {name}: {err}", file=sys.stderr, flush=True)
+            continue
+        t = time.perf_counter()
+        score_fn, info = _ours(data, config, refit=test)
+        if score_fn is not None:
+            info["test"] = {k: round(v, 5) for k, v in _metrics(score_fn, data).items()}
+        info["wall_seconds"] = round(time.perf_counter() - t, 1)
+        results[name] = info
+        line = (
+            f"{name} [{' '.join(overrides) or 'defaults'}]: {info['params']}; validation {info['validation']}"
+        )
+        if "test" in info:
+            line += f"; test recall@20 {info['test']['recall@20']:.4f} ndcg@20 {info['test']['ndcg@20']:.4f}"
+        print(f"{line}; {info['wall_seconds']:.0f} s", flush=True)
+    command = "python -m bench.quality" + f" {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    payload = {"overrides": overrides, "config": config.to_dict(), "datasets": results}
+    path = save_result("quality_ours", payload, command)
+    print(f"wrote {path}", file=sys.stderr)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -275,12 +375,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--quick", action="store_true", help="one setting per peer instead of the grids")
     parser.add_argument("--no-ours", action="store_true", help="peers only (skip the recsys-metric row)")
+    parser.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="only the recsys-metric model, validation figures only; writes quality_ours.json",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="with --ours-only: config override, e.g. train.epochs=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--test",
+        action="store_true",
+        help="with --ours-only: also refit on all training data and report the test figures",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = [n for n in names if n not in LOADERS]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {list(LOADERS)}")
+    if (args.overrides or args.test) and not args.ours_only:
+        parser.error("--set and --test apply to --ours-only runs (the full benchmark uses the defaults)")
+    if args.ours_only and (args.quick or args.no_ours):
+        parser.error("--ours-only does not combine with --quick or --no-ours")
+    if args.ours_only:
+        try:
+            config = parse_overrides(args.overrides)
+        except ValueError as err:  # ConfigError is a ValueError too
+            parser.error(str(err))
+        return ours_only(names, config, args.overrides, test=args.test, argv=argv)
 
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}

@@ -15,10 +15,14 @@ from bench.common import RESULTS, ROOT
 SECTIONS = [
     ("ingest", "Ingest: read + validate + split + triplets (issue: foundation)"),
     ("train_speed", "Training throughput against implicit's BPR"),
+    ("distributed", "Distributed training: one process against two gloo ranks (torchrun)"),
     ("quality", "Quality against popularity, BPR, ALS and EASE"),
     ("index", "Annoy against exact search"),
     ("batch", "Batch recommendation tables against the matmul rate"),
+    ("batch_dask", "Batch tables on Dask: the flow in one process against two local workers"),
     ("orchestration", "Orchestration overhead: the nightly flow against the same library calls"),
+    ("warm_start", "Warm start: tonight's run from yesterday's models against a cold run"),
+    ("nightly_scale", "The nightly run on 20M interactions (1M users x 100k items) on one machine"),
 ]
 
 

@@ -7,11 +7,23 @@ Benchmarks that need data from ``../shared/datasets`` skip those datasets and sa
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
+import subprocess
 import sys
 import time
 
-BENCHMARKS = ["ingest", "train_speed", "quality", "index_latency", "batch_throughput"]
+BENCHMARKS = [
+    "ingest",
+    "train_speed",
+    "distributed",
+    "quality",
+    "index_latency",
+    "batch_throughput",
+    "batch_dask",
+    "warm_start",
+    "orchestration",
+    "nightly_scale",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only.split(",") if args.only else BENCHMARKS
     failed = []
     for name in names:
-        try:
-            module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as err:
-            print(f"SKIP {name}: {err}")
+        if importlib.util.find_spec(f"bench.{name}") is None:
+            print(f"SKIP {name}: no module bench.{name}")
             continue
         print(f"== bench.{name}", flush=True)
         t = time.perf_counter()
-        rc = module.main([])
+        # A process per benchmark: its peak RSS is its own, and settings read at import (Prefect's)
+        # come from its own environment, not from a benchmark that ran before it.
+        rc = subprocess.run([sys.executable, "-m", f"bench.{name}"], check=False).returncode
         print(f"== bench.{name} finished in {time.perf_counter() - t:.0f} s (exit {rc})", flush=True)
         if rc:
             failed.append(name)

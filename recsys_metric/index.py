@@ -824,7 +824,8 @@ def build_index(run_dir: str | Path, config: IndexConfig) -> dict[str, Any]:
             break
         if not 0 <= search_k < exhaustive:
             break
-        search_k = min(search_k * 4, exhaustive)
+        # x2: on 100k learned items x 64 the floor lay between 8000 (0.83) and 16000 (0.92, 1.2 ms)
+        search_k = min(search_k * 2, exhaustive)
     search_k, recall, latencies = chosen
     index.search_k = search_k
     serve = "annoy"

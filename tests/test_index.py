@@ -475,7 +475,7 @@ def test_build_index_tunes_search_k_up_to_the_floor(tmp_path):
     result = build_index(tmp_path, config)
     steps = [t["search_k"] for t in result["search_k_tuning"]]
     assert steps[0] == 10 and steps == sorted(steps) and len(steps) > 1
-    assert all(b == min(4 * a, 2000) for a, b in zip(steps, steps[1:], strict=False))
+    assert all(b == min(2 * a, 2000) for a, b in zip(steps, steps[1:], strict=False))
     assert result["search_k_tuning"][0]["recall_at_10"] < 0.99 <= result["recall_at_10"]
     assert (result["search_k"], result["search_k_configured"], result["serve"]) == (steps[-1], 10, "annoy")
     # The index answers with the tuned search_k from now on.

@@ -29,7 +29,9 @@ def test_two_runs_leave_two_run_dirs_and_current_on_the_second(log, tmp_path):
     assert second.previous_run_id == first.run_id
     # The gate compared like with like: the current run's holdout model on the same holdout.
     current_recall = second.current_on_holdout["metrics"]["recall@20"]
-    assert current_recall == pytest.approx(first.run.metrics["holdout"]["models"]["model"]["recall@20"], abs=0.02)
+    assert current_recall == pytest.approx(
+        first.run.metrics["holdout"]["models"]["model"]["recall@20"], abs=0.02
+    )
     assert Recommender.load(tmp_path).run_id == second.run_id
 
 

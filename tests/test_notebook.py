@@ -90,5 +90,8 @@ def test_queries_answer_and_the_model_beats_popularity(executed):
     final = _text(nb.cells[n_cells - 1])
     assert final.startswith("quickstart ok: model recall@20 ")
     words = final.split()
-    model, popularity = float(words[words.index("recall@20") + 1]), float(words[words.index("popularity") + 1])
+    model, popularity = (
+        float(words[words.index("recall@20") + 1]),
+        float(words[words.index("popularity") + 1]),
+    )
     assert model > popularity > 0

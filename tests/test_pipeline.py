@@ -38,7 +38,10 @@ def run(log_path, tmp_path_factory):
     mp.setattr(pipeline, "fit", recording_fit)
     try:
         result = train_run(
-            log_path / "interactions.parquet", tmp_path_factory.mktemp("run"), config_from_dict(FAST), progress=False
+            log_path / "interactions.parquet",
+            tmp_path_factory.mktemp("run"),
+            config_from_dict(FAST),
+            progress=False,
         )
     finally:
         mp.undo()
@@ -47,8 +50,17 @@ def run(log_path, tmp_path_factory):
 
 def test_run_directory_has_the_contract_files(run):
     result, _ = run
-    for name in ("users.parquet", "items.parquet", "rejects.parquet", "model.pt", "model.json",
-                 "user_embeddings.parquet", "item_embeddings.parquet", "metrics.json", "triplets.parquet"):
+    for name in (
+        "users.parquet",
+        "items.parquet",
+        "rejects.parquet",
+        "model.pt",
+        "model.json",
+        "user_embeddings.parquet",
+        "item_embeddings.parquet",
+        "metrics.json",
+        "triplets.parquet",
+    ):
         assert (result.run_dir / name).exists(), name
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["run_id"] == result.run_id
@@ -73,13 +85,17 @@ def test_holdout_model_never_trains_on_test_rows_and_refit_sees_everything(run):
     keys = lambda u, i: set((np.asarray(u, dtype=np.int64) * n_items + np.asarray(i)).tolist())  # noqa: E731
     test = inter.filter(pl.col("split") != "train")
     test_keys = keys(test["user_num"].to_numpy(), test["item_num"].to_numpy())
-    train_keys = keys(*[inter.filter(pl.col("split") == "train")[c].to_numpy() for c in ("user_num", "item_num")])
+    train_keys = keys(
+        *[inter.filter(pl.col("split") == "train")[c].to_numpy() for c in ("user_num", "item_num")]
+    )
     test_only = test_keys - train_keys
     assert test_only, "the fixture must have test-only pairs"
     assert not keys(holdout_data.user_num, holdout_data.item_num) & test_only
     assert not set((holdout_data.seen.keys()).tolist()) & test_only
     liked = inter.filter(pl.col("label") == 1)
-    assert keys(refit_data.user_num, refit_data.item_num) == keys(liked["user_num"].to_numpy(), liked["item_num"].to_numpy())
+    assert keys(refit_data.user_num, refit_data.item_num) == keys(
+        liked["user_num"].to_numpy(), liked["item_num"].to_numpy()
+    )
 
 
 def test_exported_embeddings_reproduce_the_model_rankings(run):
@@ -93,7 +109,10 @@ def test_exported_embeddings_reproduce_the_model_rankings(run):
     with torch.no_grad():
         model_scores = result.model.score(np.arange(50)).cpu().numpy()
     np.testing.assert_allclose(consumer, model_scores, rtol=1e-5, atol=1e-6)
-    assert (np.argsort(-consumer, axis=1, kind="stable")[:, :10] == np.argsort(-model_scores, axis=1, kind="stable")[:, :10]).all()
+    assert (
+        np.argsort(-consumer, axis=1, kind="stable")[:, :10]
+        == np.argsort(-model_scores, axis=1, kind="stable")[:, :10]
+    ).all()
 
 
 def test_model_reloads_from_the_run_directory(run):
@@ -122,6 +141,10 @@ def test_item_features_need_an_item_table(log_path, tmp_path):
     with pytest.raises(ConfigError, match="needs an item table"):
         train_run(log_path / "interactions.parquet", tmp_path / "a", cfg, progress=False)
     result = train_run(
-        log_path / "interactions.parquet", tmp_path / "b", cfg, items=log_path / "items.parquet", progress=False
+        log_path / "interactions.parquet",
+        tmp_path / "b",
+        cfg,
+        items=log_path / "items.parquet",
+        progress=False,
     )
     assert result.model.item_encoder is not None

@@ -613,4 +613,6 @@ def test_score_current_on_a_real_candidate_holdout(two_real_runs):
     self_scored = score_current_on_holdout(b_dir, b_dir, config)
     assert self_scored["unknown"]["users"] == self_scored["unknown"]["items"] == 0
     for key in ("recall@10", "recall@20", "ndcg@20"):
-        assert self_scored["metrics"][key] == pytest.approx(metrics_b["holdout"]["models"]["model"][key], abs=1e-6)
+        assert self_scored["metrics"][key] == pytest.approx(
+            metrics_b["holdout"]["models"]["model"][key], abs=1e-6
+        )
