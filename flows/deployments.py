@@ -77,6 +77,7 @@ def deployments(
     retrain_cron: str = NIGHTLY_CRON,
     batch_cron: str = BATCH_CRON,
     name_suffix: str | None = None,
+    warm_start: bool | None = None,
 ) -> list[RunnerDeployment]:
     """The two scheduled deployments (no server is contacted).
 
@@ -91,6 +92,8 @@ def deployments(
         batch_cron: when the batch table is written (cron, UTC).
         name_suffix: appended to both deployment names (``nightly-retrain-<suffix>``), so that a
             trial deployment does not replace the real one on the same server.
+        warm_start: the nightly retrain starts from the published run's models; None keeps the
+            config's ``train.warm_start``.
 
     Raises:
         ConfigError: a cron expression or the name suffix is invalid.
@@ -110,6 +113,7 @@ def deployments(
                 "config_path": _absolute(config_path),
                 "items": _absolute(items),
                 "force": False,
+                "warm_start": warm_start,
             },
             description=f"Train, gate and publish a new run (cron {retrain_cron!r}, UTC).",
             tags=["recsys-metric"],

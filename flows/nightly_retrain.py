@@ -267,6 +267,7 @@ def nightly_retrain(
     config_path: str | None = None,
     force: bool = False,
     items: str | None = None,
+    warm_start: bool | None = None,
 ) -> dict[str, Any]:
     """Train a new run, gate it against the published one, and publish it only when it passes.
 
@@ -276,6 +277,8 @@ def nightly_retrain(
         config_path: YAML or TOML config; defaults when None.
         force: publish even when the gate refuses (the reason records the override).
         items: item feature table, when ``model.item_features`` is set.
+        warm_start: start training from the published run's models (``train.warm_start``);
+            None keeps the config's setting.
 
     Returns:
         ``run_id``, ``run_dir``, ``published``, ``reason`` (the gate's), ``decision`` (all its
@@ -283,6 +286,10 @@ def nightly_retrain(
         after it), ``metrics`` (rows of the report table), ``index`` and ``pruned``.
     """
     config = load_config(config_path)
+    if warm_start is not None:
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"warm_start": warm_start})}
+        )
     store = ArtifactStore(artifacts, config.publish)
     # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
     pending = str(store.new_run())
@@ -359,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", dest="config_path")
     parser.add_argument("--items")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument(
+        "--warm-start", action="store_true", default=None, help="start from the published run's models"
+    )
     args = parser.parse_args(argv)
     result = run_once(**vars(args))
     print(f"run {result['run_id']}: {'published' if result['published'] else 'NOT published'}")

@@ -248,6 +248,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         retrain_cron=args.retrain_cron,
         batch_cron=args.batch_cron,
         name_suffix=args.name_suffix,
+        warm_start=True if args.warm_start else None,
     )
     problem = prefect_api_problem()
     if problem is not None:
@@ -501,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--name-suffix",
         help="append -SUFFIX to both deployment names, e.g. a trial with --retrain-cron '* * * * *' "
         "--name-suffix test next to the real deployments (docs/scheduling.md)",
+    )
+    p.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="the nightly retrain starts from the current run's models (train.warm_start)",
     )
     p.set_defaults(func=_cmd_serve)
 

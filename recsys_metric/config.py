@@ -237,7 +237,7 @@ class TrainConfig(_Section):
     """Learning-rate multiplier for a warm-started run. The optimiser's statistics start afresh, and
     full-size first steps shake a trained model: on a 1M-interaction synthetic log a warm run at the
     full rate lost 3% Recall@20 against a cold one, at 0.3 x the rate it matched it (0.169 / 0.170)
-    with 58% less training time (``bench/warm_start.py``)."""
+    with 37% less training time (``bench/warm_start.py``)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``..."""
     seed: int = 42

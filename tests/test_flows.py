@@ -90,11 +90,17 @@ def test_flow_publishes_and_a_second_run_moves_current(prefect_api, data, tmp_pa
 def test_the_flow_warm_starts_from_the_run_it_is_gated_against(prefect_api, data, tmp_path):
     first = _retrain(data, tmp_path, config="warm.yaml")
     second = _retrain(data, tmp_path, config="warm.yaml")
-    warm = [ArtifactStore(tmp_path).run_dir(r["run_id"]) / "metrics.json" for r in (first, second)]
-    first_warm, second_warm = (json.loads(p.read_text())["warm_start"] for p in warm)
+    # The flow parameter overrides the config both ways.
+    third = _retrain(data, tmp_path, config="warm.yaml", warm_start=False)
+    fourth = _retrain(data, tmp_path, config="good.yaml", warm_start=True)
+    runs = (first, second, third, fourth)
+    warm = [ArtifactStore(tmp_path).run_dir(r["run_id"]) / "metrics.json" for r in runs]
+    first_warm, second_warm, third_warm, fourth_warm = (json.loads(p.read_text())["warm_start"] for p in warm)
     assert first_warm["reason"] == "cold start: there is no current run to start from"
     assert second_warm["enabled"] and second_warm["source_run_id"] == first["run_id"]
     assert {row["model"]: row["run_id"] for row in second["metrics"]}["current"] == first["run_id"]
+    assert not third_warm["enabled"] and third_warm["reason"] == "cold start: train.warm_start is off"
+    assert fourth_warm["enabled"] and fourth_warm["source_run_id"] == third["current_run_id"]
 
 
 def test_a_crash_in_a_task_leaves_current_and_a_rerun_succeeds(prefect_api, data, tmp_path, monkeypatch):
@@ -192,6 +198,7 @@ def test_deployments_schedule_both_flows_without_a_server(tmp_path):
     assert [(s.schedule.cron, s.schedule.timezone) for s in batch.schedules] == [("0 4 * * *", "UTC")]
     assert nightly.parameters["artifacts"] == batch.parameters["artifacts"] == str(tmp_path / "artifacts")
     assert nightly.parameters["config_path"].endswith("/cfg.yaml") and nightly.parameters["force"] is False
+    assert nightly.parameters["warm_start"] is None, "the config's train.warm_start decides"
     assert batch.parameters["out"] == str(tmp_path / "artifacts" / "recommendations")
     assert batch.parameters["k"] == 50 and batch.parameters["index"] == "exact"
     assert nightly.entrypoint.endswith("nightly_retrain.py:nightly_retrain")
@@ -228,6 +235,11 @@ def test_serve_passes_the_command_line_to_the_deployments(monkeypatch, tmp_path)
         nightly.schedules[0].schedule.cron == "* * * * *" and batch.schedules[0].schedule.cron == "30 * * * *"
     )
     assert batch.parameters["k"] == 7 and batch.parameters["artifacts"] == str(tmp_path)
+    assert nightly.parameters["warm_start"] is None
+
+    served.clear()
+    assert cli.main(["serve", "--warm-start"]) == 0
+    assert served[0].parameters["warm_start"] is True
 
     served.clear()
     assert cli.main(["serve"]) == 0
