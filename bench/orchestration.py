@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         rows
         + [
             "",
+            verdict(base, med["flow"], med["flow, Prefect defaults"]),
+            "",
             f"Temporary API server start (once per process, not included above): {server_start:.1f} s. "
             f"{args.rounds} rounds after one untimed warm-up round, path order rotated, "
             f"{args.pause:g} s pause between runs. Holdout recall@20 of every run: "
@@ -180,6 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         "python -m bench.orchestration " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
     return 0 if same else 1
+
+
+def verdict(plain_s: float, flow_s: float, defaults_s: float) -> str:
+    """The goal line: under 10% wall overhead, and the run length from which a fixed cost meets it."""
+    over, over_defaults = flow_s - plain_s, defaults_s - plain_s
+    met = "met" if over / plain_s < 0.10 else "NOT met"
+    return (
+        f"Goal: under 10% wall overhead: {met} on this {plain_s:.2f} s run ({over / plain_s:+.0%}). The "
+        "overhead is a fixed cost per run, not a share of the work: the flow's requests to the "
+        "SQLite-backed API server (about 20 ms each in a cProfile of one run, about ten of them: flow "
+        "run, states, two artifacts) and the task engine. At "
+        f"{over:+.2f} s it stays under 10% for runs from {over / 0.10:.0f} s up "
+        f"({over_defaults / 0.10:.0f} s with Prefect's heartbeat, whose thread the flow waits for at exit); "
+        "a nightly run on 20M interactions takes about 11 minutes."
+    )
 
 
 if __name__ == "__main__":
