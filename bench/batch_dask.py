@@ -33,13 +33,12 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import OUT, save_result
+from bench.common import OUT, save_result, throwaway_prefect_home
 
 
 def _cpu_seconds(extra_pids: Sequence[int] = ()) -> tuple[float, float]:
@@ -167,16 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
 
-    # Prefect reads these at import: a throwaway home, no telemetry, room for a slow start.
-    home = tempfile.mkdtemp(prefix="prefect-home-")
-    os.environ.update(
-        {
-            "PREFECT_HOME": home,
-            "DO_NOT_TRACK": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        }
-    )
+    # Before Prefect is imported: it reads its settings then.
+    home = throwaway_prefect_home()
     import torch
     from prefect import flow
 

@@ -14,6 +14,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,24 @@ def machine() -> dict[str, Any]:
 def peak_rss_gib() -> float:
     """Peak resident set size of this process so far, GiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def throwaway_prefect_home() -> str:
+    """Point Prefect at a fresh ``PREFECT_HOME`` with no telemetry and room for a slow server start.
+
+    Prefect reads these settings when it is imported, so call this before importing it. Returns the
+    directory, for the caller to delete.
+    """
+    home = tempfile.mkdtemp(prefix="prefect-home-")
+    os.environ.update(
+        {
+            "PREFECT_HOME": home,
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        }
+    )
+    return home
 
 
 def save_result(name: str, result: dict[str, Any], command: str) -> Path:

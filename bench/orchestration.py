@@ -32,12 +32,11 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import OUT, save_result
+from bench.common import OUT, save_result, throwaway_prefect_home
 
 DATA = Path("data") / "interactions.parquet"
 ITEMS = Path("data") / "items.parquet"
@@ -59,16 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between runs, not timed")
     args = parser.parse_args(argv)
 
-    # Prefect reads these at import: a throwaway home, no telemetry, room for a slow start.
-    home = tempfile.mkdtemp(prefix="prefect-home-")
-    os.environ.update(
-        {
-            "PREFECT_HOME": home,
-            "DO_NOT_TRACK": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        }
-    )
+    # Before Prefect is imported: it reads its settings then.
+    home = throwaway_prefect_home()
     import psutil
     from prefect import flow
 

@@ -313,7 +313,9 @@ class _GlobalRanking:
 
     def __call__(self, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         prep = self.prep
-        n_seen = prep.train_seen.row_lengths()[users] if prep.exclude_seen else np.zeros(1, np.int64)
+        indptr = prep.train_seen.indptr
+        # The batch's rows only: every user's row lengths would cost O(n_users) per batch.
+        n_seen = indptr[users + 1] - indptr[users] if prep.exclude_seen else np.zeros(1, np.int64)
         m = min(self.items.shape[0], k + int(n_seen.max()))
         head = self.items[:m]
         position = np.broadcast_to(np.arange(m, dtype=np.int64), (users.shape[0], m))
