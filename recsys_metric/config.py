@@ -258,6 +258,14 @@ class TrainConfig(_Section):
     thread meanwhile, and on the shared 2-core machine 2 torch threads ran 5-50x slower (threads
     waiting for each other). A compiled step with more than 1 thread is not bit-for-bit
     reproducible (parallel scatter-adds)."""
+    kernel: Literal["auto", "numba", "torch"] = "auto"
+    """How the fused triplet step (free embeddings, triplet loss, sgd or adagrad) runs on CPU.
+    ``numba``: a compiled loop that updates the rows after every triplet, as implicit's BPR does
+    (``recsys_metric.triplet_kernel``): 2-3x the tensor step's throughput on the 2-core machine
+    (``bench/train_speed.py``); with ``threads`` > 1 the threads update without locks (Hogwild!),
+    so such runs are not bit-for-bit reproducible. ``torch``: the batched tensor step
+    (``compile`` applies). ``auto``: numba when it is installed and training runs on CPU outside
+    ``torchrun``, else torch. The first run compiles the loop in ~5 s and caches it on disk."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Run the fused step (free embeddings, triplet loss, sgd or adagrad) through ``torch.compile``:
     gathers, arithmetic and row updates fuse into one loop, about 3x the eager throughput on CPU,

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recsys_metric import triplet_kernel
 from recsys_metric.config import TrainConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.device import keep_freed_memory, resolve_device
@@ -85,6 +86,9 @@ _CHUNK_TRIPLETS = 1 << 18
 """Negatives are drawn for about this many triplets at once (a whole number of batches)."""
 
 _RENORM_EPS = 1e-7
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+"""Batch ``b0`` of a chunk draws its negatives from the stream ``chunk seed + b0 * this``."""
 """As ``torch.renorm``: a row with norm n > 1 is divided by n + 1e-7."""
 
 ADAGRAD_EPS = 1e-10
@@ -182,6 +186,8 @@ class TrainResult:
         device: where it trained.
         fused: True when the fused step ran, False for autograd.
         compiled: True when the fused step ran through ``torch.compile``.
+        kernel: what computed the steps: ``numba`` (:class:`NumbaTripletStep`), ``torch`` (the
+            fused tensor step, compiled or not) or ``autograd``.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -191,6 +197,7 @@ class TrainResult:
     device: str = "cpu"
     fused: bool = False
     compiled: bool = False
+    kernel: str = "autograd"
 
     @property
     def epochs_run(self) -> int:
@@ -504,7 +511,11 @@ def _triplet_gradients(
     if weight_decay:
         g_user = g_user + weight_decay * u
         g_pos = g_pos + weight_decay * p
-        g_neg = g_neg + weight_decay * chosen(n)
+        decay_neg = weight_decay * chosen(n)
+        if slot is None and valid is not None:
+            # Invalid slots hold a placeholder item, which must not decay.
+            decay_neg = decay_neg * valid[:, :k_used].unsqueeze(2).to(dtype)
+        g_neg = g_neg + decay_neg
     item_grads = torch.cat([g_pos, g_neg.reshape(-1, dim)])
     every_slot = slot is None and k_used == k
     if every_slot:
@@ -679,6 +690,94 @@ class FusedTripletStep:
         self.rows.load_state_dict(state["rows"])
 
 
+class NumbaTripletStep(FusedTripletStep):
+    """The fused step's objective trained by :mod:`recsys_metric.triplet_kernel`'s compiled
+    per-triplet loop (CPU only): the rows are updated after every triplet instead of once per
+    batch. Same tables, options and optimiser state as :class:`FusedTripletStep` (checkpoints
+    move between the two); :meth:`gradients` is inherited (tensor, eager).
+    """
+
+    def __init__(
+        self, model: TwoTowerModel, config: TrainConfig, n_items: int, seen: InteractionMatrix | None = None
+    ):
+        super().__init__(model, config, n_items, compiled=False)
+        self.threads = max(1, config.threads)
+        self._kernel_options = {k: v for k, v in self.options.items() if k != "aliased"}
+        self.k = config.negatives
+        self.seen = None
+        if seen is not None:
+            self.seen = (
+                np.ascontiguousarray(seen.indptr, dtype=np.int64),
+                np.ascontiguousarray(seen.indices, dtype=np.int32),
+            )
+
+    @property
+    def draws_negatives(self) -> bool:
+        """True when the kernel draws the negatives itself (uniform sampling, given ``seen``)."""
+        return self.seen is not None
+
+    def __call__(
+        self,
+        users: Tensor,
+        pos: Tensor,
+        negs: Tensor | None,
+        valid: Tensor | None,
+        lr: float,
+        *,
+        hist: Tensor | None = None,
+        seed: int = 0,
+    ) -> Tensor:
+        """One batch; with ``negs`` None the kernel draws ``k`` negatives per pair for the users
+        ``hist`` (whose ``seen`` rows they avoid) from the random stream ``seed``."""
+        sample = None
+        if negs is None:
+            if self.seen is None or hist is None:
+                raise ValueError("negs None needs the step built with seen, and hist")
+            sample = (hist.numpy(), *self.seen, self.k, seed)
+        item_acc = self.rows.accumulator("item")
+        # Item-item mode: one table, so one accumulator on both sides.
+        user_acc = item_acc if self.aliased else self.rows.accumulator("user")
+        loss = triplet_kernel.triplet_step(
+            self.users.numpy(),
+            self.items.numpy(),
+            None if user_acc is None else user_acc.numpy(),
+            None if item_acc is None else item_acc.numpy(),
+            users.numpy(),
+            pos.numpy(),
+            None if negs is None else negs.numpy(),
+            None if valid is None else valid.numpy(),
+            lr,
+            threads=self.threads,
+            sample=sample,
+            **self._kernel_options,
+        )
+        return torch.tensor(loss, dtype=torch.float64)
+
+
+def use_numba(config: TrainConfig, fused: bool, device: torch.device, distributed: bool) -> bool:
+    """Whether the fused step runs as :class:`NumbaTripletStep` (see ``TrainConfig.kernel``).
+
+    Raises:
+        ConfigError: ``kernel: numba`` where it cannot run.
+    """
+    if config.kernel == "torch":
+        return False
+    reasons = []
+    if not fused:
+        reasons.append("the run does not take the fused path (triplet loss on free embeddings)")
+    if config.optimizer == "adam":
+        reasons.append("train.optimizer adam has no per-triplet update (use adagrad or sgd)")
+    if device.type != "cpu":
+        reasons.append(f"it runs on CPU only, not {device}")
+    if distributed:
+        reasons.append("torchrun ranks exchange batch gradients (the tensor step)")
+    if not triplet_kernel.available():
+        reasons.append("numba is not installed (pip install numba)")
+    if reasons and config.kernel == "numba":
+        raise ConfigError("train.kernel numba: " + "; ".join(reasons) + "; or set train.kernel: auto")
+    return not reasons
+
+
 def _dense_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -820,6 +919,10 @@ class _Chunk:
     negs: Tensor | None
     valid: Tensor | None
     n_pairs: int
+    hist: Tensor | None = None
+    """With deferred negatives: the users whose history the step's own draws avoid."""
+    seed: int = 0
+    """With deferred negatives: the chunk's random stream for the step's draws."""
 
 
 class _NegativeSource:
@@ -836,6 +939,9 @@ class _NegativeSource:
         self.explicit_base = base
         self.explicit_frac = explicit_share * k - base
         self.use_explicit = explicit_share > 0 and data.dislikes is not None and data.dislikes.nnz > 0
+        self.defer_negatives = False
+        """The step draws the negatives (:attr:`NumbaTripletStep.draws_negatives`); chunks carry
+        the users to draw for and a seed instead."""
         if self.use_explicit:
             assert data.dislikes is not None
             self.dislike_lengths = data.dislikes.row_lengths()
@@ -850,6 +956,16 @@ class _NegativeSource:
         data = self.data
         users, queries, items = self.pairs(order, rng)
         negs_t = valid_t = None
+        if self.needs_negatives and self.defer_negatives:
+            return _Chunk(
+                users=torch.from_numpy(queries.astype(np.int64)),
+                items=torch.from_numpy(items.astype(np.int64)),
+                negs=None,
+                valid=None,
+                n_pairs=int(queries.shape[0]),
+                hist=torch.from_numpy(users.astype(np.int64)),
+                seed=int(rng.integers(0, 2**63)),
+            )
         if self.needs_negatives:
             negs = sample_negatives(users, data.seen, self.k, rng, item_probs=data.item_probs)
             if self.use_explicit:
@@ -1099,15 +1215,23 @@ def _fit(
     needs_negatives = config.loss != "softmax"
     k = config.negatives if needs_negatives else 1
     step: FusedTripletStep | _AutogradStep
-    if fused:
+    source_type = CoLikedSource if model.item_item else _NegativeSource
+    source = source_type(data, k, explicit_share, device, needs_negatives)
+    if use_numba(config, fused, device, distributed is not None):
+        # One kernel thread: the vectorised sampler draws the next chunk's negatives in a second
+        # thread meanwhile (free on a 2-core machine). Several kernel threads: each draws its own
+        # uniform negatives (a sampler thread would compete with them for the cores); popularity
+        # sampling and explicit dislikes keep the vectorised sampler.
+        in_kernel = config.threads > 1 and data.item_probs is None and not source.use_explicit
+        step = NumbaTripletStep(model, config, data.n_items, seen=data.seen if in_kernel else None)
+        source.defer_negatives = in_kernel
+    elif fused:
         compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
     else:
         step = _AutogradStep(model, config, data, device)
     if distributed is not None:
         step = distributed.wrap_step(step, model, config, n_epochs, data.n_pairs)
-    source_type = CoLikedSource if model.item_item else _NegativeSource
-    source = source_type(data, k, explicit_share, device, needs_negatives)
     batch_size = config.batch_size
     chunk_pairs = max(1, _CHUNK_TRIPLETS // (batch_size * k)) * batch_size
 
@@ -1215,6 +1339,7 @@ def _fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     result.compiled = isinstance(step, FusedTripletStep) and step.compiled
+    result.kernel = "numba" if isinstance(step, NumbaTripletStep) else "torch" if fused else "autograd"
     return result
 
 
@@ -1244,18 +1369,35 @@ def _run_epoch(
     pairs_trained = 0
     lr = config.lr
     batch_size = config.batch_size
+    if isinstance(step, NumbaTripletStep) and config.lr_schedule == "constant":
+        # The kernel updates after every triplet, so a batch only sets how often the learning
+        # rate is recomputed; one call per chunk saves the calls (and thread wake-ups).
+        batch_size = chunk_pairs
     with torch.no_grad():
         for chunk in _chunks(source, order, rng, chunk_pairs):
             for b0 in range(0, chunk.n_pairs, batch_size):
                 b1 = min(b0 + batch_size, chunk.n_pairs)
                 lr = config.lr * _lr_factor(config.lr_schedule, (epoch + (pairs_done + b0) / m) / n_epochs)
-                loss = step(
-                    chunk.users[b0:b1],
-                    chunk.items[b0:b1],
-                    None if chunk.negs is None else chunk.negs[b0:b1],
-                    None if chunk.valid is None else chunk.valid[b0:b1],
-                    lr,
-                )
+                if chunk.hist is None:
+                    loss = step(
+                        chunk.users[b0:b1],
+                        chunk.items[b0:b1],
+                        None if chunk.negs is None else chunk.negs[b0:b1],
+                        None if chunk.valid is None else chunk.valid[b0:b1],
+                        lr,
+                    )
+                else:
+                    assert isinstance(step, NumbaTripletStep)
+                    seed = (chunk.seed + b0 * _SEED_STRIDE) % 2**64
+                    loss = step(
+                        chunk.users[b0:b1],
+                        chunk.items[b0:b1],
+                        None,
+                        None,
+                        lr,
+                        hist=chunk.hist[b0:b1],
+                        seed=seed,
+                    )
                 loss_sum += loss
                 if bar is not None:
                     bar.update((b1 - b0) * k)

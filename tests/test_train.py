@@ -125,8 +125,12 @@ def _autograd_row_grads(model, metric, weighting, users, pos, negs, valid, weigh
         grad_users = grad_users + weight_decay * torch.zeros_like(users_w).index_add_(
             0, users, users_w.detach()[users]
         )
+        # Invalid slots hold placeholder items: they get no gradient, hence no penalty.
+        occurs = torch.ones(item_rows.shape[0], 1)
+        if weighting == "mean" and valid is not None:
+            occurs[users.shape[0] :, 0] = valid.reshape(-1).float()
         grad_items = grad_items + weight_decay * torch.zeros_like(items_w).index_add_(
-            0, item_rows, items_w.detach()[item_rows]
+            0, item_rows, items_w.detach()[item_rows] * occurs
         )
     return loss.detach(), grad_users, grad_items
 
@@ -419,10 +423,10 @@ def test_compiled_step_matches_the_eager_step():
         pytest.skip("no C++ compiler for torch.compile")
     train, _ = _checkerboard()
     data = TrainData.from_matrices(train)
-    config = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 50})
+    config = TrainConfig(**{**FAST, "epochs": 3, "batch_size": 50, "kernel": "torch"})
     eager = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
     compiled = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
-    fit(eager, data, config, progress=False)
+    fit(eager, data, config.model_copy(update={"kernel": "torch"}), progress=False)
     result = fit(compiled, data, config.model_copy(update={"compile": "on"}), progress=False)
     assert result.compiled
     torch.testing.assert_close(compiled.item_embedding.weight, eager.item_embedding.weight, atol=1e-5, rtol=0)
@@ -439,7 +443,7 @@ def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", broken_compile)
     train, _ = _checkerboard()
     data = TrainData.from_matrices(train)
-    config = TrainConfig(**{**FAST, "epochs": 2})
+    config = TrainConfig(**{**FAST, "epochs": 2, "kernel": "torch"})
     fallback = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
     eager = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
     result = fit(fallback, data, config.model_copy(update={"compile": "on"}), progress=False)

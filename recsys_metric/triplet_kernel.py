@@ -1,0 +1,507 @@
+"""The triplet step as a compiled per-sample SGD loop on CPU (numba), implicit/LightFM style.
+
+:class:`~recsys_metric.train.FusedTripletStep` computes a batch's gradients with some fifty tensor
+passes over ``[B, k, D]`` arrays and then scatters them; on CPU those passes, not the arithmetic,
+set its speed. Here one compiled loop walks the batch triplet by triplet: it reads the query row,
+the positive and the ``k`` negatives once (``k + 2`` rows of ``D`` floats, in cache), computes the
+margin violations, picks the negative that gets the gradient, and updates the touched rows in place
+straight away (row-wise Adagrad or SGD), as implicit's BPR and LightFM do. The objective and its
+gradient are the fused step's (``FusedTripletStep`` documents them); what differs is when an
+update lands: after each triplet rather than once per batch, so a later triplet of the same batch
+already sees it.
+
+Euclidean projection is applied in place when a row is read (``P(w)`` replaces ``w``, as the
+fused step's write-back of the projected value does), so a row ends each update at
+``P(w) - lr * g``, and the tables are projected at the end of the epoch as on the other paths.
+
+``threads == 1`` (the default, ``train.threads``) runs the triplets in order: deterministic for a
+seed, and a resumed run equals the uninterrupted one bit for bit. ``threads > 1`` splits the batch
+across threads that update the shared tables without locks (Hogwild!, Recht et al. 2011, as
+implicit does); faster on several free cores, not reproducible bit for bit.
+
+numba is a dependency; where it is missing (a platform without its wheels), and on CUDA,
+training takes the tensor path (``TrainConfig.kernel``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+METRICS = {"euclidean": 0, "dot": 1, "cosine": 2}
+WEIGHTINGS = {"hardest": 0, "warp": 1, "mean": 2}
+
+_NORM_EPS = 1e-12
+"""As :data:`recsys_metric.model.distances.NORM_EPS`: the smallest norm cosine divides by."""
+_RENORM_EPS = 1e-7
+"""As ``torch.renorm``: a row with norm n > 1 is divided by n + 1e-7."""
+_ADAGRAD_EPS = 1e-10
+_MAX_TRIES = 32
+"""Rejected draws before a negative is drawn exactly from the user's unseen items."""
+_DRAW_BLOCK = 256
+"""Triplets whose negatives are drawn before their steps run."""
+
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+"""LLVM's fast-math flags minus ``nnan`` and ``ninf``: invalid negative slots carry -inf."""
+
+
+def available() -> bool:
+    """True when numba imports, i.e. the compiled step can run."""
+    return numba is not None
+
+
+if numba is not None:
+    _jit = njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
+    # Inlined at numba's level: a call per row and triplet costs more than the row's arithmetic.
+    _inline = njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy", inline="always")
+
+    @_inline
+    def _project(w: np.ndarray) -> None:
+        """Project the row ``w`` ``[D]`` onto the unit ball in place."""
+        s = np.float32(0.0)
+        for t in range(w.shape[0]):
+            s += w[t] * w[t]
+        if s > 1.0:
+            scale = np.float32(1.0 / (math.sqrt(s) + _RENORM_EPS))
+            for t in range(w.shape[0]):
+                w[t] *= scale
+
+    @_inline
+    def _norm(w: np.ndarray) -> float:
+        s = np.float32(0.0)
+        for t in range(w.shape[0]):
+            s += w[t] * w[t]
+        return max(math.sqrt(s), _NORM_EPS)
+
+    @_inline
+    def _dot(x: np.ndarray, y: np.ndarray) -> float:
+        s = np.float32(0.0)
+        for t in range(x.shape[0]):
+            s += x[t] * y[t]
+        return s
+
+    @_inline
+    def _violation(
+        u: np.ndarray, p: np.ndarray, n: np.ndarray, metric: int, u_norm: float, p_norm: float
+    ) -> float:
+        """The margin violation of negative ``n`` without the margin: larger violates more."""
+        s = np.float32(0.0)
+        if metric == 0:
+            # |u - p|^2 - |u - n|^2
+            for t in range(u.shape[0]):
+                a = u[t] - p[t]
+                b = u[t] - n[t]
+                s += a * a - b * b
+            return s
+        if metric == 1:
+            # u.n - u.p
+            for t in range(u.shape[0]):
+                s += u[t] * (n[t] - p[t])
+            return s
+        return _dot(u, n) / (u_norm * _norm(n)) - _dot(u, p) / (u_norm * p_norm)
+
+    @_inline
+    def _apply(w: np.ndarray, acc: np.ndarray, row: int, g: np.ndarray, lr: float, adagrad: bool) -> None:
+        """``w -= lr * g`` (SGD) or the row-wise Adagrad step of ``SparseRowOptimizer``."""
+        step = lr
+        if adagrad:
+            s = np.float32(0.0)
+            for t in range(g.shape[0]):
+                s += g[t] * g[t]
+            acc[row] += s / g.shape[0]
+            step = lr / (math.sqrt(acc[row]) + _ADAGRAD_EPS)
+        step32 = np.float32(step)
+        for t in range(w.shape[0]):
+            w[t] -= step32 * g[t]
+
+    @_inline
+    def _one_triplet(
+        uw: np.ndarray,
+        iw: np.ndarray,
+        u_acc: np.ndarray,
+        i_acc: np.ndarray,
+        q: int,
+        p: int,
+        negs: np.ndarray,
+        valid: np.ndarray,
+        b: int,
+        has_valid: bool,
+        lr: float,
+        metric: int,
+        margin: float,
+        weighting: int,
+        n_items: int,
+        weight_decay: float,
+        project: bool,
+        adagrad: bool,
+        g_u: np.ndarray,
+        g_p: np.ndarray,
+        g_n: np.ndarray,
+        viol: np.ndarray,
+    ) -> float:
+        """Gradient step of triplet ``b`` (query row ``q``, positive ``p``); returns its loss."""
+        k = negs.shape[1]
+        d = uw.shape[1]
+        u = uw[q]
+        pv = iw[p]
+        if project:
+            _project(u)
+            _project(pv)
+            for j in range(k):
+                if not has_valid or valid[b, j]:
+                    _project(iw[negs[b, j]])
+        u_norm = 1.0
+        p_norm = 1.0
+        if metric == 2:
+            u_norm = _norm(u)
+            p_norm = _norm(pv)
+        best = -np.inf
+        best_j = -1
+        n_viol = 0
+        for j in range(k):
+            if has_valid and not valid[b, j]:
+                viol[j] = -np.inf
+                continue
+            v = _violation(u, pv, iw[negs[b, j]], metric, u_norm, p_norm) + margin
+            viol[j] = v
+            if v > 0.0:
+                n_viol += 1
+            if v > best:
+                best = v
+                best_j = j
+        if n_viol == 0 and weight_decay == 0.0:
+            return 0.0
+        # a_j = dL/dv_j: the hardest negative's (times the WARP weight), or 1/k on every violator;
+        # 0 where nothing violates (the rows still get their weight decay, as on the tensor path).
+        loss = 0.0
+        weight = 0.0
+        if weighting == 2:
+            for j in range(k):
+                if viol[j] > 0.0:
+                    loss += viol[j]
+            loss /= k
+        elif n_viol > 0:
+            weight = 1.0
+            if weighting == 1:
+                weight = math.log1p(float((n_viol * n_items) // k))
+            loss = best * weight
+        wd = np.float32(weight_decay)
+        for t in range(d):
+            g_u[t] = 0.0
+            g_p[t] = 0.0
+        # The user and positive gradients are complete only after every chosen negative is seen,
+        # so the negatives' gradients are applied in this loop and the other two after it.
+        for j in range(k):
+            if weighting == 2:
+                if has_valid and not valid[b, j]:
+                    continue
+                a = 1.0 / k if viol[j] > 0.0 else 0.0
+            else:
+                if j != best_j:
+                    continue
+                a = weight
+            n = negs[b, j]
+            nv = iw[n]
+            if metric == 0:
+                # v = |u-p|^2 - |u-n|^2 + m: dv/du = 2(n-p), dv/dp = -2(u-p), dv/dn = 2(u-n).
+                a2 = np.float32(2.0 * a)
+                for t in range(d):
+                    g_u[t] += a2 * (nv[t] - pv[t])
+                    g_p[t] -= a2 * (u[t] - pv[t])
+                    g_n[t] = a2 * (u[t] - nv[t]) + wd * nv[t]
+            elif metric == 1:
+                # v = u.n - u.p + m: dv/du = n - p, dv/dp = -u, dv/dn = u.
+                a1 = np.float32(a)
+                for t in range(d):
+                    g_u[t] += a1 * (nv[t] - pv[t])
+                    g_p[t] -= a1 * u[t]
+                    g_n[t] = a1 * u[t] + wd * nv[t]
+            else:
+                # s(x, y) = x^.y^, ds/dx = (y^ - s x^) / |x|.
+                n_norm = _norm(nv)
+                s_n = np.float32(_dot(u, nv) / (u_norm * n_norm))
+                s_p = np.float32(_dot(u, pv) / (u_norm * p_norm))
+                cu = np.float32(a / u_norm)
+                cp = np.float32(a / p_norm)
+                cn = np.float32(a / n_norm)
+                iu = np.float32(1.0 / u_norm)
+                ip = np.float32(1.0 / p_norm)
+                inn = np.float32(1.0 / n_norm)
+                for t in range(d):
+                    uh = u[t] * iu
+                    nh = nv[t] * inn
+                    ph = pv[t] * ip
+                    g_u[t] += cu * ((nh - s_n * uh) - (ph - s_p * uh))
+                    g_p[t] -= cp * (uh - s_p * ph)
+                    g_n[t] = cn * (uh - s_n * nh) + wd * nv[t]
+            _apply(nv, i_acc, n, g_n, lr, adagrad)
+        if weight_decay != 0.0:
+            for t in range(d):
+                g_u[t] += wd * u[t]
+                g_p[t] += wd * pv[t]
+        _apply(pv, i_acc, p, g_p, lr, adagrad)
+        _apply(u, u_acc, q, g_u, lr, adagrad)
+        return loss
+
+    @_inline
+    def _next(state: np.ndarray) -> np.uint64:
+        """splitmix64 (Steele et al. 2014): the next 64 random bits of ``state`` ``uint64[1]``."""
+        state[0] += np.uint64(0x9E3779B97F4A7C15)
+        z = state[0]
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    @_inline
+    def _below(state: np.ndarray, n: int) -> int:
+        """Uniform in ``[0, n)`` (the modulo bias is below n / 2^64)."""
+        return np.int64(_next(state) % np.uint64(n))
+
+    @_inline
+    def _contains(indices: np.ndarray, lo: int, hi: int, item: int) -> bool:
+        """Binary search of ``item`` in the sorted ``indices[lo:hi]``."""
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            v = indices[mid]
+            if v < item:
+                lo = mid + 1
+            elif v > item:
+                hi = mid
+            else:
+                return True
+        return False
+
+    @_inline
+    def _draw(state, indptr, indices, user, n_items, negs, valid, r) -> bool:  # fmt: skip
+        """Fill ``negs[r]`` with uniform draws among the items ``user`` never interacted with (the
+        CSR row ``indices[indptr[user]:indptr[user + 1]]``, sorted), as ``sample_negatives`` does:
+        rejection first, then, for users who saw most of the catalogue, the exact r-th unseen item.
+        Returns False (slots invalid) when the user saw every item."""
+        lo = indptr[user]
+        hi = indptr[user + 1]
+        n_free = n_items - (hi - lo)
+        for j in range(negs.shape[1]):
+            valid[r, j] = n_free > 0
+            negs[r, j] = 0
+            if n_free <= 0:
+                continue
+            item = -1
+            for _ in range(_MAX_TRIES):
+                c = _below(state, n_items)
+                if not _contains(indices, lo, hi, c):
+                    item = c
+                    break
+            if item < 0:
+                item = _below(state, n_free)
+                for t in range(lo, hi):
+                    if indices[t] <= item:
+                        item += 1
+                    else:
+                        break
+            negs[r, j] = item
+        return n_free > 0
+
+    @_inline
+    def _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k, seed,
+                  lr, metric, margin, weighting, n_items, weight_decay, project, adagrad, start, end):  # fmt: skip
+        """Triplets ``start:end`` in order; returns their summed loss. With ``hist`` non-empty the
+        negatives are drawn here for user ``hist[b]`` from the random stream ``seed``."""
+        d = uw.shape[1]
+        g_u = np.empty(d, dtype=uw.dtype)
+        g_p = np.empty(d, dtype=uw.dtype)
+        g_n = np.empty(d, dtype=uw.dtype)
+        viol = np.empty(k, dtype=np.float64)
+        loss = 0.0
+        if hist.shape[0] == 0:
+            for b in range(start, end):
+                loss += _one_triplet(uw, iw, u_acc, i_acc, queries[b], pos[b], negs, valid, b, has_valid, lr,
+                                     metric, margin, weighting, n_items, weight_decay, project, adagrad,
+                                     g_u, g_p, g_n, viol)  # fmt: skip
+            return loss
+        # Draws for a block of triplets first, then their steps: the draws' cache misses (the
+        # user's row of seen items) are independent of each other and overlap; one at a time
+        # before each step they would not.
+        drawn = np.empty((_DRAW_BLOCK, k), dtype=np.int64)
+        ok = np.empty((_DRAW_BLOCK, k), dtype=np.bool_)
+        has = np.empty(_DRAW_BLOCK, dtype=np.bool_)
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for b0 in range(start, end, _DRAW_BLOCK):
+            b1 = min(b0 + _DRAW_BLOCK, end)
+            for b in range(b0, b1):
+                has[b - b0] = _draw(state, indptr, indices, hist[b], n_items, drawn, ok, b - b0)
+            for b in range(b0, b1):
+                if has[b - b0]:
+                    loss += _one_triplet(uw, iw, u_acc, i_acc, queries[b], pos[b], drawn, ok, b - b0, True, lr,
+                                         metric, margin, weighting, n_items, weight_decay, project, adagrad,
+                                         g_u, g_p, g_n, viol)  # fmt: skip
+        return loss
+
+    @_jit
+    def _draw_all(hist, indptr, indices, n_items, k, seed):  # fmt: skip
+        negs = np.empty((hist.shape[0], k), dtype=np.int64)
+        valid = np.empty((hist.shape[0], k), dtype=np.bool_)
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for b in range(hist.shape[0]):
+            _draw(state, indptr, indices, hist[b], n_items, negs, valid, b)
+        return negs, valid
+
+    # One compiled function per metric, with the metric a constant inside it: the compiler then
+    # drops the other metrics' branches from the inner loops (a third faster), and a run compiles
+    # (once, cached on disk) only the metric it uses.
+    @_jit
+    def _serial_euclidean(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                          seed, lr, margin, weighting, n_items, weight_decay, project, adagrad):  # fmt: skip
+        return _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                         seed, lr, 0, margin, weighting, n_items, weight_decay, project, adagrad,
+                         0, queries.shape[0])  # fmt: skip
+
+    @_jit
+    def _serial_dot(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                    seed, lr, margin, weighting, n_items, weight_decay, project, adagrad):  # fmt: skip
+        return _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                         seed, lr, 1, margin, weighting, n_items, weight_decay, project, adagrad,
+                         0, queries.shape[0])  # fmt: skip
+
+    @_jit
+    def _serial_cosine(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                       seed, lr, margin, weighting, n_items, weight_decay, project, adagrad):  # fmt: skip
+        return _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                         seed, lr, 2, margin, weighting, n_items, weight_decay, project, adagrad,
+                         0, queries.shape[0])  # fmt: skip
+
+    @njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy", parallel=True)
+    def _hogwild(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr, indices, k,
+                 seed, lr, metric, margin, weighting, n_items, weight_decay, project, adagrad, n_threads):  # fmt: skip
+        n = queries.shape[0]
+        losses = np.zeros(n_threads, dtype=np.float64)
+        for t in prange(n_threads):
+            # Each thread its own random stream: splitmix64 states a large odd step apart.
+            seed_t = np.uint64(seed) + np.uint64(t) * np.uint64(0xD1B54A32D192ED03)
+            losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, hist, indptr,
+                                  indices, k, seed_t, lr, metric, margin, weighting, n_items, weight_decay,
+                                  project, adagrad, t * n // n_threads, (t + 1) * n // n_threads)  # fmt: skip
+        return losses.sum()
+
+    _SERIAL = {0: _serial_euclidean, 1: _serial_dot, 2: _serial_cosine}
+
+
+_NO_VALID = np.ones((0, 0), dtype=np.bool_)
+_NO_NEGS = np.zeros((0, 0), dtype=np.int64)
+_NO_ACC = np.zeros(0, dtype=np.float32)
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_INDICES = np.zeros(0, dtype=np.int32)
+
+
+def draw_negatives(
+    users: np.ndarray, indptr: np.ndarray, indices: np.ndarray, n_items: int, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The negatives :func:`triplet_step` draws with ``sample=(users, indptr, indices, k, seed)``
+    on one thread, in the same order from the same stream.
+
+    Returns:
+        int64 ``[B, k]`` items (0 where invalid) and bool ``[B, k]`` valid (False for a user who
+        saw every item).
+    """
+    if numba is None:
+        raise RuntimeError("drawing negatives in the kernel needs numba: pip install numba")
+    return _draw_all(
+        np.ascontiguousarray(users, dtype=np.int64),
+        np.ascontiguousarray(indptr, dtype=np.int64),
+        np.ascontiguousarray(indices, dtype=np.int32),
+        int(n_items),
+        int(k),
+        np.uint64(seed % 2**64),
+    )
+
+
+def triplet_step(
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    user_acc: np.ndarray | None,
+    item_acc: np.ndarray | None,
+    queries: np.ndarray,
+    pos: np.ndarray,
+    negs: np.ndarray | None,
+    valid: np.ndarray | None,
+    lr: float,
+    *,
+    metric: str,
+    margin: float,
+    weighting: str,
+    n_items: int,
+    weight_decay: float,
+    project: bool,
+    threads: int = 1,
+    sample: tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None = None,
+) -> float:
+    """Train on one batch of triplets in place; returns the batch's summed loss.
+
+    Args:
+        user_table: float32 ``[U, D]`` query rows (C-contiguous; the item table itself in
+            item-item mode).
+        item_table: float32 ``[I, D]``.
+        user_acc, item_acc: float32 ``[U]`` / ``[I]`` row-wise Adagrad accumulators, or None for
+            plain SGD (both None or neither).
+        queries: int64 ``[B]`` query rows; pos: int64 ``[B]``.
+        negs: int64 ``[B, k]`` negatives, or None to draw them here (``sample``).
+        valid: bool ``[B, k]`` or None; invalid slots are never violating.
+        lr: learning rate.
+        metric, margin, weighting, n_items, weight_decay, project: as ``FusedTripletStep``.
+        threads: 1 for the ordered (reproducible) loop, more for lock-free threads.
+        sample: with ``negs`` None, ``(users, indptr, indices, k, seed)``: draw ``k`` negatives per
+            triplet, uniform among the items user ``users[b]`` (int64 ``[B]``) never interacted
+            with, i.e. outside the sorted CSR row ``indices[indptr[u]:indptr[u + 1]]`` (int64
+            ``[U + 1]``, int32), from the random stream ``seed`` (uint64). A triplet whose user
+            saw every item is skipped.
+    """
+    if numba is None:
+        raise RuntimeError("the compiled triplet step needs numba: pip install numba")
+    adagrad = user_acc is not None
+    if adagrad != (item_acc is not None):
+        raise ValueError("give both accumulators (row-wise Adagrad) or neither (SGD)")
+    if negs is None:
+        if sample is None:
+            raise ValueError("give negs, or sample to draw them")
+        hist, indptr, indices, k, seed = sample
+        negs_arg, valid_arg = _NO_NEGS, _NO_VALID
+    else:
+        hist, indptr, indices, k, seed = _NO_ROWS, _NO_ROWS, _NO_INDICES, negs.shape[1], 0
+        negs_arg, valid_arg = negs, (valid if valid is not None else _NO_VALID)
+    args: tuple[Any, ...] = (
+        user_table,
+        item_table,
+        user_acc if adagrad else _NO_ACC,
+        item_acc if item_acc is not None else _NO_ACC,
+        queries,
+        pos,
+        negs_arg,
+        valid_arg,
+        negs is not None and valid is not None,
+        hist,
+        indptr,
+        indices,
+        int(k),
+        np.uint64(seed % 2**64),
+        float(lr),
+        METRICS[metric],
+        float(margin),
+        WEIGHTINGS[weighting],
+        int(n_items),
+        float(weight_decay),
+        bool(project),
+        adagrad,
+    )
+    if threads <= 1 or queries.shape[0] < 2 * threads:
+        return float(_SERIAL[args[15]](*args[:15], *args[16:]))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return float(_hogwild(*args, int(threads)))
