@@ -10,12 +10,17 @@ per-sample SGD (implicit's BPR, LightFM). The id embedding tables are updated ro
 :class:`SparseRowOptimizer` from those per-occurrence gradients; other parameters (feature encoders,
 the pooled tower's map, the Mahalanobis map) by a ``torch.optim`` optimiser on the batch gradient.
 
-Two ways to compute a step, chosen by :func:`fused_supported`:
+Three ways to compute a step, chosen by :func:`fused_supported` and :func:`use_numba`:
 
-- fused (the common case: free user and item embeddings, no features, no map, triplet loss): the
+- compiled per-triplet loop (the default on CPU for the common case: free user and item
+  embeddings, no features, no map, triplet loss, sgd or adagrad; ``train.kernel``):
+  :class:`NumbaTripletStep` runs :mod:`recsys_metric.triplet_kernel`, which updates the rows after
+  every triplet, as implicit's BPR and LightFM do, instead of once per batch; with
+  ``train.threads`` > 1 on lock-free threads that draw their own negatives (Hogwild!).
+- fused tensor step (the same case on CUDA, under torchrun, or with ``train.kernel: torch``): the
   gradient of the triplet hinge with respect to the gathered rows is written out by hand
   (:class:`FusedTripletStep`) and applied under ``torch.no_grad()``; no autograd graph, no
-  dense gradient, no Python work per row; on long CPU runs the whole step goes through
+  dense gradient, no Python work per row; on long CPU runs the whole step can go through
   ``torch.compile`` (``train.compile``). Euclidean projection is lazy: rows are projected onto the
   unit ball when gathered, the step writes ``P(w) - lr * g`` back (the same sequence of effective
   values as projected SGD), and the whole table is projected at the end of each epoch.
@@ -35,7 +40,8 @@ and updated once, so an item that is the anchor of one triplet and the positive 
 another gets both gradients), the autograd step through :meth:`TwoTowerModel.query_embeddings`.
 
 On CPU a run is deterministic for a seed, and a run resumed from a checkpoint ends with the same
-weights, bit for bit, as the run that was never interrupted.
+weights, bit for bit, as the run that was never interrupted (with the kernel on one thread,
+``train.threads: 1``, the default; its Hogwild threads race by design).
 """
 
 from __future__ import annotations
@@ -186,6 +192,7 @@ class TrainResult:
         device: where it trained.
         fused: True when the fused step ran, False for autograd.
         compiled: True when the fused step ran through ``torch.compile``.
+        negatives: negatives per liked pair (``train.negatives`` resolved; 1 for softmax).
         kernel: what computed the steps: ``numba`` (:class:`NumbaTripletStep`), ``torch`` (the
             fused tensor step, compiled or not) or ``autograd``.
     """
@@ -198,6 +205,7 @@ class TrainResult:
     fused: bool = False
     compiled: bool = False
     kernel: str = "autograd"
+    negatives: int = 1
 
     @property
     def epochs_run(self) -> int:
@@ -703,7 +711,7 @@ class NumbaTripletStep(FusedTripletStep):
         super().__init__(model, config, n_items, compiled=False)
         self.threads = max(1, config.threads)
         self._kernel_options = {k: v for k, v in self.options.items() if k != "aliased"}
-        self.k = config.negatives
+        self.k = config.negatives_for(n_items)
         self.seen = None
         if seen is not None:
             self.seen = (
@@ -1213,7 +1221,7 @@ def _fit(
     model.to(device)
     fused = fused_supported(model, config)
     needs_negatives = config.loss != "softmax"
-    k = config.negatives if needs_negatives else 1
+    k = config.negatives_for(data.n_items) if needs_negatives else 1
     step: FusedTripletStep | _AutogradStep
     source_type = CoLikedSource if model.item_item else _NegativeSource
     source = source_type(data, k, explicit_share, device, needs_negatives)
@@ -1235,7 +1243,7 @@ def _fit(
     batch_size = config.batch_size
     chunk_pairs = max(1, _CHUNK_TRIPLETS // (batch_size * k)) * batch_size
 
-    result = TrainResult(device=str(device), fused=fused)
+    result = TrainResult(device=str(device), fused=fused, negatives=k)
     start_epoch = 0
     bad_evals = 0
     best_state: dict[str, Tensor] | None = None
