@@ -26,6 +26,7 @@ training takes the tensor path (``TrainConfig.kernel``).
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -395,11 +396,34 @@ if numba is not None:
     _SERIAL = {0: _serial_euclidean, 1: _serial_dot, 2: _serial_cosine}
 
 
+_PARALLEL_LOCK = threading.Lock()
 _NO_VALID = np.ones((0, 0), dtype=np.bool_)
 _NO_NEGS = np.zeros((0, 0), dtype=np.int64)
 _NO_ACC = np.zeros(0, dtype=np.float32)
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 _NO_INDICES = np.zeros(0, dtype=np.int32)
+
+
+def warm_up(metric: str = "euclidean", threads: int = 1) -> float:
+    """Compile (or load from numba's disk cache) the loops a run with this metric and thread
+    count uses, on a toy problem; returns the seconds it took. The first call in a fresh
+    environment compiles (seconds), later ones in new processes load the cache (~0.5 s)."""
+    import time
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    users = rng.standard_normal((4, 8)).astype(np.float32)
+    items = rng.standard_normal((16, 8)).astype(np.float32)
+    rows = np.arange(2 * max(threads, 1) + 2, dtype=np.int64) % 4
+    seen_indptr = np.zeros(5, dtype=np.int64)
+    options = dict(metric=metric, margin=1.0, weighting="hardest", n_items=16, weight_decay=0.0, project=True)
+    negs = np.ones((rows.shape[0], 2), dtype=np.int64)
+    triplet_step(users, items, None, None, rows, rows + 4, negs, None, 0.01, threads=threads, **options)
+    sample = (rows, seen_indptr, np.zeros(0, dtype=np.int32), 2, 1)
+    triplet_step(
+        users, items, None, None, rows, rows + 4, None, None, 0.01, threads=threads, sample=sample, **options
+    )
+    return time.perf_counter() - start
 
 
 def draw_negatives(
@@ -503,5 +527,8 @@ def triplet_step(
     )
     if threads <= 1 or queries.shape[0] < 2 * threads:
         return float(_SERIAL[args[15]](*args[:15], *args[16:]))
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    return float(_hogwild(*args, int(threads)))
+    # numba's default threading layer (workqueue) must not be entered from two Python threads
+    # at once (two trainings in one process, e.g. Prefect's thread task runner).
+    with _PARALLEL_LOCK:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        return float(_hogwild(*args, int(threads)))
