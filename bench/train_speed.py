@@ -292,7 +292,9 @@ def to_markdown(r: dict) -> str:
         f"{r['threads']['bpr']} threads. Ours: `numba` is the compiled per-triplet loop "
         "(`train.kernel: numba`, the default on CPU; 1 thread: deterministic, and a second thread draws the "
         "negatives meanwhile), `numba-2threads` the same loop on 2 lock-free threads (Hogwild!), `torch` the "
-        "batched tensor step (the CUDA path).",
+        "batched tensor step (the CUDA path); `numba-default-negatives` the default training config "
+        "(`negatives: auto`, hardest of k) at D = 64, whose triplets are cheaper (k reads, one update per "
+        "pair), so its rate is not a throughput figure: it is here for the time to reach BPR's best.",
         "",
         "| trainer | samples or triplets / s | ratio to BPR | best Recall@20 | seconds to BPR's best |",
         "|---|---:|---:|---:|---:|",
@@ -311,6 +313,14 @@ def to_markdown(r: dict) -> str:
             f"({o['steady_triplets_per_s'] / 1e6:.2f} M after epoch 1) | {ratio_cell} | "
             f"{o['best_recall@20']:.4f} | {_secs(o.get('seconds_to_bpr_best'))} |"
         )
+    warm = {v: o["kernel_warm_up_seconds"] for v, o in r["ours"].items() if o.get("kernel_warm_up_seconds")}
+    if warm:
+        lines += [
+            "",
+            "Before each numba row, not in its time: compiling the loops or loading them from numba's disk "
+            "cache, " + ", ".join(f"{v} {s:.1f} s" for v, s in warm.items()) + " (a fresh environment "
+            "compiles once: ~6-20 s for one thread, ~35-70 s for the parallel loop on this machine).",
+        ]
     return "\n".join(lines)
 
 

@@ -234,4 +234,3 @@ def test_the_kernel_step_reports_what_ran():
     )
     assert torch_result.kernel == "torch"
     assert isinstance(NumbaTripletStep(model, TrainConfig(), 100), FusedTripletStep)
-
