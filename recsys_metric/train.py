@@ -92,10 +92,10 @@ _CHUNK_TRIPLETS = 1 << 18
 """Negatives are drawn for about this many triplets at once (a whole number of batches)."""
 
 _RENORM_EPS = 1e-7
+"""As ``torch.renorm``: a row with norm n > 1 is divided by n + 1e-7."""
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 """Batch ``b0`` of a chunk draws its negatives from the stream ``chunk seed + b0 * this``."""
-"""As ``torch.renorm``: a row with norm n > 1 is divided by n + 1e-7."""
 
 ADAGRAD_EPS = 1e-10
 ADAM_BETAS = (0.9, 0.999)
@@ -1232,7 +1232,7 @@ def _fit(
         # sampling and explicit dislikes keep the vectorised sampler.
         in_kernel = config.threads > 1 and data.item_probs is None and not source.use_explicit
         step = NumbaTripletStep(model, config, data.n_items, seen=data.seen if in_kernel else None)
-        source.defer_negatives = in_kernel
+        source.defer_negatives = step.draws_negatives
     elif fused:
         compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)

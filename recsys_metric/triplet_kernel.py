@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 import numpy as np
+
+from recsys_metric.model.distances import NORM_EPS
 
 try:
     import numba
@@ -40,8 +43,6 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
 METRICS = {"euclidean": 0, "dot": 1, "cosine": 2}
 WEIGHTINGS = {"hardest": 0, "warp": 1, "mean": 2}
 
-_NORM_EPS = 1e-12
-"""As :data:`recsys_metric.model.distances.NORM_EPS`: the smallest norm cosine divides by."""
 _RENORM_EPS = 1e-7
 """As ``torch.renorm``: a row with norm n > 1 is divided by n + 1e-7."""
 _ADAGRAD_EPS = 1e-10
@@ -80,7 +81,7 @@ if numba is not None:
         s = np.float32(0.0)
         for t in range(w.shape[0]):
             s += w[t] * w[t]
-        return max(math.sqrt(s), _NORM_EPS)
+        return max(math.sqrt(s), NORM_EPS)
 
     @_inline
     def _dot(x: np.ndarray, y: np.ndarray) -> float:
@@ -408,8 +409,6 @@ def warm_up(metric: str = "euclidean", threads: int = 1) -> float:
     """Compile (or load from numba's disk cache) the loops a run with this metric and thread
     count uses, on a toy problem; returns the seconds it took. The first call in a fresh
     environment compiles (seconds), later ones in new processes load the cache (~0.5 s)."""
-    import time
-
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     users = rng.standard_normal((4, 8)).astype(np.float32)
