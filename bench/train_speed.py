@@ -319,7 +319,7 @@ def to_markdown(r: dict) -> str:
             "",
             "Before each numba row, not in its time: compiling the loops or loading them from numba's disk "
             "cache, " + ", ".join(f"{v} {s:.1f} s" for v, s in warm.items()) + " (a fresh environment "
-            "compiles once: ~6-20 s for one thread, ~35-70 s for the parallel loop on this machine).",
+            "compiles once, 15-30 s per metric on this machine).",
         ]
     return "\n".join(lines)
 

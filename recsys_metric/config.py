@@ -269,21 +269,21 @@ class TrainConfig(_Section):
     """CPU threads for training: the numba kernel's threads (``kernel``) and torch's
     (``torch.set_num_threads``, restored afterwards); 0 leaves torch's setting alone and runs the
     kernel on one. Default 1, reproducible bit for bit: negatives for the next chunk are drawn in
-    a second thread meanwhile. 2 or more: the kernel's threads update the shared tables without
-    locks and draw their own negatives (Hogwild!), faster on free cores but not reproducible
+    a second thread meanwhile. 2 or more: the kernel's threads draw the negatives, then update the
+    shared tables without locks (Hogwild!), faster on free cores but not reproducible
     (``bench/train_speed.py`` measures both); for the tensor step, on the shared 2-core machine 2
     torch threads ran 5-50x slower, and a compiled step with more than 1 thread is not
     reproducible either (parallel scatter-adds)."""
     kernel: Literal["auto", "numba", "torch"] = "auto"
     """How the fused triplet step (free embeddings, triplet loss, sgd or adagrad) runs on CPU.
     ``numba``: a compiled loop that updates the rows after every triplet, as implicit's BPR does
-    (``recsys_metric.triplet_kernel``): 2.34M triplets/s on one thread against the tensor step's
-    0.75M on the 2-core machine (``bench/train_speed.py``, D = 64, 1 negative); with ``threads``
-    > 1 the threads update without locks (Hogwild!), so such runs are not bit-for-bit
-    reproducible. ``torch``: the batched tensor step (``compile`` applies). ``auto``: numba when
-    it is installed and training runs on CPU outside ``torchrun``, else torch. The first run in
-    an environment compiles the loop (6-20 s here; 35-70 s more for the threaded one) and caches
-    it on disk."""
+    (``recsys_metric.triplet_kernel``): 6.6M triplets/s on one thread and 9.1M on two, against
+    implicit BPR's 4.3M on two and the tensor step's 1.4M on the 2-core machine
+    (``bench/train_speed.py``, D = 64, 1 negative); with ``threads`` > 1 the threads update
+    without locks (Hogwild!), so such runs are not bit-for-bit reproducible. ``torch``: the
+    batched tensor step (``compile`` applies). ``auto``: numba when it is installed and training
+    runs on CPU outside ``torchrun``, else torch. The first run in an environment compiles the
+    loop of its metric (15-30 s here) and caches it on disk."""
     compile: Literal["auto", "on", "off"] = "auto"
     """With the tensor step (``kernel: torch``, or CUDA): run the fused step (free embeddings,
     triplet loss, sgd or adagrad) through ``torch.compile``: gathers, arithmetic and row updates

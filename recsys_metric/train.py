@@ -16,7 +16,7 @@ Three ways to compute a step, chosen by :func:`fused_supported` and :func:`use_n
   embeddings, no features, no map, triplet loss, sgd or adagrad; ``train.kernel``):
   :class:`NumbaTripletStep` runs :mod:`recsys_metric.triplet_kernel`, which updates the rows after
   every triplet, as implicit's BPR and LightFM do, instead of once per batch; with
-  ``train.threads`` > 1 on lock-free threads that draw their own negatives (Hogwild!).
+  ``train.threads`` > 1 on lock-free threads (Hogwild!) that also draw the negatives.
 - fused tensor step (the same case on CUDA, under torchrun, or with ``train.kernel: torch``): the
   gradient of the triplet hinge with respect to the gathered rows is written out by hand
   (:class:`FusedTripletStep`) and applied under ``torch.no_grad()``; no autograd graph, no
@@ -1227,9 +1227,10 @@ def _fit(
     source = source_type(data, k, explicit_share, device, needs_negatives)
     if use_numba(config, fused, device, distributed is not None):
         # One kernel thread: the vectorised sampler draws the next chunk's negatives in a second
-        # thread meanwhile (free on a 2-core machine). Several kernel threads: each draws its own
-        # uniform negatives (a sampler thread would compete with them for the cores); popularity
-        # sampling and explicit dislikes keep the vectorised sampler.
+        # thread meanwhile (free on a 2-core machine). Several kernel threads: they draw the
+        # chunk's uniform negatives themselves, in a pass before the steps (a sampler thread
+        # would compete with them for the cores); popularity sampling and explicit dislikes keep
+        # the vectorised sampler.
         in_kernel = config.threads > 1 and data.item_probs is None and not source.use_explicit
         step = NumbaTripletStep(model, config, data.n_items, seen=data.seen if in_kernel else None)
         source.defer_negatives = step.draws_negatives

@@ -135,15 +135,30 @@ def test_the_kernel_trains_on_the_negatives_it_draws(metric, weighting):
 
 
 def test_a_user_who_saw_every_item_is_skipped():
+    # Skipped whole: not even weight decay touches the rows (the tensor path drops such pairs).
     seen = _seen_matrix()
-    item_table = np.zeros((N_ITEMS, 2), dtype=np.float32)
+    user_table = np.ones((3, 2), dtype=np.float32)
+    item_table = np.full((N_ITEMS, 2), 0.5, dtype=np.float32)
     loss = triplet_kernel.triplet_step(
-        np.ones((3, 2), dtype=np.float32), item_table, None, None,
+        user_table, item_table, None, None,
         np.array([2, 2]), np.array([0, 1]), None, None, 0.1,
-        metric="dot", margin=1.0, weighting="hardest", n_items=N_ITEMS, weight_decay=0.0, project=False,
+        metric="dot", margin=1.0, weighting="hardest", n_items=N_ITEMS, weight_decay=0.5, project=False,
         sample=(np.array([2, 2]), seen.indptr.astype(np.int64), seen.indices, 3, 0),
     )  # fmt: skip
-    assert loss == 0.0 and not item_table.any()
+    assert loss == 0.0
+    assert (user_table == 1.0).all() and (item_table == 0.5).all()
+
+
+def test_threaded_draws_split_the_rows_and_thread_zero_keeps_the_one_thread_stream():
+    seen = _seen_matrix()
+    users = np.zeros(1000, dtype=np.int64)
+    one, ok1 = triplet_kernel.draw_negatives(users, seen.indptr, seen.indices, N_ITEMS, 2, 5, threads=1)
+    two, ok2 = triplet_kernel.draw_negatives(users, seen.indptr, seen.indices, N_ITEMS, 2, 5, threads=2)
+    assert ok1.all() and ok2.all()
+    assert (two >= 10).all(), "never an item user 0 saw"
+    if triplet_kernel.numba.config.NUMBA_NUM_THREADS >= 2:
+        assert np.array_equal(one[:500], two[:500]), "thread 0 draws rows 0-499 from the stream itself"
+        assert not np.array_equal(one[500:], two[500:]), "thread 1 has a stream of its own"
 
 
 def test_the_same_seed_draws_the_same_negatives_and_another_seed_others():
