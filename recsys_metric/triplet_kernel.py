@@ -399,6 +399,15 @@ if numba is not None:
             for b in range(t * n // n_threads, (t + 1) * n // n_threads):
                 _draw(state, indptr, indices, hist[b], n_items, negs, valid, b)
 
+    @_jit
+    def _draw_serial(hist, indptr, indices, n_items, seed, negs, valid):  # fmt: skip
+        """:func:`_draw_threads` on one thread, as a plain function: it does not enter numba's
+        thread pool, so a Python thread may run it while another one trains."""
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for b in range(hist.shape[0]):
+            _draw(state, indptr, indices, hist[b], n_items, negs, valid, b)
+
     # One compiled function per metric, with the metric a constant inside it: the compiler then
     # drops the other metrics' branches from the inner loops (a third faster), and a run compiles
     # (once, cached on disk) only the metric it uses. They are numba "parallel" functions even for
@@ -488,7 +497,8 @@ def draw_negatives(
         n_items: items to draw from, ``[0, n_items)``.
         k: negatives per row.
         seed: the random stream (any int, taken modulo 2^64); thread ``t`` of ``threads`` draws
-            its share of the rows from a stream of its own.
+            its share of the rows from a stream of its own. With one thread the draws do not
+            enter numba's thread pool: a Python thread may draw while another trains.
 
     Returns:
         int64 ``[B, k]`` items (0 where invalid) and bool ``[B, k]`` valid (False for a user who
@@ -499,19 +509,15 @@ def draw_negatives(
     users = np.ascontiguousarray(users, dtype=np.int64)
     negs = np.empty((users.shape[0], int(k)), dtype=np.int64)
     valid = np.empty((users.shape[0], int(k)), dtype=np.bool_)
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
     n_threads = _threads_for(users.shape[0], threads)
+    if n_threads == 1:
+        _draw_serial(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), negs, valid)
+        return negs, valid
     with _PARALLEL_LOCK:
         numba.set_num_threads(n_threads)
-        _draw_threads(
-            users,
-            np.ascontiguousarray(indptr, dtype=np.int64),
-            np.ascontiguousarray(indices, dtype=np.int32),
-            int(n_items),
-            np.uint64(seed % 2**64),
-            n_threads,
-            negs,
-            valid,
-        )
+        _draw_threads(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), n_threads, negs, valid)
     return negs, valid
 
 

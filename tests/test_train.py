@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from recsys_metric import triplet_kernel
 from recsys_metric.config import ModelConfig, TrainConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.device import resolve_device
@@ -298,8 +299,11 @@ def test_fold_in_of_a_known_history_ranks_held_out_items_high():
             # 5 unseen items of the user's half (2 held out), 10 of the other half: top-5 is the half.
             in_top.append(set(held) <= set(order[:5]))
             ranks += [order.index(i) for i in held]
-    n_unseen = N_ITEMS - 5
-    assert max(ranks) < n_unseen // 2
+    # The user's own half is ranks 0-4 of the 15 unseen items. A bound on the single worst of the
+    # 80 held-out ranks is a bet on the random stream (seeds 0-5 gave worst ranks 4-8), so the
+    # share in the half carries the check; the worst only has to stay out of the bottom third.
+    assert np.mean(np.array(ranks) < 5) >= 0.95
+    assert max(ranks) < 10
     assert np.mean(in_top) >= 0.8
 
 
@@ -356,6 +360,22 @@ def test_explicit_dislikes_take_their_share_of_the_slots():
     )
     explicit = np.isin(half.negs.numpy()[half.users.numpy() == 0], [11, 12])
     assert explicit[:, :2].all() and not explicit[:, 2:].any()
+
+
+@pytest.mark.skipif(not triplet_kernel.available(), reason="numba is not installed")
+def test_the_compiled_sampler_draws_unseen_items_and_drops_users_who_saw_everything():
+    users = np.array([0] * N_ITEMS + [1, 1, 2, 2])
+    items = np.array(list(range(N_ITEMS)) + [0, 1, 2, 3])
+    liked = InteractionMatrix.from_pairs(users, items, 3, N_ITEMS)
+    data = TrainData.from_matrices(liked)
+    source = _NegativeSource(data, 5, 0.0, torch.device("cpu"), True)
+    source.compiled_sampler = (data.seen.indptr.astype(np.int64), data.seen.indices.astype(np.int32))
+    chunk = source.chunk(np.arange(data.n_pairs), np.random.default_rng(0))
+    assert chunk.n_pairs == 4 and chunk.valid is None, "user 0 saw every item: its pairs are dropped"
+    chunk_users, negs = chunk.users.numpy(), chunk.negs.numpy()
+    assert not data.seen.contains(np.repeat(chunk_users, 5), negs.ravel()).any()
+    again = source.chunk(np.arange(data.n_pairs), np.random.default_rng(0))
+    assert torch.equal(again.negs, chunk.negs), "the chunk's generator state fixes its draws"
 
 
 def test_pairs_of_a_user_who_saw_every_item_are_dropped():
