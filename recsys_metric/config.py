@@ -277,8 +277,8 @@ class TrainConfig(_Section):
     kernel: Literal["auto", "numba", "torch"] = "auto"
     """How the fused triplet step (free embeddings, triplet loss, sgd or adagrad) runs on CPU.
     ``numba``: a compiled loop that updates the rows after every triplet, as implicit's BPR does
-    (``recsys_metric.triplet_kernel``): 6.6M triplets/s on one thread and 9.1M on two, against
-    implicit BPR's 4.3M on two and the tensor step's 1.4M on the 2-core machine
+    (``recsys_metric.triplet_kernel``): 4.2-6.6M triplets/s on one thread and 7.3-9.1M on two,
+    against implicit BPR's 3.8-5.3M on two and the tensor step's 1.0-1.4M on the 2-core machine
     (``bench/train_speed.py``, D = 64, 1 negative); with ``threads`` > 1 the threads update
     without locks (Hogwild!), so such runs are not bit-for-bit reproducible. ``torch``: the
     batched tensor step (``compile`` applies). ``auto``: numba when it is installed and training
