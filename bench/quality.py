@@ -116,11 +116,22 @@ def _ours(
 
     val = data.validation_split()
 
+    def new_model(part: BenchDataset) -> TwoTowerModel:
+        # As the pipeline builds it: a pooled user tower reads the users' liked training items.
+        pooled = model_config.user_tower in ("pooled", "hybrid")
+        return TwoTowerModel(
+            data.n_users,
+            data.n_items,
+            model_config,
+            user_history=part.train_liked if pooled else None,
+            seed=train_config.seed,
+        )
+
     def validate(model: TwoTowerModel) -> dict[str, float]:
         return evaluate_scores(model_score_fn(model), val.train, val.test, ks=KS)
 
     t = time.perf_counter()
-    model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=train_config.seed)
+    model = new_model(val)
     result = fit(
         model,
         train_data(val),
@@ -143,7 +154,7 @@ def _ours(
         return None, info
     if train_config.refit and result.best_epoch:
         t = time.perf_counter()
-        model = TwoTowerModel(data.n_users, data.n_items, model_config, seed=train_config.seed)
+        model = new_model(data)
         fit(
             model,
             train_data(data),
