@@ -712,12 +712,7 @@ class NumbaTripletStep(FusedTripletStep):
         self.threads = max(1, config.threads)
         self._kernel_options = {k: v for k, v in self.options.items() if k != "aliased"}
         self.k = config.negatives_for(n_items)
-        self.seen = None
-        if seen is not None:
-            self.seen = (
-                np.ascontiguousarray(seen.indptr, dtype=np.int64),
-                np.ascontiguousarray(seen.indices, dtype=np.int32),
-            )
+        self.seen = None if seen is None else _kernel_csr(seen)
 
     @property
     def draws_negatives(self) -> bool:
@@ -760,6 +755,15 @@ class NumbaTripletStep(FusedTripletStep):
             **self._kernel_options,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+def _kernel_csr(seen: InteractionMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """``(indptr, indices)`` of ``seen`` as :func:`triplet_kernel.draw_negatives` takes them
+    (int64, int32), converted once per fit rather than on every chunk."""
+    return (
+        np.ascontiguousarray(seen.indptr, dtype=np.int64),
+        np.ascontiguousarray(seen.indices, dtype=np.int32),
+    )
 
 
 def use_numba(config: TrainConfig, fused: bool, device: torch.device, distributed: bool) -> bool:
@@ -1246,10 +1250,7 @@ def _fit(
         step = NumbaTripletStep(model, config, data.n_items, seen=data.seen if in_kernel else None)
         source.defer_negatives = step.draws_negatives
         if uniform and not in_kernel:
-            source.compiled_sampler = (
-                np.ascontiguousarray(data.seen.indptr, dtype=np.int64),
-                np.ascontiguousarray(data.seen.indices, dtype=np.int32),
-            )
+            source.compiled_sampler = _kernel_csr(data.seen)
     elif fused:
         compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)

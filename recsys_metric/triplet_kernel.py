@@ -459,7 +459,7 @@ _NO_ACC = np.zeros(0, dtype=np.float32)
 def warm_up(metric: str = "euclidean", threads: int = 1) -> float:
     """Compile (or load from numba's disk cache) the loop of this metric and the negative
     sampler, and start numba's thread pool, on a toy problem; returns the seconds it took. The
-    first call in a fresh environment compiles (30-40 s), later ones in new processes load the
+    first call in a fresh environment compiles (15-30 s here), later ones in new processes load the
     cache (about a second)."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
