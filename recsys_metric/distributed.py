@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from recsys_metric.config import TrainConfig
+from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.train import (
@@ -353,17 +354,17 @@ class DistributedTraining:
             return _SyncedFusedStep(step, self)
         return _SyncedAutogradStep(step, self)
 
-    def epoch_order(self, m: int, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
-        """This rank's share of the epoch's permutation of ``m`` pairs, and its generator for the
-        epoch's negatives (called by ``fit`` at the start of each epoch).
+    def epoch_order(self, epoch_order: EpochOrder, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+        """This rank's share of the epoch's order of pairs, and its generator for the epoch's
+        negatives (called by ``fit`` at the start of each epoch).
 
-        The permutation depends on the seed and the epoch only, so all ranks cut the same one;
-        shares are contiguous, disjoint, and differ in length by at most one pair.
+        The order depends on the seed and the epoch only, so all ranks cut the same one; shares
+        are contiguous, disjoint, and differ in length by at most one pair.
         """
         run = self._current()
         run.epoch, run.pairs_done = epoch, 0
         seed = run.config.seed % 2**63
-        order = np.random.default_rng([seed, 0, epoch]).permutation(m)
+        order = epoch_order(np.random.default_rng([seed, 0, epoch]))
         share = np.array_split(order, self.world_size)[self.rank]
         return share, np.random.default_rng([seed, 1, epoch, self.rank])
 

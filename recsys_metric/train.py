@@ -1,7 +1,8 @@
 """Training loop: fresh negatives every epoch, sparse row updates, early stopping, checkpoints.
 
-:func:`fit` walks the liked ``(user, item)`` pairs in a new random order every epoch, draws ``k``
-fresh negatives per pair (:func:`~recsys_metric.triplets.sample_negatives`; explicit dislikes take a
+:func:`fit` walks the liked ``(user, item)`` pairs in a new random order every epoch (with
+``train.user_balance`` > 0, a draw of as many pairs that gives light users a larger share:
+:class:`~recsys_metric.epoch_order.EpochOrder`), draws ``k`` fresh negatives per pair (:func:`~recsys_metric.triplets.sample_negatives`; explicit dislikes take a
 share of the slots when there are any) and updates the model batch by batch.
 
 The objective is a sum over the batch's triplets (for the mean-style losses: the batch mean times
@@ -66,6 +67,7 @@ from recsys_metric import triplet_kernel
 from recsys_metric.config import TrainConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.device import keep_freed_memory, resolve_device
+from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.model.distances import NORM_EPS, EuclideanDistance
 from recsys_metric.model.losses import (
@@ -1295,6 +1297,7 @@ def _fit(
         logger.info("no checkpoint in %s: starting from scratch", checkpoint_dir)
 
     m = data.n_pairs
+    epoch_order = EpochOrder(data.user_num, config.user_balance)
     bar = None
     if _show_progress(progress):
         from tqdm.auto import tqdm
@@ -1307,7 +1310,19 @@ def _fit(
             if result.stopped_early:
                 break
             record = _run_epoch(
-                model, step, source, config, rng, epoch, n_epochs, chunk_pairs, m, k, bar, device, distributed
+                model,
+                step,
+                source,
+                config,
+                rng,
+                epoch,
+                n_epochs,
+                chunk_pairs,
+                epoch_order,
+                k,
+                bar,
+                device,
+                distributed,
             )
             if distributed is not None:
                 distributed.reduce_record(record)
@@ -1378,18 +1393,19 @@ def _run_epoch(
     epoch: int,
     n_epochs: int,
     chunk_pairs: int,
-    m: int,
+    epoch_order: EpochOrder,
     k: int,
     bar: Any,
     device: torch.device,
     distributed: DistributedTraining | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
+    m = epoch_order.m
     if distributed is None:
-        order = rng.permutation(m)
+        order = epoch_order(rng)
     else:
-        # This rank's share of one permutation common to all ranks, and a generator of its own.
-        order, rng = distributed.epoch_order(m, epoch)
+        # This rank's share of one epoch order common to all ranks, and a generator of its own.
+        order, rng = distributed.epoch_order(epoch_order, epoch)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pairs_done = 0
     pairs_trained = 0

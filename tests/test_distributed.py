@@ -20,6 +20,7 @@ from recsys_metric import cli
 from recsys_metric.config import ModelConfig, TrainConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.distributed import ENV_VARS, DistributedTraining, _Run
+from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError
 from recsys_metric.evaluate import evaluate_scores
 from recsys_metric.model.towers import TwoTowerModel
@@ -207,7 +208,7 @@ def test_epoch_shares_are_disjoint_and_cover_the_permutation():
             rank=rank, world_size=3, local_rank=rank, device=torch.device("cpu"), owns_group=False
         )
         group._run = _Run(config=config, n_epochs=2, n_pairs=100)
-        share, rng = group.epoch_order(100, epoch=1)
+        share, rng = group.epoch_order(EpochOrder(np.arange(100) % 7, 0.0), epoch=1)
         shares.append(share)
         draws.append(rng.integers(1 << 30))
     assert sorted(len(s) for s in shares) == [33, 33, 34]
@@ -217,7 +218,25 @@ def test_epoch_shares_are_disjoint_and_cover_the_permutation():
         rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), owns_group=False
     )
     other_epoch._run = _Run(config=config, n_epochs=2, n_pairs=100)
-    assert not np.array_equal(other_epoch.epoch_order(100, epoch=0)[0], shares[0])
+    assert not np.array_equal(
+        other_epoch.epoch_order(EpochOrder(np.arange(100) % 7, 0.0), epoch=0)[0], shares[0]
+    )
+
+
+def test_balanced_epoch_orders_are_cut_the_same_way_on_every_rank():
+    config = TrainConfig(seed=9)
+    users = np.repeat(np.arange(10), np.arange(1, 11))  # 55 pairs, user u liked u + 1 items
+    order = EpochOrder(users, 0.5)
+    shares = []
+    for rank in range(2):
+        group = DistributedTraining(
+            rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), owns_group=False
+        )
+        group._run = _Run(config=config, n_epochs=2, n_pairs=55)
+        shares.append(group.epoch_order(order, epoch=1)[0])
+    whole = order(np.random.default_rng([9, 0, 1]))
+    assert np.array_equal(np.concatenate(shares), whole)
+    assert np.bincount(users[whole]).max() < 10, "the balanced draw, not every pair once"
 
 
 def test_without_torchrun_it_says_how_to_launch(monkeypatch, tmp_path, capsys):

@@ -386,7 +386,8 @@ def test_pairs_of_a_user_who_saw_every_item_are_dropped():
     result = fit(
         model,
         TrainData.from_matrices(liked),
-        TrainConfig(**{**FAST, "epochs": 2, "negatives": 1}),
+        # user_balance 0: every pair once per epoch, so the 4 pairs of users 1 and 2 are the count.
+        TrainConfig(**{**FAST, "epochs": 2, "negatives": 1, "user_balance": 0.0}),
         progress=False,
     )
     assert result.history[0]["triplets"] == 4
