@@ -40,6 +40,8 @@ class EpochOrder:
         self._by_user = np.argsort(user_num, kind="stable")
         self._n = counts[users].astype(np.int64)
         self._start = np.concatenate([[0], np.cumsum(self._n)[:-1]]).astype(np.int64)
+        self._n_float = self._n.astype(np.float64)
+        self._last = self._n - 1
         share = self._n.astype(np.float64) ** (1.0 - self.user_balance)
         self._expected = share * (self.m / share.sum())
 
@@ -53,10 +55,15 @@ class EpochOrder:
         marks = np.floor(cum + rng.random()).astype(np.int64)
         draws = np.empty(n_users, dtype=np.int64)
         draws[shuffled] = np.diff(marks, prepend=0)
-        rows = np.repeat(np.arange(n_users, dtype=np.int64), draws)
-        n = self._n[rows]
-        offsets = (rng.random(rows.shape[0]) * n).astype(np.int64)
-        np.minimum(offsets, n - 1, out=offsets)
-        order = self._by_user[self._start[rows] + offsets]
+        # In place and in int32 where it fits: at 10M pairs each pass over ``m`` costs ~0.1 s.
+        index_type = np.int32 if n_users < 2**31 else np.int64
+        rows = np.repeat(np.arange(n_users, dtype=index_type), draws)
+        position = rng.random(rows.shape[0])
+        position *= self._n_float[rows]
+        offsets = position.astype(np.int64)
+        del position
+        np.minimum(offsets, self._last[rows], out=offsets)
+        offsets += self._start[rows]
+        order = self._by_user[offsets]
         rng.shuffle(order)
         return order
