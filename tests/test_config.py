@@ -83,7 +83,7 @@ def test_config_round_trips_through_dict():
 def test_auto_negatives_scale_with_the_catalogue_within_bounds():
     train = Config().train
     assert train.negatives == "auto"
-    assert [train.negatives_for(n) for n in (50, 1_000, 9_724, 16_980, 100_000)] == [5, 5, 19, 30, 30]
+    assert [train.negatives_for(n) for n in (50, 1_000, 9_724, 16_980, 100_000)] == [10, 10, 19, 30, 30]
     assert config_from_dict({"train": {"negatives": 7}}).train.negatives_for(100_000) == 7
     with pytest.raises(ConfigError, match=r"train\.negatives"):
         config_from_dict({"train": {"negatives": 0}})

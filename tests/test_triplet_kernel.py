@@ -240,7 +240,7 @@ def test_the_kernel_step_reports_what_ran():
     model = TwoTowerModel(200, 100, ModelConfig(dim=8), seed=0)
     result = fit(model, TrainData.from_matrices(train), TrainConfig(epochs=1, device="cpu"), progress=False)
     assert result.kernel == "numba" and result.to_dict()["kernel"] == "numba"
-    assert result.negatives == 5, "negatives: auto on a 100-item catalogue (the floor)"
+    assert result.negatives == 10, "negatives: auto on a 100-item catalogue (the floor)"
     torch_result = fit(
         TwoTowerModel(200, 100, ModelConfig(dim=8), seed=0),
         TrainData.from_matrices(train),
