@@ -2,7 +2,7 @@
 
 Each section is a frozen pydantic model with ``extra="forbid"``: an unknown key or a value of
 the wrong type is an error that names the key (``train.epochs: Input should be a valid
-integer``). Every field carries a docstring; ``recsys-metric config --show`` prints them.
+integer``). Every field carries a docstring: this module is the reference for each key.
 
 The sections follow the pipeline: ``data`` (reading and validation), ``label`` (liked /
 unliked / neutral), ``split`` (holdout), ``triplets`` (negative sampling), ``model``,
