@@ -42,7 +42,7 @@ class EpochOrder:
         self._start = np.concatenate([[0], np.cumsum(self._n)[:-1]]).astype(np.int64)
         self._n_float = self._n.astype(np.float64)
         self._last = self._n - 1
-        share = self._n.astype(np.float64) ** (1.0 - self.user_balance)
+        share = self._n_float ** (1.0 - self.user_balance)
         self._expected = share * (self.m / share.sum())
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 :func:`fit` walks the liked ``(user, item)`` pairs in a new random order every epoch (with
 ``train.user_balance`` > 0, a draw of as many pairs that gives light users a larger share:
-:class:`~recsys_metric.epoch_order.EpochOrder`), draws ``k`` fresh negatives per pair (:func:`~recsys_metric.triplets.sample_negatives`; explicit dislikes take a
-share of the slots when there are any) and updates the model batch by batch.
+:class:`~recsys_metric.epoch_order.EpochOrder`), draws ``k`` fresh negatives per pair
+(:func:`~recsys_metric.triplets.sample_negatives`; explicit dislikes take a share of the slots
+when there are any) and updates the model batch by batch.
 
 The objective is a sum over the batch's triplets (for the mean-style losses: the batch mean times
 the batch size), so every occurrence of a row in a batch contributes its own gradient, as in
