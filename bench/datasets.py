@@ -54,6 +54,9 @@ class BenchDataset:
         item_features: one row per item with ``item_num`` (Int32), ``item_id`` and feature
             columns (``genres``: list[str], ``tags``: list[Int32], ...); ``None`` when there are none.
         split: how ``test`` was cut, in words (for the result tables).
+        split_method: the same as ``SplitConfig.method``: ``user_holdout`` (a random share of
+            each user's items) or ``temporal`` (the newest events); our model is trained for it
+            (``train.user_balance: auto``).
     """
 
     name: str
@@ -65,6 +68,7 @@ class BenchDataset:
     test: InteractionMatrix
     item_features: pl.DataFrame | None = None
     split: str = ""
+    split_method: str = "user_holdout"
 
     def summary(self) -> dict[str, int | str]:
         """Sizes for the result files."""
@@ -355,6 +359,7 @@ def load_bundled(root: Path = BUNDLED, test_fraction: float = 0.2) -> BenchDatas
         test=matrix(test),
         item_features=features,
         split=f"temporal: newest {test_fraction:.0%} of events, unseen users/items dropped ({how})",
+        split_method="temporal",
     )
 
 

@@ -84,7 +84,9 @@ def _ours(
     test set. As for the peers, the setting chosen there (the best epoch) is then refitted on the
     whole training set when ``train.refit`` is on (the default) and ``refit`` is True. The trainer's
     input is built as the pipeline builds it: pairs from the liked training items, every training
-    interaction seen, ``triplets.sampling: popularity`` weights from the training interactions.
+    interaction seen, ``triplets.sampling: popularity`` weights from the training interactions,
+    ``train.user_balance: auto`` resolved for the test split's method (``data.split_method``), as
+    the pipeline resolves it for the split it applies.
 
     Returns:
         ``(score_fn, info)``; ``score_fn`` is None when ``refit`` is False (only the validation
@@ -139,10 +141,14 @@ def _ours(
         explicit_share=train_config.explicit_share,
         validate=validate,
         progress=False,
+        split_method=data.split_method,
     )
     key = f"recall@{train_config.early_stopping_k}"
     info: dict[str, Any] = {
-        "params": f"defaults; best epoch {result.best_epoch} of {result.epochs_run} on validation",
+        "params": (
+            f"defaults (user_balance {result.user_balance:g} for a {data.split_method} split); "
+            f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
+        ),
         "validation": {key: round(float(result.best_metric or 0.0), 5)},
         "validation_history": [
             round(record["metrics"][key], 5) for record in result.history if key in record["metrics"]
@@ -162,6 +168,7 @@ def _ours(
             explicit_share=train_config.explicit_share,
             epochs=result.best_epoch,
             progress=False,
+            split_method=data.split_method,
         )
         info["params"] += ", refitted on all training data"
         info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)

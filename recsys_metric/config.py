@@ -215,18 +215,21 @@ class TrainConfig(_Section):
     ``triplets.explicit_share``). Default 0: on ml-latest-small, 0.5 lowered validation
     Recall@20 from .285 to .230 (dislikes are items the user already interacted with, which full
     ranking excludes anyway; sampled negatives teach the ranking that matters)."""
-    user_balance: float = Field(0.0, ge=0.0, le=1.0)
+    user_balance: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
     """beta: how evenly an epoch's steps spread over the users. Each epoch draws as many pairs as
     there are liked pairs, a user with ``n`` liked pairs getting a share proportional to
     ``n ** (1 - beta)`` (:mod:`recsys_metric.epoch_order`): 0 visits every pair once (users weigh
-    by their history length), 1 gives every user the same number of steps. Which is better
-    depends on whom the evaluation counts. Where every user counts once (a random holdout of each
-    user's items), 0.5 helped: test Recall@20 over seeds 42, 1, 2 (``bench.quality --ours-only
-    --test --set train.user_balance=0.5``) on ml-latest-small (users liked 1 to 1,227 items)
-    .337-.345 vs .321-.335 at 0; citeulike-a .326 / NDCG .266 vs .317 / .256 (seed 42). Where
-    the newest events are the test set (the nightly default), active users dominate it and 0.5
-    hurt: the bundled pipeline (``recsys-metric train``) holdout Recall@20 .379 vs .401 at 0
-    (.384 vs .412 with 10 negatives), the 20M-interaction nightly log .087 vs .094. Default 0."""
+    by their history length), 1 gives every user the same number of steps. ``auto`` (default,
+    :meth:`user_balance_for`) trains as the holdout evaluates: 0.5 when the split is
+    ``user_holdout`` (every user counts once), 0 when it is ``temporal`` (a user counts with their
+    newest events, so active users dominate). Measured both ways: a random holdout of each user's
+    items (``bench.quality --ours-only --test --set train.user_balance=0.5``), seeds 42, 1, 2:
+    ml-latest-small (users liked 1 to 1,227 items) test Recall@20 .337-.345 at 0.5 vs .321-.335
+    at 0; citeulike-a .326 / NDCG .266 vs .317 / .256 (seed 42). The newest events as the test
+    set: the bundled pipeline (``recsys-metric train``) holdout Recall@20 .379 at 0.5 vs .401 at
+    0 (.384 vs .412 with 10 negatives), the 20M-interaction nightly log .087 vs .094.
+    :func:`recsys_metric.train.fit` resolves ``auto`` from its ``split_method`` argument
+    (``temporal`` unless told otherwise); the pipeline passes the split it applied."""
     negative_weighting: Literal["hardest", "warp", "mean"] = "hardest"
     """How the k negatives of one positive combine: ``hardest`` (the hinge of the closest negative),
     ``warp`` (that hinge times log(1 + floor(n_items * violators / k)), CML's rank weighting, Hsieh et
@@ -307,6 +310,18 @@ class TrainConfig(_Section):
     C++ compiler is on the PATH and the run has at least 20M triplets (pairs x negatives x epochs);
     ``on``: always; ``off``: never. A failed compile falls back to the eager step with a warning."""
 
+    def user_balance_for(self, split_method: str) -> float:
+        """``user_balance`` for a holdout cut by ``split_method`` (resolves ``auto``).
+
+        Args:
+            split_method: ``temporal`` or ``user_holdout``, as :class:`SplitConfig.method`.
+        """
+        if self.user_balance != "auto":
+            return float(self.user_balance)
+        if split_method not in ("temporal", "user_holdout"):
+            raise ValueError(f"split_method must be 'temporal' or 'user_holdout', got {split_method!r}")
+        return AUTO_USER_BALANCE if split_method == "user_holdout" else 0.0
+
     def negatives_for(self, n_items: int) -> int:
         """``negatives`` for a catalogue of ``n_items`` items (resolves ``auto``)."""
         if self.negatives == "auto":
@@ -316,6 +331,8 @@ class TrainConfig(_Section):
 
 AUTO_NEGATIVES_MIN, AUTO_NEGATIVES_MAX, AUTO_NEGATIVES_ITEMS = 10, 30, 500
 """``train.negatives: auto`` is ``n_items // 500`` clipped to [10, 30]."""
+AUTO_USER_BALANCE = 0.5
+"""``train.user_balance: auto`` under a ``user_holdout`` split (0 under a temporal one)."""
 
 
 class EvalConfig(_Section):

@@ -421,6 +421,7 @@ def train_and_evaluate(
         validate=validate,
         progress=progress,
         distributed=distributed,
+        split_method=val_info.method,
     )
     seconds["train_holdout"] = time.perf_counter() - t
 
@@ -459,6 +460,7 @@ def train_and_evaluate(
             epochs=epochs,
             progress=progress,
             distributed=distributed,
+            split_method=val_info.method,
         )
         seconds["train_refit"] = time.perf_counter() - t
 

@@ -1,10 +1,10 @@
 """Training loop: fresh negatives every epoch, sparse row updates, early stopping, checkpoints.
 
 :func:`fit` walks the liked ``(user, item)`` pairs in a new random order every epoch (with
-``train.user_balance`` > 0, a draw of as many pairs that gives light users a larger share:
-:class:`~recsys_metric.epoch_order.EpochOrder`), draws ``k`` fresh negatives per pair
-(:func:`~recsys_metric.triplets.sample_negatives`; explicit dislikes take a share of the slots
-when there are any) and updates the model batch by batch.
+``train.user_balance`` > 0, by default under a ``user_holdout`` split, a draw of as many pairs
+that gives light users a larger share: :class:`~recsys_metric.epoch_order.EpochOrder`), draws
+``k`` fresh negatives per pair (:func:`~recsys_metric.triplets.sample_negatives`; explicit
+dislikes take a share of the slots when there are any) and updates the model batch by batch.
 
 The objective is a sum over the batch's triplets (for the mean-style losses: the batch mean times
 the batch size), so every occurrence of a row in a batch contributes its own gradient, as in
@@ -198,6 +198,7 @@ class TrainResult:
         negatives: negatives per liked pair (``train.negatives`` resolved; 1 for softmax).
         kernel: what computed the steps: ``numba`` (:class:`NumbaTripletStep`), ``torch`` (the
             fused tensor step, compiled or not) or ``autograd``.
+        user_balance: ``train.user_balance`` as applied (``auto`` resolved).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -209,6 +210,7 @@ class TrainResult:
     compiled: bool = False
     kernel: str = "autograd"
     negatives: int = 1
+    user_balance: float = 0.0
 
     @property
     def epochs_run(self) -> int:
@@ -1133,6 +1135,7 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
     distributed: DistributedTraining | None = None,
+    split_method: str = "temporal",
 ) -> TrainResult:
     """Train ``model`` in place on the liked pairs of ``data``.
 
@@ -1159,6 +1162,9 @@ def fit(
             (:class:`recsys_metric.distributed.DistributedTraining`): every rank calls ``fit`` with
             the same data and config, trains on its share of the pairs and applies the whole
             group's gradients; rank 0 validates. None: this process alone.
+        split_method: how the holdout the model will be judged on is cut, ``temporal`` or
+            ``user_holdout`` (:class:`~recsys_metric.config.SplitConfig`); it resolves
+            ``config.user_balance: auto`` (:meth:`~recsys_metric.config.TrainConfig.user_balance_for`).
 
     Returns:
         Per-epoch history, best epoch and metric, whether it stopped early, the device.
@@ -1178,6 +1184,13 @@ def fit(
         raise ConfigError(f"explicit_share must lie in [0, 1], got {explicit_share}")
     if model.item_item:
         data = co_liked_data(data)
+    if config.user_balance == "auto":
+        try:
+            balance = config.user_balance_for(split_method)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        # Resolved here, before a distributed group receives the config, so every rank agrees.
+        config = config.model_copy(update={"user_balance": balance})
     if distributed is not None:
         config, validate, progress = distributed.setup(
             model,
@@ -1264,7 +1277,9 @@ def _fit(
     batch_size = config.batch_size
     chunk_pairs = max(1, _CHUNK_TRIPLETS // (batch_size * k)) * batch_size
 
-    result = TrainResult(device=str(device), fused=fused, negatives=k)
+    result = TrainResult(
+        device=str(device), fused=fused, negatives=k, user_balance=float(config.user_balance)
+    )
     start_epoch = 0
     bad_evals = 0
     best_state: dict[str, Tensor] | None = None

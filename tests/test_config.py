@@ -89,3 +89,16 @@ def test_auto_negatives_scale_with_the_catalogue_within_bounds():
         config_from_dict({"train": {"negatives": 0}})
     with pytest.raises(ConfigError, match=r"train\.negatives"):
         config_from_dict({"train": {"negatives": "many"}})
+
+
+def test_auto_user_balance_follows_the_split_method():
+    train = Config().train
+    assert train.user_balance == "auto"
+    assert train.user_balance_for("user_holdout") == 0.5
+    assert train.user_balance_for("temporal") == 0.0
+    fixed = config_from_dict({"train": {"user_balance": 0.25}}).train
+    assert fixed.user_balance_for("user_holdout") == fixed.user_balance_for("temporal") == 0.25
+    with pytest.raises(ValueError, match="split_method must be 'temporal' or 'user_holdout', got 'random'"):
+        train.user_balance_for("random")
+    with pytest.raises(ConfigError, match=r"train\.user_balance"):
+        config_from_dict({"train": {"user_balance": 1.5}})

@@ -393,6 +393,39 @@ def test_pairs_of_a_user_who_saw_every_item_are_dropped():
     assert result.history[0]["triplets"] == 4
 
 
+def _skewed_likes() -> InteractionMatrix:
+    """User 0 likes 15 of the 20 items, users 1-39 three each."""
+    rng = np.random.default_rng(5)
+    users = [0] * 15
+    items = list(rng.choice(N_ITEMS, 15, replace=False))
+    for user in range(1, N_USERS):
+        users += [user] * 3
+        items += list(rng.choice(N_ITEMS, 3, replace=False))
+    return InteractionMatrix.from_pairs(np.array(users), np.array(items), N_USERS, N_ITEMS)
+
+
+def _fit_tables(config: TrainConfig, **kwargs) -> tuple[torch.Tensor, float]:
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    result = fit(model, TrainData.from_matrices(_skewed_likes()), config, progress=False, **kwargs)
+    return model.user_embeddings().detach().clone(), result.user_balance
+
+
+def test_auto_user_balance_trains_as_the_holdout_evaluates():
+    auto = TrainConfig(**{**FAST, "epochs": 2})
+    assert auto.user_balance == "auto"
+    per_user, balance = _fit_tables(auto, split_method="user_holdout")
+    assert balance == 0.5
+    explicit, _ = _fit_tables(TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.5}))
+    assert torch.equal(per_user, explicit), "auto under user_holdout is user_balance 0.5"
+    temporal, balance = _fit_tables(auto)  # split_method defaults to temporal
+    assert balance == 0.0
+    plain, _ = _fit_tables(TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.0}))
+    assert torch.equal(temporal, plain), "auto under a temporal split is user_balance 0"
+    assert not torch.equal(per_user, temporal)
+    with pytest.raises(ConfigError, match="split_method must be 'temporal' or 'user_holdout', got 'random'"):
+        _fit_tables(auto, split_method="random")
+
+
 def test_bad_inputs_are_rejected_with_clear_messages():
     train, _ = _checkerboard()
     with pytest.raises(DataError, match="no liked"):
