@@ -70,10 +70,11 @@ from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.device import keep_freed_memory, resolve_device
 from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError, DataError
-from recsys_metric.model.distances import NORM_EPS, EuclideanDistance
+from recsys_metric.model.distances import NORM_EPS, Distance, EuclideanDistance
 from recsys_metric.model.losses import (
     bpr_loss,
     contrastive_loss,
+    item_centric_loss,
     sampled_softmax_loss,
     triplet_margin_loss,
     warp_weight,
@@ -433,6 +434,7 @@ def _triplet_gradients(
     n_items: int,
     weight_decay: float,
     project: bool,
+    item_weight: float = 0.0,
     aliased: bool = False,
 ) -> FusedGradients:
     """The fused step's forward and backward (see :class:`FusedTripletStep`); plain tensor ops.
@@ -521,6 +523,40 @@ def _triplet_gradients(
         g_pos = (uh - s_pos * ph) * (a_sum.neg() / p_norm)
         g_user = ((nh_used - s3 * uh.unsqueeze(1)) * a3).sum(1).sub_((ph - s_pos * uh) * a_sum).div_(u_norm)
 
+    if item_weight:
+        # The item-centric hinge c * max(0, m + d(u, p) - d(p, n)) on the same negatives: the
+        # hardest one (c = item_weight), or each valid one (c = item_weight / k) for mean.
+        n_used = chosen(n)
+        if metric == "euclidean":
+            v2 = (dp * dp).sum(1, keepdim=True) - (p.unsqueeze(1) - n_used).square().sum(2) + margin
+        elif metric == "dot":
+            v2 = (p.unsqueeze(1) * n_used).sum(2) - (u * p).sum(1, keepdim=True) + margin
+        else:
+            s_pn = (ph.unsqueeze(1) * nh_used).sum(2)
+            v2 = s_pn - s_pos + margin
+        if valid is not None:
+            # A pair with no valid negative has its "hardest" slot on a placeholder: no term.
+            v2 = v2.masked_fill(
+                ~(valid[:, :k_used] if slot is None else valid.gather(1, slot)), float("-inf")
+            )
+        c = (v2 > 0).to(dtype) * (item_weight / k if weighting == "mean" else item_weight)
+        loss = loss + (v2.clamp_min(0.0) * c).sum()
+        c3 = c.unsqueeze(2)
+        c_sum = c.sum(1, keepdim=True)
+        if metric == "euclidean":
+            g_user = g_user + dp * c_sum.mul(2.0)
+            g_pos = g_pos + ((n_used - u.unsqueeze(1)) * c3).sum(1).mul_(2.0)
+            g_neg = g_neg + (p.unsqueeze(1) - n_used) * c3.mul(2.0)
+        elif metric == "dot":
+            g_user = g_user - p * c_sum
+            g_pos = g_pos + (n_used * c3).sum(1) - u * c_sum
+            g_neg = g_neg + p.unsqueeze(1) * c3
+        else:
+            g_user = g_user - (ph - s_pos * uh) * (c_sum / u_norm)
+            g_pos = g_pos + (((nh_used - s_pn.unsqueeze(2) * ph.unsqueeze(1)) * c3).sum(1)
+                             - (uh - s_pos * ph) * c_sum) / p_norm  # fmt: skip
+            g_neg = g_neg + (ph.unsqueeze(1) - s_pn.unsqueeze(2) * nh_used) * (c3 / n_norm_used)
+
     if weight_decay:
         g_user = g_user + weight_decay * u
         g_pos = g_pos + weight_decay * p
@@ -561,6 +597,7 @@ def _fused_update(
     n_items: int,
     weight_decay: float,
     project: bool,
+    item_weight: float = 0.0,
     aliased: bool = False,
 ) -> Tensor:
     """Gradient and SGD/row-wise Adagrad update of one batch, in place; returns the summed loss.
@@ -583,6 +620,7 @@ def _fused_update(
         n_items=n_items,
         weight_decay=weight_decay,
         project=project,
+        item_weight=item_weight,
         aliased=aliased,
     )
     if aliased:
@@ -609,6 +647,11 @@ class FusedTripletStep:
     - dot: ``dv/du = n - p``, ``dv/dp = -u``, ``dv/dn = u``.
     - cosine (``x^ = x / |x|``, ``s(x, y) = x^ . y^``, ``ds/dx = (y^ - s x^) / |x|``):
       ``dv/du = ds(u, n)/du - ds(u, p)/du``, ``dv/dp = -ds(u, p)/dp``, ``dv/dn = ds(u, n)/dn``.
+
+    ``train.item_centric_weight`` (``c``) adds ``c * max(0, w)`` with ``w = m + d(u, p) - d(p, n)``
+    for the same negatives (:func:`~recsys_metric.model.losses.item_centric_loss`; ``c / k`` on
+    each negative for ``mean``): euclidean ``dw/du = 2(u - p)``, ``dw/dp = 2(n - u)``,
+    ``dw/dn = 2(p - n)``; dot ``w = m - u.p + p.n``; cosine ``w = m - s(u, p) + s(p, n)``.
 
     ``train.weight_decay`` adds ``wd * w`` per occurrence (the objective gains ``wd/2 |w|^2`` for
     every row each triplet touches, as in per-sample SGD).
@@ -637,6 +680,7 @@ class FusedTripletStep:
             "n_items": int(n_items),
             "weight_decay": float(config.weight_decay),
             "project": model.distance.name == "euclidean",
+            "item_weight": float(config.item_centric_weight),
             "aliased": self.aliased,
         }
         self.compiled = compiled and config.optimizer != "adam"
@@ -803,6 +847,56 @@ def _dense_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> t
     return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def triplet_objective(
+    u: Tensor,
+    p: Tensor,
+    n: Tensor,
+    valid: Tensor | None,
+    distance: Distance,
+    config: TrainConfig,
+    n_items: int,
+) -> Tensor:
+    """The summed triplet objective of a batch from its embeddings, through autograd: the triplet
+    hinge (:func:`~recsys_metric.model.losses.triplet_margin_loss`) plus ``item_centric_weight``
+    times the item-centric hinge (:func:`~recsys_metric.model.losses.item_centric_loss`).
+
+    Args:
+        u: ``[B, D]`` queries; p: ``[B, D]`` positives; n: ``[B, k, D]`` negatives.
+        valid: bool ``[B, k]`` or None; invalid slots never violate.
+        distance: the loss's distance (squared euclidean for a euclidean model, as CML).
+        config: margin, weighting and ``item_centric_weight``.
+        n_items: catalog size (WARP's rank estimate).
+    """
+    masked = float("-inf") if distance.is_inverted else float("inf")
+    pos_v = distance.rowwise(u, p)
+    neg_v = distance.rowwise(u.unsqueeze(1), n)
+    if valid is not None:
+        neg_v = neg_v.masked_fill(~valid, masked)
+    loss = triplet_margin_loss(
+        pos_v,
+        neg_v,
+        margin=config.margin,
+        weighting=config.negative_weighting,
+        is_inverted=distance.is_inverted,
+        n_items=n_items,
+        reduction="sum",
+    )
+    if config.item_centric_weight:
+        item_v = distance.rowwise(p.unsqueeze(1), n)
+        if valid is not None:
+            item_v = item_v.masked_fill(~valid, masked)
+        loss = loss + config.item_centric_weight * item_centric_loss(
+            pos_v,
+            item_v,
+            neg_v,
+            margin=config.margin,
+            weighting=config.negative_weighting,
+            is_inverted=distance.is_inverted,
+            reduction="sum",
+        )
+    return loss
+
+
 class _AutogradStep:
     """One optimisation step of any loss and tower through autograd."""
 
@@ -846,20 +940,12 @@ class _AutogradStep:
         items = model.item_embeddings(torch.cat([pos, negs.reshape(-1)]))
         p, n = items[:batch], items[batch:].reshape(batch, k, -1)
         dist = self.loss_distance
+        if cfg.loss == "triplet":
+            return triplet_objective(u, p, n, valid, dist, cfg, self.n_items)
         pos_v = dist.rowwise(u, p)
         neg_v = dist.rowwise(u.unsqueeze(1), n)
         if valid is not None:
             neg_v = neg_v.masked_fill(~valid, float("-inf") if dist.is_inverted else float("inf"))
-        if cfg.loss == "triplet":
-            return triplet_margin_loss(
-                pos_v,
-                neg_v,
-                margin=cfg.margin,
-                weighting=cfg.negative_weighting,
-                is_inverted=dist.is_inverted,
-                n_items=self.n_items,
-                reduction="sum",
-            )
         if cfg.loss == "contrastive":
             return contrastive_loss(pos_v, neg_v, margin=cfg.margin, is_inverted=dist.is_inverted) * batch
         sign = 1.0 if dist.is_inverted else -1.0

@@ -4,10 +4,11 @@
 passes over ``[B, k, D]`` arrays and then scatters them; on CPU those passes, not the arithmetic,
 set its speed. Here one compiled loop walks the batch triplet by triplet: it reads the query row,
 the positive and the ``k`` negatives once (``k + 2`` rows of ``D`` floats, in cache), computes the
-margin violations, picks the negative that gets the gradient, and updates the touched rows in place
-straight away (row-wise Adagrad or SGD), as implicit's BPR and LightFM do. The objective and its
-gradient are the fused step's (``FusedTripletStep`` documents them); what differs is when an
-update lands: after each triplet rather than once per batch, so a later triplet of the same batch
+margin violations, picks the negative that gets the gradient (the item-centric term of
+``train.item_centric_weight`` takes the same one), and updates the touched rows in place straight
+away (row-wise Adagrad or SGD), as implicit's BPR and LightFM do. The objective and its gradient
+are the fused step's (``FusedTripletStep`` documents them); what differs is when an update lands:
+after each triplet rather than once per batch, so a later triplet of the same batch
 already sees it.
 
 The rows of the triplet a few places ahead are prefetched while a triplet runs: on tables larger
@@ -170,6 +171,63 @@ if numba is not None:
             w[row, t] -= step32 * g[t]
 
     @_inline
+    def _item_term(uw, q, iw, p, n, metric, margin, c, u_norm, p_norm, g_u, g_p, g_n):  # fmt: skip
+        """Adds the item-centric hinge ``c * max(0, m + d(u, p) - d(p, n))`` of negative ``n``
+        to the gradients (``g_n`` already holds the user term's); returns its loss."""
+        d = uw.shape[1]
+        if metric == 0:
+            # v = |u-p|^2 - |p-n|^2 + m: dv/du = 2(u-p), dv/dp = 2(n-u), dv/dn = 2(p-n).
+            v = np.float32(0.0)
+            for t in range(d):
+                a_ = uw[q, t] - iw[p, t]
+                b_ = iw[p, t] - iw[n, t]
+                v += a_ * a_ - b_ * b_
+            v += margin
+            if v <= 0.0:
+                return 0.0
+            c2 = np.float32(2.0 * c)
+            for t in range(d):
+                g_u[t] += c2 * (uw[q, t] - iw[p, t])
+                g_p[t] += c2 * (iw[n, t] - uw[q, t])
+                g_n[t] += c2 * (iw[p, t] - iw[n, t])
+            return c * v
+        if metric == 1:
+            # v = p.n - u.p + m: dv/du = -p, dv/dp = n - u, dv/dn = p.
+            v = np.float32(0.0)
+            for t in range(d):
+                v += iw[p, t] * (iw[n, t] - uw[q, t])
+            v += margin
+            if v <= 0.0:
+                return 0.0
+            c1 = np.float32(c)
+            for t in range(d):
+                g_u[t] -= c1 * iw[p, t]
+                g_p[t] += c1 * (iw[n, t] - uw[q, t])
+                g_n[t] += c1 * iw[p, t]
+            return c * v
+        # v = s(p, n) - s(u, p) + m, s the cosine (see the user term's derivatives).
+        n_norm = _norm(iw, n)
+        s_up = np.float32(_dot(uw, q, iw, p) / (u_norm * p_norm))
+        s_pn = np.float32(_dot(iw, p, iw, n) / (p_norm * n_norm))
+        v = s_pn - s_up + margin
+        if v <= 0.0:
+            return 0.0
+        iu = np.float32(1.0 / u_norm)
+        ip = np.float32(1.0 / p_norm)
+        inn = np.float32(1.0 / n_norm)
+        cu = np.float32(c / u_norm)
+        cp = np.float32(c / p_norm)
+        cn = np.float32(c / n_norm)
+        for t in range(d):
+            uh = uw[q, t] * iu
+            ph = iw[p, t] * ip
+            nh = iw[n, t] * inn
+            g_u[t] -= cu * (ph - s_up * uh)
+            g_p[t] += cp * ((nh - s_pn * ph) - (uh - s_up * ph))
+            g_n[t] += cn * (ph - s_pn * nh)
+        return c * v
+
+    @_inline
     def _one_triplet(
         uw: np.ndarray,
         iw: np.ndarray,
@@ -185,6 +243,7 @@ if numba is not None:
         metric: int,
         margin: float,
         weighting: int,
+        item_weight: float,
         n_items: int,
         weight_decay: float,
         project: bool,
@@ -222,7 +281,7 @@ if numba is not None:
             if v > best:
                 best = v
                 best_j = j
-        if n_viol == 0 and weight_decay == 0.0:
+        if n_viol == 0 and weight_decay == 0.0 and item_weight == 0.0:
             return 0.0
         # a_j = dL/dv_j: the hardest negative's (times the WARP weight), or 1/k on every violator;
         # 0 where nothing violates (the rows still get their weight decay, as on the tensor path).
@@ -244,6 +303,8 @@ if numba is not None:
             g_p[t] = 0.0
         # The user and positive gradients are complete only after every chosen negative is seen,
         # so the negatives' gradients are applied in this loop and the other two after it.
+        # The item-centric term (weight c) takes the same negatives: the hardest, or all k.
+        c = item_weight / k if weighting == 2 else item_weight
         for j in range(k):
             if weighting == 2:
                 if has_valid and not valid[b, j]:
@@ -286,6 +347,8 @@ if numba is not None:
                     g_u[t] += cu * ((nh - s_n * uh) - (ph - s_p * uh))
                     g_p[t] -= cp * (uh - s_p * ph)
                     g_n[t] = cn * (uh - s_n * nh) + wd * iw[n, t]
+            if item_weight != 0.0:
+                loss += _item_term(uw, q, iw, p, n, metric, margin, c, u_norm, p_norm, g_u, g_p, g_n)
             _apply(iw, i_acc, n, g_n, lr, adagrad)
         if weight_decay != 0.0:
             for t in range(d):
@@ -360,7 +423,7 @@ if numba is not None:
 
     @_inline
     def _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, metric, margin, weighting,
-                  n_items, weight_decay, project, adagrad, start, end, grads, viol):  # fmt: skip
+                  item_weight, n_items, weight_decay, project, adagrad, start, end, grads, viol):  # fmt: skip
         """Triplets ``start:end`` in order; returns their summed loss. A triplet without a valid
         negative (its user saw every item) is skipped.
 
@@ -384,8 +447,8 @@ if numba is not None:
                 if not any_valid:
                     continue
             loss += _one_triplet(uw, iw, u_acc, i_acc, queries[b], pos[b], negs, valid, b, has_valid, lr,
-                                 metric, margin, weighting, n_items, weight_decay, project, adagrad,
-                                 g_u, g_p, g_n, viol)  # fmt: skip
+                                 metric, margin, weighting, item_weight, n_items, weight_decay, project,
+                                 adagrad, g_u, g_p, g_n, viol)  # fmt: skip
         return loss
 
     @_parallel
@@ -417,34 +480,34 @@ if numba is not None:
     # has one iteration and the triplets run in order.
     @_parallel
     def _loop_euclidean(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, margin, weighting,
-                        n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
+                        item_weight, n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
         n = queries.shape[0]
         losses = np.zeros(n_threads, dtype=np.float64)
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 0, margin,
-                                  weighting, n_items, weight_decay, project, adagrad,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad,
                                   t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
         return losses.sum()
 
     @_parallel
     def _loop_dot(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, margin, weighting,
-                  n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
+                  item_weight, n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
         n = queries.shape[0]
         losses = np.zeros(n_threads, dtype=np.float64)
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 1, margin,
-                                  weighting, n_items, weight_decay, project, adagrad,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad,
                                   t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
         return losses.sum()
 
     @_parallel
     def _loop_cosine(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, margin, weighting,
-                     n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
+                     item_weight, n_items, weight_decay, project, adagrad, n_threads, grads, viol):  # fmt: skip
         n = queries.shape[0]
         losses = np.zeros(n_threads, dtype=np.float64)
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 2, margin,
-                                  weighting, n_items, weight_decay, project, adagrad,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad,
                                   t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
         return losses.sum()
 
@@ -545,6 +608,7 @@ def triplet_step(
     n_items: int,
     weight_decay: float,
     project: bool,
+    item_weight: float = 0.0,
     threads: int = 1,
     sample: tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None = None,
 ) -> float:
@@ -561,7 +625,8 @@ def triplet_step(
         valid: bool ``[B, k]`` or None; invalid slots are never violating, and a triplet with no
             valid slot is skipped.
         lr: learning rate.
-        metric, margin, weighting, n_items, weight_decay, project: as ``FusedTripletStep``.
+        metric, margin, weighting, n_items, weight_decay, project, item_weight: as
+            ``FusedTripletStep``.
         threads: 1 for the ordered (reproducible) loop, more for lock-free threads.
         sample: with ``negs`` None, ``(users, indptr, indices, k, seed)``: first draw ``k``
             negatives per triplet as :func:`draw_negatives` does (on the same threads), then
@@ -599,6 +664,7 @@ def triplet_step(
                 float(lr),
                 float(margin),
                 WEIGHTINGS[weighting],
+                float(item_weight),
                 int(n_items),
                 float(weight_decay),
                 bool(project),

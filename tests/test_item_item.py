@@ -15,11 +15,17 @@ from recsys_metric.data.synthetic import generate_log
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.export import read_embeddings
 from recsys_metric.model.distances import EuclideanDistance, get_distance
-from recsys_metric.model.losses import triplet_margin_loss
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.pipeline import load_model, model_score_fn, train_run
 from recsys_metric.recommend import Recommender
-from recsys_metric.train import CoLikedSource, FusedTripletStep, TrainData, co_liked_data, fit
+from recsys_metric.train import (
+    CoLikedSource,
+    FusedTripletStep,
+    TrainData,
+    co_liked_data,
+    fit,
+    triplet_objective,
+)
 
 N_USERS, N_ITEMS = 300, 150
 ITEM_ITEM = {"mode": "item_item"}
@@ -113,26 +119,17 @@ def test_no_user_with_two_liked_items_is_a_data_error():
         fit(model, data, TrainConfig(epochs=1, device="cpu"), progress=False)
 
 
-def _aliased_autograd(model, metric, weighting, anchors, pos, negs, valid, weight_decay, rows):
-    """Loss and dense gradient of the one item table, anchors read from the same table."""
+def _aliased_autograd(model, metric, weighting, anchors, pos, negs, valid, weight_decay, rows, item_weight):
+    """Loss and dense gradient of the one item table, anchors read from the same table; the
+    item-centric term (``item_weight``) compares the positive with the same negatives."""
     table = model.item_embedding.weight.detach().clone()
     if metric == "euclidean":
         table.renorm_(2, 0, 1.0)
     table.requires_grad_()
     u, p, n = table[anchors], table[pos], table[negs]
     dist = EuclideanDistance(squared=True) if metric == "euclidean" else get_distance(metric)
-    neg_values = dist.rowwise(u.unsqueeze(1), n)
-    if valid is not None:
-        neg_values = neg_values.masked_fill(~valid, float("-inf") if dist.is_inverted else float("inf"))
-    loss = triplet_margin_loss(
-        dist.rowwise(u, p),
-        neg_values,
-        margin=0.5,
-        weighting=weighting,
-        is_inverted=dist.is_inverted,
-        n_items=N_ITEMS,
-        reduction="sum",
-    )
+    objective = TrainConfig(margin=0.5, negative_weighting=weighting, item_centric_weight=item_weight)
+    loss = triplet_objective(u, p, n, valid, dist, objective, N_ITEMS)
     loss.backward()
     grad = table.grad
     if weight_decay:
@@ -162,7 +159,7 @@ def test_fused_gradients_on_the_aliased_table_equal_autograd(metric, weighting, 
     rows, grads, values = fused.merged()
     assert set(anchors.tolist()) & set(fused.item_rows.tolist()), "the batch must alias rows"
     loss, grad, projected = _aliased_autograd(
-        model, metric, weighting, anchors, pos, negs, valid, weight_decay, rows
+        model, metric, weighting, anchors, pos, negs, valid, weight_decay, rows, config.item_centric_weight
     )
     dense = torch.zeros(N_ITEMS, 6).index_add_(0, rows, grads)
     torch.testing.assert_close(dense, grad, atol=1e-5, rtol=0)
@@ -183,7 +180,9 @@ def test_fused_step_on_the_aliased_table_is_projected_sgd(optimizer):
     pos = torch.tensor([2, 1, 7, 1])
     negs = torch.tensor([[3, 4], [1, 9], [3, 3], [8, 1]])
     before = model.item_embedding.weight.detach().clone()
-    _, grad, projected = _aliased_autograd(model, "euclidean", "mean", anchors, pos, negs, None, 0.0, None)
+    _, grad, projected = _aliased_autograd(
+        model, "euclidean", "mean", anchors, pos, negs, None, 0.0, None, config.item_centric_weight
+    )
     with torch.no_grad():
         FusedTripletStep(model, config, N_ITEMS)(anchors, pos, negs, None, 0.1)
     after = model.item_embedding.weight.detach()

@@ -7,6 +7,7 @@ from recsys_metric.model.distances import CosineSimilarity, DotProduct, Euclidea
 from recsys_metric.model.losses import (
     bpr_loss,
     contrastive_loss,
+    item_centric_loss,
     sampled_softmax_loss,
     triplet_margin_loss,
     triplet_violations,
@@ -171,6 +172,56 @@ def test_triplet_errors():
         triplet_margin_loss(pos, torch.zeros(2, 2), margin=0.5, weighting="mean", is_inverted=False)
     with pytest.raises(ValueError, match="got pos"):
         bpr_loss(pos, torch.zeros(3))
+
+
+def _loop_item_centric(pos, item_neg, neg, margin, weighting, is_inverted):
+    """Per-example item-centric losses: the hardest user-term negative's hinge, or the mean."""
+    out = []
+    for b in range(pos.shape[0]):
+        p = pos[b].item()
+        sign = -1.0 if is_inverted else 1.0
+        user_v = [margin + sign * (p - neg[b, j].item()) for j in range(neg.shape[1])]
+        item_h = [max(0.0, margin + sign * (p - item_neg[b, j].item())) for j in range(neg.shape[1])]
+        if weighting == "mean":
+            out.append(sum(item_h) / len(item_h))
+        else:
+            out.append(item_h[max(range(len(user_v)), key=lambda j: user_v[j])])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("weighting", ["hardest", "warp", "mean"])
+@pytest.mark.parametrize("is_inverted", [False, True])
+def test_item_centric_matches_loop_over_triplets(weighting, is_inverted):
+    pos, neg = _pos_neg(is_inverted, seed=3)
+    _, item_neg = _pos_neg(is_inverted, seed=9)
+    got = item_centric_loss(
+        pos, item_neg, neg, margin=0.5, weighting=weighting, is_inverted=is_inverted, reduction="none"
+    )
+    expected = _loop_item_centric(pos, item_neg, neg, 0.5, weighting, is_inverted)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    slots = 0.5 + (item_neg - pos.unsqueeze(1) if is_inverted else pos.unsqueeze(1) - item_neg)
+    assert (slots > 0).any() and (slots <= 0).any(), "the data must have violators and non-violators"
+    total = item_centric_loss(pos, item_neg, neg, margin=0.5, weighting=weighting, is_inverted=is_inverted)
+    torch.testing.assert_close(total, expected.mean(), atol=ATOL, rtol=0)
+
+
+def test_item_centric_gradient_reaches_only_the_hardest_slot_and_masked_slots_never_violate():
+    pos = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    neg = torch.tensor([[0.5, 3.0, 0.2], [2.0, 2.5, 3.0]], dtype=torch.float64)  # hardest: slots 2, 0
+    item_neg = torch.tensor(
+        [[0.1, 0.1, 0.3], [0.2, 0.1, float("inf")]], dtype=torch.float64, requires_grad=True
+    )
+    loss = item_centric_loss(
+        pos, item_neg, neg, margin=1.0, weighting="hardest", is_inverted=False, reduction="sum"
+    )
+    loss.backward()
+    assert float(loss) == pytest.approx((1.0 + 1.0 - 0.3) + (1.0 + 1.0 - 0.2))
+    assert item_neg.grad.tolist() == [[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]]
+    mean = item_centric_loss(pos, item_neg.detach(), neg, margin=1.0, weighting="mean", is_inverted=False)
+    # Row 2's masked slot (+inf distance) counts 0 in the mean over k = 3.
+    assert float(mean) == pytest.approx(((1.9 + 1.9 + 1.7) / 3 + (1.8 + 1.9 + 0.0) / 3) / 2)
+    with pytest.raises(ValueError, match=r"item_neg \[2, 2\] must have the shape of neg \[2, 3\]"):
+        item_centric_loss(pos, item_neg[:, :2], neg, margin=1.0, weighting="mean", is_inverted=False)
 
 
 @pytest.mark.parametrize("is_inverted", [False, True])

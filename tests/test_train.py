@@ -16,15 +16,16 @@ from recsys_metric.device import resolve_device
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.model.distances import EuclideanDistance, get_distance
 from recsys_metric.model.features import ItemFeatureTensors
-from recsys_metric.model.losses import triplet_margin_loss
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.train import (
     CHECKPOINT_NAME,
     FusedTripletStep,
     SparseRowOptimizer,
     TrainData,
+    _AutogradStep,
     _NegativeSource,
     fit,
+    triplet_objective,
     use_compile,
 )
 
@@ -97,7 +98,9 @@ def test_autograd_training_learns_the_checkerboard(config, loss):
         assert _own_half_share(model.score(np.arange(N_USERS)), train, 1) >= 0.9
 
 
-def _autograd_row_grads(model, metric, weighting, users, pos, negs, valid, weight_decay, item_rows):
+def _autograd_row_grads(
+    model, metric, weighting, users, pos, negs, valid, weight_decay, item_rows, item_weight=0.0
+):
     users_w = model.user_embedding.weight.detach().clone()
     items_w = model.item_embedding.weight.detach().clone()
     if metric == "euclidean":
@@ -107,18 +110,8 @@ def _autograd_row_grads(model, metric, weighting, users, pos, negs, valid, weigh
     items_w.requires_grad_()
     u, p, n = users_w[users], items_w[pos], items_w[negs]
     dist = EuclideanDistance(squared=True) if metric == "euclidean" else get_distance(metric)
-    neg_values = dist.rowwise(u.unsqueeze(1), n)
-    if valid is not None:
-        neg_values = neg_values.masked_fill(~valid, float("-inf") if dist.is_inverted else float("inf"))
-    loss = triplet_margin_loss(
-        dist.rowwise(u, p),
-        neg_values,
-        margin=0.5,
-        weighting=weighting,
-        is_inverted=dist.is_inverted,
-        n_items=N_ITEMS,
-        reduction="sum",
-    )
+    objective = TrainConfig(margin=0.5, negative_weighting=weighting, item_centric_weight=item_weight)
+    loss = triplet_objective(u, p, n, valid, dist, objective, N_ITEMS)
     loss.backward()
     grad_users, grad_items = users_w.grad, items_w.grad
     if weight_decay:
@@ -138,11 +131,13 @@ def _autograd_row_grads(model, metric, weighting, users, pos, negs, valid, weigh
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
 @pytest.mark.parametrize("weighting", ["hardest", "warp", "mean"])
-@pytest.mark.parametrize("k, weight_decay", [(1, 0.0), (4, 0.0), (4, 0.1)])
-def test_fused_gradients_equal_autograd(metric, weighting, k, weight_decay):
+@pytest.mark.parametrize("k, weight_decay, item_weight", [(1, 0.0, 0.0), (4, 0.0, 0.0), (4, 0.1, 0.0), (1, 0.0, 0.5),
+                                                           (4, 0.1, 0.7)])  # fmt: skip
+def test_fused_gradients_equal_autograd(metric, weighting, k, weight_decay, item_weight):
     # init_scale 2 puts most rows outside the unit ball, so the projection is exercised too.
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, distance=metric, init_scale=2.0), seed=1)
-    config = TrainConfig(negatives=k, negative_weighting=weighting, margin=0.5, weight_decay=weight_decay)
+    config = TrainConfig(negatives=k, negative_weighting=weighting, margin=0.5, weight_decay=weight_decay,
+                         item_centric_weight=item_weight)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     batch = 50
     users = torch.randint(0, N_USERS, (batch,), generator=g)
@@ -152,7 +147,7 @@ def test_fused_gradients_equal_autograd(metric, weighting, k, weight_decay):
     with torch.no_grad():
         fused = FusedTripletStep(model, config, N_ITEMS).gradients(users, pos, negs, valid)
     loss, grad_users, grad_items = _autograd_row_grads(
-        model, metric, weighting, users, pos, negs, valid, weight_decay, fused.item_rows
+        model, metric, weighting, users, pos, negs, valid, weight_decay, fused.item_rows, item_weight
     )
     dense_users = torch.zeros(N_USERS, 6).index_add_(0, fused.user_rows, fused.user_grads)
     dense_items = torch.zeros(N_ITEMS, 6).index_add_(0, fused.item_rows, fused.item_grads)
@@ -161,6 +156,30 @@ def test_fused_gradients_equal_autograd(metric, weighting, k, weight_decay):
     torch.testing.assert_close(fused.loss, loss, atol=1e-5, rtol=1e-6)
     if metric == "euclidean":
         assert fused.user_values is not None and float(fused.user_values.norm(dim=1).max()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
+@pytest.mark.parametrize("weighting", ["hardest", "mean"])
+def test_autograd_step_computes_the_fused_objective_with_the_item_term(metric, weighting):
+    # Free embeddings: the autograd path (any tower) and the fused step must optimise one objective.
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, distance=metric, init_scale=0.8), seed=3)
+    config = TrainConfig(negatives=4, negative_weighting=weighting, margin=0.5, item_centric_weight=0.7)
+    g = torch.Generator().manual_seed(5)
+    users = torch.randint(0, N_USERS, (40,), generator=g)
+    pos = torch.randint(0, N_ITEMS, (40,), generator=g)
+    negs = torch.randint(0, N_ITEMS, (40, 4), generator=g)
+    valid = torch.rand(40, 4, generator=g) > 0.25
+    valid[:, 0] = True
+    data = TrainData.from_matrices(_checkerboard()[0])
+    with torch.no_grad():
+        if metric == "euclidean":
+            model.project_embeddings()
+        fused = FusedTripletStep(model, config, N_ITEMS).gradients(users, pos, negs, valid).loss
+        autograd = _AutogradStep(model, config, data, torch.device("cpu"))._loss(users, pos, negs, valid)
+        plain = _AutogradStep(model, config.model_copy(update={"item_centric_weight": 0.0}), data,
+                              torch.device("cpu"))._loss(users, pos, negs, valid)  # fmt: skip
+    torch.testing.assert_close(autograd, fused, atol=1e-4, rtol=1e-5)
+    assert float(autograd) > float(plain) > 0.0, "the item term adds to the loss"
 
 
 def test_lazy_projection_is_projected_sgd():
@@ -172,7 +191,7 @@ def test_lazy_projection_is_projected_sgd():
     before_u = model.user_embedding.weight.detach().clone()
     before_i = model.item_embedding.weight.detach().clone()
     _, grad_users, grad_items = _autograd_row_grads(
-        model, "euclidean", "mean", users, pos, negs, None, 0.0, None
+        model, "euclidean", "mean", users, pos, negs, None, 0.0, None, config.item_centric_weight
     )
     step = FusedTripletStep(model, config, N_ITEMS)
     with torch.no_grad():

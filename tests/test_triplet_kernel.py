@@ -23,13 +23,15 @@ N_USERS, N_ITEMS = 6, 30
 
 @pytest.mark.parametrize("metric", ["euclidean", "dot", "cosine"])
 @pytest.mark.parametrize("weighting", ["hardest", "warp", "mean"])
-@pytest.mark.parametrize("optimizer, k, weight_decay, masked", [("adagrad", 4, 0.0, False), ("sgd", 1, 0.0, False),
-                                                                  ("adagrad", 5, 0.05, True)])  # fmt: skip
-def test_one_triplet_at_a_time_equals_the_tensor_step(metric, weighting, optimizer, k, weight_decay, masked):
+@pytest.mark.parametrize("optimizer, k, weight_decay, masked, item_weight",
+                         [("adagrad", 4, 0.0, False, 0.0), ("sgd", 1, 0.0, False, 0.0), ("adagrad", 5, 0.05, True, 0.0),
+                          ("sgd", 1, 0.0, False, 0.5), ("adagrad", 5, 0.05, True, 0.5)])  # fmt: skip
+def test_one_triplet_at_a_time_equals_the_tensor_step(metric, weighting, optimizer, k, weight_decay, masked,
+                                                      item_weight):  # fmt: skip
     # With one triplet per batch, "update after every triplet" and "update once per batch" are the
     # same thing, so the two implementations must walk the same path.
     config = TrainConfig(negative_weighting=weighting, optimizer=optimizer, negatives=k, weight_decay=weight_decay,
-                         margin=1.0 if metric == "euclidean" else 0.5)  # fmt: skip
+                         margin=1.0 if metric == "euclidean" else 0.5, item_centric_weight=item_weight)  # fmt: skip
     tensor_model = TwoTowerModel(
         N_USERS, N_ITEMS, ModelConfig(dim=8, distance=metric, init_scale=0.6), seed=1
     )

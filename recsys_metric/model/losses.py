@@ -132,6 +132,57 @@ def triplet_margin_loss(
     return _reduce(per_example, reduction)
 
 
+def item_centric_loss(
+    pos: Tensor,
+    item_neg: Tensor,
+    neg: Tensor,
+    *,
+    margin: float,
+    weighting: Weighting,
+    is_inverted: bool,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Item-centric triplet hinge (Symmetric Metric Learning, Li et al. 2020) on the negatives
+    that :func:`triplet_margin_loss` uses.
+
+    With ``w[b, j]`` the item-centric violation ``margin + pos[b] - item_neg[b, j]`` (distances;
+    ``margin - pos[b] + item_neg[b, j]`` for similarities) and ``h = max(w, 0)``:
+
+    - ``hardest`` and ``warp``: ``h[b, j*]``, ``j*`` the user term's hardest negative (the
+      largest :func:`triplet_violations` of ``pos`` and ``neg``), without the WARP weight;
+    - ``mean``: ``mean_j h[b, j]`` over all k negatives.
+
+    Args:
+        pos: ``[B]`` query-to-positive distance or similarity.
+        item_neg: ``[B, k]`` positive-to-negative distances or similarities (invalid slots: +inf
+            distance or -inf similarity, so that they never violate).
+        neg: ``[B, k]`` query-to-negative values, which choose the hardest negative.
+        margin, is_inverted, reduction: as :func:`triplet_margin_loss`.
+        weighting: ``hardest``, ``warp`` or ``mean``.
+
+    Returns:
+        A scalar, or ``[B]`` with ``reduction="none"``.
+
+    Raises:
+        ValueError: for wrong shapes (``item_neg`` must match ``neg``), an unknown weighting or
+            reduction.
+    """
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}: use one of {', '.join(_WEIGHTINGS)}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}: use one of {', '.join(_REDUCTIONS)}")
+    if item_neg.shape != neg.shape:
+        raise ValueError(f"item_neg {list(item_neg.shape)} must have the shape of neg {list(neg.shape)}")
+    item_violation = triplet_violations(pos, item_neg, margin=margin, is_inverted=is_inverted)
+    if weighting == "mean":
+        per_example = item_violation.clamp_min(0.0).mean(1)
+    else:
+        with torch.no_grad():
+            hardest = triplet_violations(pos, neg, margin=margin, is_inverted=is_inverted).argmax(1)
+        per_example = item_violation.gather(1, hardest.unsqueeze(1)).squeeze(1).clamp_min(0.0)
+    return _reduce(per_example, reduction)
+
+
 def contrastive_loss(pos: Tensor, neg: Tensor, *, margin: float, is_inverted: bool) -> Tensor:
     """Contrastive pair loss: pull positive pairs together, push negative pairs past the margin.
 
