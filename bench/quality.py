@@ -146,7 +146,8 @@ def _ours(
     key = f"recall@{train_config.early_stopping_k}"
     info: dict[str, Any] = {
         "params": (
-            f"defaults (user_balance {result.user_balance:g} for a {data.split_method} split); "
+            f"defaults (user_balance {result.user_balance:g}, item_centric_weight "
+            f"{result.item_centric_weight:g} for a {data.split_method} split); "
             f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
         ),
         "validation": {key: round(float(result.best_metric or 0.0), 5)},

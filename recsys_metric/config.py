@@ -238,20 +238,24 @@ class TrainConfig(_Section):
     Recall@20: bundled log .457 vs .452, ml-latest-small .284 vs .281, citeulike-a .259 vs .255
     (``bench.quality --ours-only``): Adagrad already scales each row's steps, and the WARP weight
     mostly made early steps larger."""
-    item_centric_weight: float = Field(0.5, ge=0.0)
+    item_centric_weight: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
     """lambda: weight of the item-centric hinge ``max(0, margin + d(u, p) - d(p, n))`` added to
     the triplet loss for the same negatives (the hardest one, or each one for ``mean``), as in
     Symmetric Metric Learning (Li et al. 2020): besides the user being closer to the liked item
     than to the negative, the liked item must be closer to the user than to the negative, which
-    pushes unliked items away from liked ones. ``loss: triplet`` only. 0.5 (was 0): test
-    Recall@20 / NDCG@20, mean of seeds 42, 1, 2 (``bench.quality --ours-only --test --set
-    train.item_centric_weight=W``): ml-latest-small .354 / .322 vs .342 / .308 (0.25: .351,
-    0.75: .352, 1.0: .347); each user's newest 20% of liked ml-latest-small items held out
-    (seeds 42, 1): .188 / .146 vs .179 / .141. It cost a little elsewhere: citeulike-a (seed
-    42) .324 / .263 vs .326 / .266; the bundled log .428 / .310 vs .431 / .311; its pipeline
-    holdout (``recsys-metric train``, temporal, seeds 42, 1, 2) .394 / .281 vs .404 / .284.
-    With 1 negative (``python -m bench.train_speed``) it costs a third of the throughput (4.3M
-    vs 6.6M triplets/s on one thread) and lifts the best Recall@20 from .180 to .210."""
+    pushes unliked items away from liked ones. ``loss: triplet`` only. ``auto`` (default,
+    :meth:`item_centric_weight_for`): 0.5 under a ``user_holdout`` split, 0 under a temporal one.
+    Test Recall@20 / NDCG@20 at 0.5 vs 0, mean of seeds 42, 1, 2 (``bench.quality --ours-only
+    --test --set train.item_centric_weight=W``): ml-latest-small .354 / .322 vs .342 / .308
+    (0.25: .351, 0.75: .352, 1.0: .347); each user's newest 20% of liked ml-latest-small items
+    held out (seeds 42, 1): .188 / .146 vs .179 / .141; citeulike-a (seed 42) .324 / .263 vs
+    .326 / .266. Under the temporal split it cost: the bundled log .428 / .310 vs .431 / .311,
+    its pipeline holdout (``recsys-metric train``, seeds 42, 1, 2) .394 / .281 vs .404 / .284,
+    and the time-boxed 20M-interaction nightly run (``bench/configs/nightly_20m.toml``: 4
+    epochs at lr 0.01) .062 vs .094, its validation Recall@20 still rising by the 4th epoch
+    (.037, .054, .061, .064): the term slows the first epochs. With 1 negative
+    (``bench.train_speed``) it costs a third of the throughput (4.3M vs 6.6M triplets/s on one
+    thread) and lifted the best Recall@20 from .180 to .210."""
     epochs: int = Field(100, ge=1)
     """Maximum epochs over the liked pairs; early stopping (``patience``) usually ends training
     long before. The cap was 30 until citeulike-a still improved at epoch 30 (validation Recall@20
@@ -332,9 +336,33 @@ class TrainConfig(_Section):
         """
         if self.user_balance != "auto":
             return float(self.user_balance)
-        if split_method not in ("temporal", "user_holdout"):
-            raise ValueError(f"split_method must be 'temporal' or 'user_holdout', got {split_method!r}")
+        _check_split_method(split_method)
         return AUTO_USER_BALANCE if split_method == "user_holdout" else 0.0
+
+    def item_centric_weight_for(self, split_method: str) -> float:
+        """``item_centric_weight`` for a holdout cut by ``split_method`` (resolves ``auto``).
+
+        Args:
+            split_method: ``temporal`` or ``user_holdout``, as :class:`SplitConfig.method`.
+        """
+        if self.item_centric_weight != "auto":
+            return float(self.item_centric_weight)
+        _check_split_method(split_method)
+        return AUTO_ITEM_CENTRIC_WEIGHT if split_method == "user_holdout" else 0.0
+
+    def for_split(self, split_method: str = "temporal") -> TrainConfig:
+        """This config with its split-dependent ``auto`` settings (``user_balance``,
+        ``item_centric_weight``) resolved for ``split_method``; unchanged when none is ``auto``.
+        :func:`recsys_metric.train.fit` trains with it; a config used without ``fit`` (a step
+        built by hand) reads an unresolved ``auto`` as for a ``temporal`` split."""
+        if self.user_balance != "auto" and self.item_centric_weight != "auto":
+            return self
+        return self.model_copy(
+            update={
+                "user_balance": self.user_balance_for(split_method),
+                "item_centric_weight": self.item_centric_weight_for(split_method),
+            }
+        )
 
     def negatives_for(self, n_items: int) -> int:
         """``negatives`` for a catalogue of ``n_items`` items (resolves ``auto``)."""
@@ -347,6 +375,13 @@ AUTO_NEGATIVES_MIN, AUTO_NEGATIVES_MAX, AUTO_NEGATIVES_ITEMS = 10, 30, 500
 """``train.negatives: auto`` is ``n_items // 500`` clipped to [10, 30]."""
 AUTO_USER_BALANCE = 0.5
 """``train.user_balance: auto`` under a ``user_holdout`` split (0 under a temporal one)."""
+AUTO_ITEM_CENTRIC_WEIGHT = 0.5
+"""``train.item_centric_weight: auto`` under a ``user_holdout`` split (0 under a temporal one)."""
+
+
+def _check_split_method(split_method: str) -> None:
+    if split_method not in ("temporal", "user_holdout"):
+        raise ValueError(f"split_method must be 'temporal' or 'user_holdout', got {split_method!r}")
 
 
 class EvalConfig(_Section):

@@ -200,6 +200,7 @@ class TrainResult:
         kernel: what computed the steps: ``numba`` (:class:`NumbaTripletStep`), ``torch`` (the
             fused tensor step, compiled or not) or ``autograd``.
         user_balance: ``train.user_balance`` as applied (``auto`` resolved).
+        item_centric_weight: ``train.item_centric_weight`` as applied (``auto`` resolved).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -212,6 +213,7 @@ class TrainResult:
     kernel: str = "autograd"
     negatives: int = 1
     user_balance: float = 0.0
+    item_centric_weight: float = 0.0
 
     @property
     def epochs_run(self) -> int:
@@ -680,7 +682,7 @@ class FusedTripletStep:
             "n_items": int(n_items),
             "weight_decay": float(config.weight_decay),
             "project": model.distance.name == "euclidean",
-            "item_weight": float(config.item_centric_weight),
+            "item_weight": config.item_centric_weight_for("temporal"),
             "aliased": self.aliased,
         }
         self.compiled = compiled and config.optimizer != "adam"
@@ -881,11 +883,12 @@ def triplet_objective(
         n_items=n_items,
         reduction="sum",
     )
-    if config.item_centric_weight:
+    item_weight = config.item_centric_weight_for("temporal")  # a float unless fit did not resolve it
+    if item_weight:
         item_v = distance.rowwise(p.unsqueeze(1), n)
         if valid is not None:
             item_v = item_v.masked_fill(~valid, masked)
-        loss = loss + config.item_centric_weight * item_centric_loss(
+        loss = loss + item_weight * item_centric_loss(
             pos_v,
             item_v,
             neg_v,
@@ -1250,7 +1253,8 @@ def fit(
             group's gradients; rank 0 validates. None: this process alone.
         split_method: how the holdout the model will be judged on is cut, ``temporal`` or
             ``user_holdout`` (:class:`~recsys_metric.config.SplitConfig`); it resolves
-            ``config.user_balance: auto`` (:meth:`~recsys_metric.config.TrainConfig.user_balance_for`).
+            ``auto`` of ``config.user_balance`` and ``config.item_centric_weight``
+            (:meth:`~recsys_metric.config.TrainConfig.for_split`).
 
     Returns:
         Per-epoch history, best epoch and metric, whether it stopped early, the device.
@@ -1270,13 +1274,11 @@ def fit(
         raise ConfigError(f"explicit_share must lie in [0, 1], got {explicit_share}")
     if model.item_item:
         data = co_liked_data(data)
-    if config.user_balance == "auto":
-        try:
-            balance = config.user_balance_for(split_method)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    try:
         # Resolved here, before a distributed group receives the config, so every rank agrees.
-        config = config.model_copy(update={"user_balance": balance})
+        config = config.for_split(split_method)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if distributed is not None:
         config, validate, progress = distributed.setup(
             model,
@@ -1364,7 +1366,11 @@ def _fit(
     chunk_pairs = max(1, _CHUNK_TRIPLETS // (batch_size * k)) * batch_size
 
     result = TrainResult(
-        device=str(device), fused=fused, negatives=k, user_balance=float(config.user_balance)
+        device=str(device),
+        fused=fused,
+        negatives=k,
+        user_balance=float(config.user_balance),
+        item_centric_weight=float(config.item_centric_weight),
     )
     start_epoch = 0
     bad_evals = 0

@@ -102,3 +102,12 @@ def test_auto_user_balance_follows_the_split_method():
         train.user_balance_for("random")
     with pytest.raises(ConfigError, match=r"train\.user_balance"):
         config_from_dict({"train": {"user_balance": 1.5}})
+    assert train.item_centric_weight == "auto"
+    assert train.item_centric_weight_for("user_holdout") == 0.5
+    assert train.item_centric_weight_for("temporal") == 0.0
+    per_user = train.for_split("user_holdout")
+    assert (per_user.user_balance, per_user.item_centric_weight) == (0.5, 0.5)
+    assert train.for_split() == train.for_split("temporal") != per_user
+    assert per_user.for_split("temporal") is per_user, "a resolved config stays as it is"
+    with pytest.raises(ConfigError, match=r"train\.item_centric_weight"):
+        config_from_dict({"train": {"item_centric_weight": -1}})

@@ -146,7 +146,13 @@ def test_fused_gradients_on_the_aliased_table_equal_autograd(metric, weighting, 
     model = TwoTowerModel(
         N_USERS, N_ITEMS, ModelConfig(dim=6, distance=metric, init_scale=2.0, **ITEM_ITEM), seed=1
     )
-    config = TrainConfig(negatives=k, negative_weighting=weighting, margin=0.5, weight_decay=weight_decay)
+    config = TrainConfig(
+        negatives=k,
+        negative_weighting=weighting,
+        margin=0.5,
+        weight_decay=weight_decay,
+        item_centric_weight=0.5,
+    )
     g = torch.Generator().manual_seed(2)
     anchors = torch.randint(0, 30, (60,), generator=g)
     pos = torch.randint(0, 30, (60,), generator=g)
@@ -174,7 +180,9 @@ def test_fused_gradients_on_the_aliased_table_equal_autograd(metric, weighting, 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_fused_step_on_the_aliased_table_is_projected_sgd(optimizer):
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, init_scale=2.0, **ITEM_ITEM), seed=4)
-    config = TrainConfig(negatives=2, optimizer=optimizer, negative_weighting="mean", margin=0.5)
+    config = TrainConfig(
+        negatives=2, optimizer=optimizer, negative_weighting="mean", margin=0.5, item_centric_weight=0.5
+    )
     # Item 1 is an anchor, a positive and a negative; item 3 an anchor and a negative.
     anchors = torch.tensor([1, 3, 1, 5])
     pos = torch.tensor([2, 1, 7, 1])

@@ -124,16 +124,16 @@ def test_model_reloads_from_the_run_directory(run):
         assert torch.equal(loaded.score(np.arange(20)), result.model.to("cpu").score(np.arange(20)))
 
 
-def test_user_balance_auto_follows_the_applied_split(run, log_path, tmp_path):
+def test_auto_settings_follow_the_applied_split(run, log_path, tmp_path):
     result, _ = run
-    training = result.metrics["training"]
-    assert training["holdout"]["user_balance"] == training["refit"]["user_balance"] == 0.0  # temporal
+    for fit_result in result.metrics["training"].values():  # holdout and refit: temporal
+        assert (fit_result["user_balance"], fit_result["item_centric_weight"]) == (0.0, 0.0)
     cfg = config_from_dict(
         {**FAST, "train": {**FAST["train"], "epochs": 2}, "split": {"method": "user_holdout"}}
     )
     per_user = train_run(log_path / "interactions.parquet", tmp_path, cfg, progress=False)
-    training = per_user.metrics["training"]
-    assert training["holdout"]["user_balance"] == training["refit"]["user_balance"] == 0.5
+    for fit_result in per_user.metrics["training"].values():
+        assert (fit_result["user_balance"], fit_result["item_centric_weight"]) == (0.5, 0.5)
 
 
 def test_without_refit_the_holdout_model_is_exported(log_path, tmp_path):

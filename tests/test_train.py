@@ -184,7 +184,9 @@ def test_autograd_step_computes_the_fused_objective_with_the_item_term(metric, w
 
 def test_lazy_projection_is_projected_sgd():
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=6, init_scale=2.0), seed=4)
-    config = TrainConfig(negatives=2, optimizer="sgd", negative_weighting="mean", margin=0.5)
+    config = TrainConfig(
+        negatives=2, optimizer="sgd", negative_weighting="mean", margin=0.5, item_centric_weight=0.5
+    )
     users = torch.tensor([0, 0, 3, 5])
     pos = torch.tensor([1, 2, 1, 7])
     negs = torch.tensor([[3, 4], [1, 9], [2, 2], [8, 3]])
@@ -423,23 +425,29 @@ def _skewed_likes() -> InteractionMatrix:
     return InteractionMatrix.from_pairs(np.array(users), np.array(items), N_USERS, N_ITEMS)
 
 
-def _fit_tables(config: TrainConfig, **kwargs) -> tuple[torch.Tensor, float]:
+def _fit_tables(config: TrainConfig, **kwargs) -> tuple[torch.Tensor, tuple[float, float]]:
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
     result = fit(model, TrainData.from_matrices(_skewed_likes()), config, progress=False, **kwargs)
-    return model.user_embeddings().detach().clone(), result.user_balance
+    return model.user_embeddings().detach().clone(), (result.user_balance, result.item_centric_weight)
 
 
-def test_auto_user_balance_trains_as_the_holdout_evaluates():
+def test_auto_settings_train_as_the_holdout_evaluates():
     auto = TrainConfig(**{**FAST, "epochs": 2})
-    assert auto.user_balance == "auto"
-    per_user, balance = _fit_tables(auto, split_method="user_holdout")
-    assert balance == 0.5
-    explicit, _ = _fit_tables(TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.5}))
-    assert torch.equal(per_user, explicit), "auto under user_holdout is user_balance 0.5"
-    temporal, balance = _fit_tables(auto)  # split_method defaults to temporal
-    assert balance == 0.0
-    plain, _ = _fit_tables(TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.0}))
-    assert torch.equal(temporal, plain), "auto under a temporal split is user_balance 0"
+    assert auto.user_balance == auto.item_centric_weight == "auto"
+    per_user, applied = _fit_tables(auto, split_method="user_holdout")
+    assert applied == (0.5, 0.5)
+    explicit, _ = _fit_tables(
+        TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.5, "item_centric_weight": 0.5})
+    )
+    assert torch.equal(per_user, explicit), (
+        "auto under user_holdout is user_balance 0.5, item_centric_weight 0.5"
+    )
+    temporal, applied = _fit_tables(auto)  # split_method defaults to temporal
+    assert applied == (0.0, 0.0)
+    plain, _ = _fit_tables(
+        TrainConfig(**{**FAST, "epochs": 2, "user_balance": 0.0, "item_centric_weight": 0.0})
+    )
+    assert torch.equal(temporal, plain), "auto under a temporal split is 0 for both"
     assert not torch.equal(per_user, temporal)
     with pytest.raises(ConfigError, match="split_method must be 'temporal' or 'user_holdout', got 'random'"):
         _fit_tables(auto, split_method="random")
