@@ -334,10 +334,7 @@ class TrainConfig(_Section):
         Args:
             split_method: ``temporal`` or ``user_holdout``, as :class:`SplitConfig.method`.
         """
-        if self.user_balance != "auto":
-            return float(self.user_balance)
-        _check_split_method(split_method)
-        return AUTO_USER_BALANCE if split_method == "user_holdout" else 0.0
+        return _resolve_for_split(self.user_balance, split_method, AUTO_USER_BALANCE)
 
     def item_centric_weight_for(self, split_method: str) -> float:
         """``item_centric_weight`` for a holdout cut by ``split_method`` (resolves ``auto``).
@@ -345,10 +342,7 @@ class TrainConfig(_Section):
         Args:
             split_method: ``temporal`` or ``user_holdout``, as :class:`SplitConfig.method`.
         """
-        if self.item_centric_weight != "auto":
-            return float(self.item_centric_weight)
-        _check_split_method(split_method)
-        return AUTO_ITEM_CENTRIC_WEIGHT if split_method == "user_holdout" else 0.0
+        return _resolve_for_split(self.item_centric_weight, split_method, AUTO_ITEM_CENTRIC_WEIGHT)
 
     def for_split(self, split_method: str = "temporal") -> TrainConfig:
         """This config with its split-dependent ``auto`` settings (``user_balance``,
@@ -379,9 +373,14 @@ AUTO_ITEM_CENTRIC_WEIGHT = 0.5
 """``train.item_centric_weight: auto`` under a ``user_holdout`` split (0 under a temporal one)."""
 
 
-def _check_split_method(split_method: str) -> None:
+def _resolve_for_split(value: float | str, split_method: str, per_user: float) -> float:
+    """A split-dependent setting: ``value`` itself, or for ``auto`` ``per_user`` under a
+    ``user_holdout`` split and 0 under a ``temporal`` one."""
+    if value != "auto":
+        return float(value)
     if split_method not in ("temporal", "user_holdout"):
         raise ValueError(f"split_method must be 'temporal' or 'user_holdout', got {split_method!r}")
+    return per_user if split_method == "user_holdout" else 0.0
 
 
 class EvalConfig(_Section):
