@@ -190,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bpr-iterations", type=str, default="10,20,40,70,100", help="BPR evaluation points")
     parser.add_argument("--bpr-lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.05,
+        help="our train.lr (fixed: train.lr auto would train once per candidate rate)",
+    )
     parser.add_argument("--negatives", type=int, default=1, help="our negatives per pair (1 = like BPR)")
     parser.add_argument("--weighting", default=None, help="train.negative_weighting (default: the config's)")
     parser.add_argument("--distance", default="euclidean")

@@ -404,6 +404,15 @@ class DistributedTraining:
         run.pairs_done += pairs
         return run.lr
 
+    def rank0_validates(self, validate_given: bool) -> bool:
+        """Whether rank 0 passes ``validate`` to the ``fit`` that every rank is entering, so that
+        all ranks take the same path (``train.lr: auto`` searches only with validation). Under
+        :meth:`leading` rank 0 answers alone: the followers receive each candidate's fit as a job
+        with its rate set."""
+        if self._leading:
+            return validate_given
+        return bool(self._broadcast_object(validate_given if self.is_main else None))
+
     def _broadcast_object(self, obj: Any) -> Any:
         box = [obj if self.is_main else None]
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)

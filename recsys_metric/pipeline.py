@@ -409,10 +409,15 @@ def train_and_evaluate(
         )
     train_config = config.train
     if plan is not None:
-        train_config = train_config.model_copy(
-            update={"lr": train_config.lr * train_config.warm_start_lr_scale}
-        )
-        warm["lr"] = train_config.lr
+        scale = train_config.warm_start_lr_scale
+        if train_config.lr == "auto":
+            train_config = train_config.model_copy(
+                update={"lr_candidates": tuple(lr * scale for lr in train_config.lr_candidates)}
+            )
+            warm["lr"] = list(train_config.lr_candidates)
+        else:
+            train_config = train_config.model_copy(update={"lr": train_config.lr * scale})
+            warm["lr"] = train_config.lr
     holdout = fit(
         holdout_model,
         fit_data,
@@ -455,7 +460,8 @@ def train_and_evaluate(
         refit = fit(
             final_model,
             train_data(full, n_users, n_items, config),
-            train_config,
+            # The rate the holdout fit trained at (``train.lr: auto`` chose it on validation).
+            train_config.model_copy(update={"lr": holdout.lr}),
             explicit_share=config.train.explicit_share,
             epochs=epochs,
             progress=progress,
@@ -486,6 +492,8 @@ def train_and_evaluate(
             "best_validation": holdout.best_metric,
             "epochs_run": holdout.epochs_run,
             "stopped_early": holdout.stopped_early,
+            "lr": holdout.lr,
+            "lr_search": holdout.lr_search,
             "validation_cutoff": val_info.cutoff.isoformat() if val_info.cutoff is not None else None,
         },
         "warm_start": warm,

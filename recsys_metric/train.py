@@ -201,6 +201,11 @@ class TrainResult:
             fused tensor step, compiled or not) or ``autograd``.
         user_balance: ``train.user_balance`` as applied (``auto`` resolved).
         item_centric_weight: ``train.item_centric_weight`` as applied (``auto`` resolved).
+        lr: the learning rate trained at (``train.lr``, or the one ``auto`` chose).
+        lr_search: for ``train.lr: auto`` with validation, one dict per candidate rate in the order
+            tried: ``lr``, ``best_epoch``, ``best_metric`` (validation Recall@K), ``epochs_run``,
+            ``seconds`` (its epochs' training time); empty otherwise. The other fields describe
+            the chosen candidate's fit.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -214,6 +219,8 @@ class TrainResult:
     negatives: int = 1
     user_balance: float = 0.0
     item_centric_weight: float = 0.0
+    lr: float = 0.0
+    lr_search: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def epochs_run(self) -> int:
@@ -842,11 +849,12 @@ def use_numba(config: TrainConfig, fused: bool, device: torch.device, distribute
 
 
 def _dense_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    lr = config.first_lr()
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=config.weight_decay)
 
 
 def triplet_objective(
@@ -1256,8 +1264,15 @@ def fit(
             ``auto`` of ``config.user_balance`` and ``config.item_centric_weight``
             (:meth:`~recsys_metric.config.TrainConfig.for_split`).
 
+    ``config.lr: auto`` with ``validate``: one fit per rate of ``config.lr_candidates``, each from
+    the model's weights at the call and with the same seed (with ``checkpoint_dir``, each in its
+    own subdirectory ``lr-<rate>``, so that ``resume`` skips finished candidates); the model keeps
+    the best epoch of the candidate with the highest validation Recall@K. Without ``validate``
+    ``auto`` trains at the first candidate.
+
     Returns:
-        Per-epoch history, best epoch and metric, whether it stopped early, the device.
+        Per-epoch history, best epoch and metric, whether it stopped early, the device, the rate
+        (and the candidates tried).
 
     Raises:
         ConfigError: the device is unusable, ``validate`` lacks the metric, or the checkpoint
@@ -1272,13 +1287,86 @@ def fit(
         )
     if not 0.0 <= explicit_share <= 1.0:
         raise ConfigError(f"explicit_share must lie in [0, 1], got {explicit_share}")
-    if model.item_item:
-        data = co_liked_data(data)
     try:
         # Resolved here, before a distributed group receives the config, so every rank agrees.
         config = config.for_split(split_method)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if model.item_item:
+        data = co_liked_data(data)
+    search = config.lr == "auto" and (
+        validate is not None if distributed is None else distributed.rank0_validates(validate is not None)
+    )
+    if not search:
+        config = config.model_copy(update={"lr": config.first_lr()}) if config.lr == "auto" else config
+        return _fit_at_rate(
+            model,
+            data,
+            config,
+            explicit_share,
+            validate,
+            epochs,
+            checkpoint_dir,
+            resume,
+            progress,
+            distributed,
+        )
+    initial = _cpu_state(model)
+    best: tuple[TrainResult, dict[str, Tensor]] | None = None
+    trials: list[dict[str, Any]] = []
+    for lr in config.lr_candidates:
+        if trials:
+            model.load_state_dict(initial)
+        logger.info("train.lr auto: trying %g (candidates %s)", lr, list(config.lr_candidates))
+        result = _fit_at_rate(
+            model,
+            data,
+            config.model_copy(update={"lr": float(lr)}),
+            explicit_share,
+            validate,
+            epochs,
+            None if checkpoint_dir is None else Path(checkpoint_dir) / f"lr-{lr:g}",
+            resume,
+            progress,
+            distributed,
+        )
+        trials.append(
+            {
+                "lr": float(lr),
+                "best_epoch": result.best_epoch,
+                "best_metric": result.best_metric,
+                "epochs_run": result.epochs_run,
+                "seconds": round(sum(float(r["seconds"]) for r in result.history), 3),
+            }
+        )
+        score = -math.inf if result.best_metric is None else result.best_metric
+        if best is None or score > (-math.inf if best[0].best_metric is None else best[0].best_metric):
+            best = (result, _cpu_state(model))
+    assert best is not None  # lr_candidates has at least one rate
+    result, state = best
+    model.load_state_dict(state)
+    result.lr_search = trials
+    logger.info(
+        "train.lr auto: chose %g (validation %s)",
+        result.lr,
+        ", ".join(f"{t['lr']:g}: {t['best_metric']:.4f}" for t in trials if t["best_metric"] is not None),
+    )
+    return result
+
+
+def _fit_at_rate(
+    model: TwoTowerModel,
+    data: TrainData,
+    config: TrainConfig,
+    explicit_share: float,
+    validate: Callable[[TwoTowerModel], dict[str, float]] | None,
+    epochs: int | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    progress: bool | None,
+    distributed: DistributedTraining | None,
+) -> TrainResult:
+    """One fit at the fixed rate ``config.lr`` (``config`` resolved for the split)."""
     if distributed is not None:
         config, validate, progress = distributed.setup(
             model,
@@ -1371,6 +1459,7 @@ def _fit(
         negatives=k,
         user_balance=float(config.user_balance),
         item_centric_weight=float(config.item_centric_weight),
+        lr=float(config.lr),
     )
     start_epoch = 0
     bad_evals = 0

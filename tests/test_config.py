@@ -111,3 +111,18 @@ def test_auto_user_balance_follows_the_split_method():
     assert per_user.for_split("temporal") is per_user, "a resolved config stays as it is"
     with pytest.raises(ConfigError, match=r"train\.item_centric_weight"):
         config_from_dict({"train": {"item_centric_weight": -1}})
+
+
+def test_auto_lr_tries_the_candidates_and_a_fixed_rate_is_kept():
+    train = Config().train
+    assert train.lr == "auto" and train.lr_candidates == (0.05, 0.01)
+    assert train.first_lr() == 0.05, "auto without validation trains at the first candidate"
+    fixed = config_from_dict({"train": {"lr": 0.02}}).train
+    assert fixed.lr == fixed.first_lr() == 0.02
+    assert config_from_dict({"train": {"lr_candidates": [0.1]}}).train.first_lr() == 0.1
+    with pytest.raises(ConfigError, match=r"train\.lr_candidates"):
+        config_from_dict({"train": {"lr_candidates": []}})
+    with pytest.raises(ConfigError, match=r"train\.lr_candidates\.1: Input should be greater than 0"):
+        config_from_dict({"train": {"lr_candidates": [0.05, 0]}})
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        config_from_dict({"train": {"lr": 0}})

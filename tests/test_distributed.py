@@ -39,7 +39,11 @@ VARIANTS = {
     "autograd": (ModelConfig(dim=16, feature_map="linear"), {}),
     # Item-item mode: one table on both sides of the fused step.
     "item_item": (ModelConfig(dim=16, mode="item_item"), {}),
+    # train.lr auto: one fit per candidate rate on every rank, rank 0's validation choosing.
+    "lr_auto": (ModelConfig(dim=16), {"lr": "auto"}),
 }
+FITS = {"lr_auto": 2}
+"""Fits per variant: ``lr: auto`` trains once per rate of ``lr_candidates``; the others one."""
 
 RECALL_TOLERANCE = 0.02
 """Largest gap allowed between the validation Recall@20 of two ranks and of one process. The
@@ -86,6 +90,7 @@ def _config(variant: str) -> TrainConfig:
             "device": "cpu",
             "compile": "off",
             "seed": 3,
+            "lr": 0.05,
             **overrides,
         }
     )
@@ -160,6 +165,8 @@ def test_ranks_end_with_identical_parameters(two_ranks, variant):
     assert [r["resyncs"] for r in two_ranks] == [0, 0]
     # Rank 1 had no validation function but took rank 0's decisions.
     assert two_ranks[0][variant]["result"] == two_ranks[1][variant]["result"]
+    search = two_ranks[0][variant]["result"]["lr_search"]
+    assert [t["lr"] for t in search] == ([0.05, 0.01] if variant == "lr_auto" else [])
 
 
 @pytest.mark.slow
@@ -197,7 +204,8 @@ def test_a_finished_rank_joins_the_steps_of_the_other(two_ranks, variant):
     # longer one takes ceil(share / 1024) steps (8), the other rank answers its last one with
     # nothing, and one closing exchange ends the epoch.
     steps = math.ceil(math.ceil(data.n_pairs / 2) / BATCH)
-    assert [r[variant]["exchanges"] for r in two_ranks] == [EPOCHS * (steps + 1)] * WORLD
+    fits = FITS.get(variant, 1)
+    assert [r[variant]["exchanges"] for r in two_ranks] == [fits * EPOCHS * (steps + 1)] * WORLD
 
 
 def test_epoch_shares_are_disjoint_and_cover_the_permutation():

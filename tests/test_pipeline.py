@@ -136,6 +136,20 @@ def test_auto_settings_follow_the_applied_split(run, log_path, tmp_path):
         assert (fit_result["user_balance"], fit_result["item_centric_weight"]) == (0.5, 0.5)
 
 
+def test_auto_lr_is_chosen_on_validation_and_the_refit_reuses_it(run):
+    result, _ = run
+    stopping = result.metrics["early_stopping"]
+    search = stopping["lr_search"]
+    assert [t["lr"] for t in search] == [0.05, 0.01]
+    best = max(search, key=lambda t: t["best_metric"])
+    assert stopping["lr"] == best["lr"] and stopping["best_validation"] == best["best_metric"]
+    assert stopping["best_epoch"] == best["best_epoch"]
+    training = result.metrics["training"]
+    assert training["holdout"]["lr"] == training["refit"]["lr"] == stopping["lr"]
+    assert training["refit"]["lr_search"] == [], "the refit trains at the chosen rate, no search"
+    assert len(training["refit"]["history"]) == stopping["best_epoch"]
+
+
 def test_without_refit_the_holdout_model_is_exported(log_path, tmp_path):
     cfg = config_from_dict({**FAST, "train": {**FAST["train"], "epochs": 2, "refit": False}})
     result = train_run(log_path / "interactions.parquet", tmp_path, cfg, progress=False)

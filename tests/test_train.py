@@ -30,7 +30,8 @@ from recsys_metric.train import (
 )
 
 N_USERS, N_ITEMS, HALF = 40, 20, 10
-FAST = {"epochs": 15, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off"}
+# A fixed rate: with ``lr: auto`` every fit with validation would train once per candidate.
+FAST = {"epochs": 15, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off", "lr": 0.05}
 DIM = 4
 
 
@@ -451,6 +452,69 @@ def test_auto_settings_train_as_the_holdout_evaluates():
     assert not torch.equal(per_user, temporal)
     with pytest.raises(ConfigError, match="split_method must be 'temporal' or 'user_holdout', got 'random'"):
         _fit_tables(auto, split_method="random")
+
+
+def _scripted_validation(scores: list[float]):
+    """A ``validate`` that returns ``scores`` in turn (one per evaluated epoch) and counts calls."""
+
+    def validate(model):
+        validate.calls += 1
+        return {"recall@20": scores[validate.calls - 1]}
+
+    validate.calls = 0
+    return validate
+
+
+def _fit_at(lr, validate=None, **kwargs) -> tuple[TwoTowerModel, object]:
+    config = TrainConfig(**{**FAST, "epochs": 3, "patience": 5, "lr": lr})
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    data = TrainData.from_matrices(_checkerboard()[0])
+    return model, fit(model, data, config, validate=validate, progress=False, **kwargs)
+
+
+def _same_weights(a: TwoTowerModel, b: TwoTowerModel) -> bool:
+    return all(torch.equal(t, b.state_dict()[name]) for name, t in a.state_dict().items())
+
+
+def test_auto_lr_keeps_the_candidate_with_the_best_validation():
+    # Candidate 0.05 is evaluated on calls 1-3, 0.01 on calls 4-6; the second's epoch 2 is best.
+    validate = _scripted_validation([0.2, 0.3, 0.25, 0.1, 0.4, 0.35])
+    chosen, result = _fit_at("auto", validate)
+    assert validate.calls == 6
+    assert result.lr == 0.01 and result.best_epoch == 2 and result.best_metric == 0.4
+    assert [(t["lr"], t["best_epoch"], t["best_metric"], t["epochs_run"]) for t in result.lr_search] == [
+        (0.05, 2, 0.3, 3),
+        (0.01, 2, 0.4, 3),
+    ]
+    assert len(result.history) == 3, "the history is the chosen candidate's"
+    # The chosen candidate started from the same weights and seed as a fit at its rate alone.
+    alone, _ = _fit_at(0.01, _scripted_validation([0.1, 0.4, 0.35]))
+    assert _same_weights(chosen, alone)
+    other, _ = _fit_at(0.05, _scripted_validation([0.2, 0.3, 0.25]))
+    assert not _same_weights(chosen, other)
+
+
+def test_auto_lr_ties_go_to_the_first_candidate_and_without_validation_it_trains_at_the_first():
+    tied, result = _fit_at("auto", _scripted_validation([0.5] * 6))
+    assert result.lr == 0.05 and [t["best_metric"] for t in result.lr_search] == [0.5, 0.5]
+    first, _ = _fit_at(0.05, _scripted_validation([0.5] * 3))
+    assert _same_weights(tied, first)
+    unvalidated, result = _fit_at("auto")
+    assert result.lr == 0.05 and result.lr_search == []
+    plain, _ = _fit_at(0.05)
+    assert _same_weights(unvalidated, plain)
+
+
+def test_auto_lr_checkpoints_each_candidate_and_resume_skips_finished_ones(tmp_path):
+    scores = [0.2, 0.3, 0.25, 0.1, 0.4, 0.35]
+    straight, expected = _fit_at("auto", _scripted_validation(scores), checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr-0.01", "lr-0.05"]
+    assert all((tmp_path / d / CHECKPOINT_NAME).exists() for d in ("lr-0.01", "lr-0.05"))
+    validate = _scripted_validation(scores)
+    resumed, result = _fit_at("auto", validate, checkpoint_dir=tmp_path, resume=True)
+    assert validate.calls == 0, "both candidates had finished: nothing trains again"
+    assert result.lr == expected.lr == 0.01 and result.lr_search[1]["best_metric"] == 0.4
+    assert _same_weights(resumed, straight)
 
 
 def test_bad_inputs_are_rejected_with_clear_messages():

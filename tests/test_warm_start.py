@@ -86,7 +86,11 @@ def test_a_warm_run_starts_from_the_current_runs_models(two_days):
     second = run_nightly(root / "today.parquet", artifacts, warm_config, progress=False)
     warm = second.run.metrics["warm_start"]
     assert warm["enabled"] and warm["source_run_id"] == first.run_id
-    assert warm["lr"] == pytest.approx(config.train.lr * config.train.warm_start_lr_scale)
+    scale = config.train.warm_start_lr_scale
+    assert warm["lr"] == pytest.approx([lr * scale for lr in config.train.lr_candidates]), (
+        "train.lr auto: every candidate rate is scaled for a warm start"
+    )
+    assert second.run.metrics["early_stopping"]["lr"] in warm["lr"]
     assert warm["reason"].startswith(f"warm start from run {first.run_id} (validation cut-off ")
     n_old_users = len(load_model(first.run_dir).user_embedding.weight)
     for model in ("holdout", "refit"):
