@@ -291,10 +291,11 @@ EXPLANATION = """\
 "CPU s" is the CPU time of all processes during `fit`; "cores busy" divides it by the wall time
 (2.00 = both cores of this machine). Why two ranks are not faster here:
 
-- The two ranks together did not get two cores ("cores busy"): this machine is shared with other
-  jobs (load average before each run in the tables), and each step the rank that got less CPU
-  makes the other wait (the waiting time above). One process keeps under one core busy (its
-  negative-sampling thread mostly overlaps the step).
+- The ranks compete for the cores: this machine is shared with other jobs (load average before
+  each run in the tables), one process already keeps more than one core busy at times (its
+  negative-sampling thread overlaps the step), and each step the rank that got less CPU makes
+  the other wait (the waiting time above). When the machine is busy the two ranks together get
+  well under two cores ("cores busy").
 - The group does more work in all than one process (the CPU-work line): every rank applies the
   whole group's row updates, because the parameters are replicated, and the exchange packs,
   sends and unpacks each rank's row gradients through two `all_gather` calls per step. In a
