@@ -270,16 +270,19 @@ class TrainConfig(_Section):
     every candidate). Without a validation split ``auto`` trains at the first candidate. No
     single rate served every log: test Recall@20 / NDCG@20 (``bench.quality --ours-only --test
     --set train.lr=R``; seeds 42, 1, 2, 3 on the bundled log, 42, 1, 2 on ml-latest-small, 42 on
-    citeulike-a) at 0.05, 0.02 and 0.01: the bundled log .432 / .312, .446 / .321, .452 / .327 (its pipeline holdout under a
-    ``user_holdout`` split .451, .465, .471); ml-latest-small .354 / .322, .351 / .319,
-    .351 / .315; citeulike-a .324 / .263, .314 / .260, .308 / .253 (0.1: .318 / .258,
-    ml-latest-small .337 / .302); the 20M-interaction nightly log (``bench.nightly_scale``)
-    validation .079 at 0.05 vs .092 at 0.01. Validation ranked the rates as the test did on
-    each. The logs with few liked items per user (the bundled one 13, the 20M one about 14)
-    wanted the smaller rate, those with more (ml-latest-small 64, citeulike-a 30) the larger;
-    on the bundled log at 0.05, neither warming the rate up over 1 or 3 epochs nor Adagrad
-    accumulators starting at 0.001-0.1 helped (test .427-.434), and dropping to 0.2x the rate
-    when validation stalled reached validation .458-.460 against .473 at 0.01 (seed 42). The search costs one more holdout fit; set a rate to skip it."""
+    citeulike-a) at 0.05, 0.02 and 0.01: the bundled log .432 / .312, .446 / .321,
+    .452 / .327 (its pipeline holdout under a ``user_holdout`` split .451, .465, .471);
+    ml-latest-small .354 / .322, .351 / .319, .351 / .315; citeulike-a .324 / .263,
+    .314 / .260, .308 / .253 (0.1: .318 / .258, ml-latest-small .337 / .302); the
+    20M-interaction nightly log (``bench.nightly_scale``) validation .079 at 0.05 vs .092 at
+    0.01. Validation ranked the rates as the test did on each. The logs with few liked items per
+    user (the bundled one 13, the 20M one about 14) wanted the smaller rate, those with more
+    (ml-latest-small 64, citeulike-a 30) the larger. On the bundled log at 0.05, neither warming
+    the rate up over 1 or 3 epochs nor Adagrad accumulators starting at 0.001-0.1 helped (test
+    .427-.434), and dropping to 0.2x the rate when validation stalled reached validation
+    .458-.460 against .473 at 0.01 (seed 42). The search costs one more holdout fit; set a rate
+    to skip it. A warm-started run (``warm_start``) does not search: it trains at the rate its
+    source run chose, times ``warm_start_lr_scale``."""
     lr_candidates: tuple[Annotated[float, Field(gt=0.0)], ...] = Field((0.05, 0.01), min_length=1)
     """The rates ``lr: auto`` tries, in this order (the first wins ties)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
@@ -306,7 +309,9 @@ class TrainConfig(_Section):
     """Learning-rate multiplier for a warm-started run. The optimiser's statistics start afresh, and
     full-size first steps shake a trained model: on a 1M-interaction synthetic log a warm run at the
     full rate lost 3% Recall@20 against a cold one, at 0.3 x the rate it matched it (0.169 / 0.170)
-    with 37% less training time (``bench/warm_start.py``)."""
+    with 37% less training time (``bench/warm_start.py``, lr 0.05). Under ``lr: auto`` it scales the rate
+    the source run chose (its ``metrics.json``), or every candidate when the source predates
+    ``lr: auto``."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``..."""
     seed: int = 42

@@ -63,6 +63,9 @@ class WarmStartPlan:
         items: its item vocabulary.
         same_features: its item-feature vocabularies equal this run's, so the feature
             embeddings mean the same values and may be copied.
+        source_lr: the learning rate its holdout fit chose or was set to, before any warm-start
+            scaling (``metrics.json``: ``warm_start.lr_base`` of a warm run, else
+            ``early_stopping.lr``); None for runs that predate ``train.lr: auto``.
     """
 
     source_run_dir: Path
@@ -72,6 +75,7 @@ class WarmStartPlan:
     users: Vocabulary
     items: Vocabulary
     same_features: bool
+    source_lr: float | None = None
 
 
 def _model_shape(hparams: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +141,7 @@ def plan_warm_start(
             users=Vocabulary.load(src / USERS_FILE),
             items=Vocabulary.load(src / ITEMS_FILE),
             same_features=meta["hparams"].get("item_features") == model.hparams().get("item_features"),
+            source_lr=_base_lr(metrics),
         )
     except Exception as exc:  # a damaged previous run must not stop tonight's run
         return None, f"cold start: cannot load run {run_id}'s model or vocabularies ({exc})"
@@ -144,6 +149,14 @@ def plan_warm_start(
         plan,
         f"warm start from run {run_id} (validation cut-off {previous_cut} <= {validation_cutoff.isoformat()})",
     )
+
+
+def _base_lr(metrics: dict[str, Any]) -> float | None:
+    """The unscaled rate of a run: a warm run's ``warm_start.lr_base`` (so that the scaling does
+    not compound night after night), else the rate its holdout fit trained at."""
+    warm = metrics.get("warm_start") or {}
+    lr = warm.get("lr_base") if warm.get("enabled") else (metrics.get("early_stopping") or {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and lr > 0 else None
 
 
 def _naive(moment: datetime) -> datetime:

@@ -86,11 +86,13 @@ def test_a_warm_run_starts_from_the_current_runs_models(two_days):
     second = run_nightly(root / "today.parquet", artifacts, warm_config, progress=False)
     warm = second.run.metrics["warm_start"]
     assert warm["enabled"] and warm["source_run_id"] == first.run_id
-    scale = config.train.warm_start_lr_scale
-    assert warm["lr"] == pytest.approx([lr * scale for lr in config.train.lr_candidates]), (
-        "train.lr auto: every candidate rate is scaled for a warm start"
-    )
-    assert second.run.metrics["early_stopping"]["lr"] in warm["lr"]
+    # train.lr auto: the warm run reuses the rate the source run chose, scaled, without a search.
+    chosen = first.run.metrics["early_stopping"]["lr"]
+    assert chosen in config.train.lr_candidates
+    assert warm["lr_base"] == chosen
+    assert warm["lr"] == pytest.approx(chosen * config.train.warm_start_lr_scale)
+    assert second.run.metrics["early_stopping"]["lr"] == warm["lr"]
+    assert second.run.metrics["early_stopping"]["lr_search"] == []
     assert warm["reason"].startswith(f"warm start from run {first.run_id} (validation cut-off ")
     n_old_users = len(load_model(first.run_dir).user_embedding.weight)
     for model in ("holdout", "refit"):
@@ -136,6 +138,30 @@ def test_cold_start_whenever_the_previous_model_could_leak_or_does_not_fit(two_d
     (older / "holdout" / "model.pt").unlink()
     plan, reason = plan_warm_start(older, fresh, split_method="temporal", validation_cutoff=later)
     assert plan is None and reason.endswith("has no holdout/model.pt (it predates warm start)")
+
+
+@pytest.mark.slow
+def test_the_source_rate_is_its_unscaled_choice(two_days, tmp_path):
+    # A warm run reuses the source's rate; a warm source hands on its unscaled base rate, so the
+    # scaling does not compound night after night; a run from before train.lr auto gives none.
+    root, first, config = two_days
+    fresh = TwoTowerModel(10, 10, config.model, seed=0)
+    later = datetime(2100, 1, 1)
+
+    def source_lr(edit) -> float | None:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(first.run_dir, run)
+        metrics = json.loads((run / "metrics.json").read_text())
+        edit(metrics)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        plan, reason = plan_warm_start(run, fresh, split_method="temporal", validation_cutoff=later)
+        assert plan is not None, reason
+        return plan.source_lr
+
+    chosen = first.run.metrics["early_stopping"]["lr"]
+    assert source_lr(lambda m: None) == chosen
+    assert source_lr(lambda m: m.update(warm_start={"enabled": True, "lr_base": 0.02, "lr": 0.006})) == 0.02
+    assert source_lr(lambda m: m["early_stopping"].pop("lr")) is None
 
 
 def test_the_holdout_state_is_the_holdout_model(two_days):
