@@ -380,6 +380,12 @@ class TrainConfig(_Section):
             }
         )
 
+    @model_validator(mode="after")
+    def _check_lr_candidates(self) -> TrainConfig:
+        if len(set(self.lr_candidates)) != len(self.lr_candidates):
+            raise ValueError(f"lr_candidates {list(self.lr_candidates)} repeats a rate; list each rate once")
+        return self
+
     def first_lr(self) -> float:
         """``lr``, or for ``auto`` the first of ``lr_candidates`` (what a run without a
         validation split trains at)."""

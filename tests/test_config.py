@@ -126,3 +126,5 @@ def test_auto_lr_tries_the_candidates_and_a_fixed_rate_is_kept():
         config_from_dict({"train": {"lr_candidates": [0.05, 0]}})
     with pytest.raises(ConfigError, match=r"train\.lr"):
         config_from_dict({"train": {"lr": 0}})
+    with pytest.raises(ConfigError, match=r"lr_candidates \[0\.05, 0\.05\] repeats a rate"):
+        config_from_dict({"train": {"lr_candidates": [0.05, 0.05]}})
