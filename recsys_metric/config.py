@@ -282,7 +282,7 @@ class TrainConfig(_Section):
     .427-.434), and dropping to 0.2x the rate when validation stalled reached validation
     .458-.460 against .473 at 0.01 (seed 42). The search costs one more holdout fit; set a rate
     to skip it. A warm-started run (``warm_start``) does not search: it trains at the rate its
-    source run chose, times ``warm_start_lr_scale``."""
+    source run chose, through ``warm_start_lr_scale``."""
     lr_candidates: tuple[Annotated[float, Field(gt=0.0)], ...] = Field((0.05, 0.01), min_length=1)
     """The rates ``lr: auto`` tries, in this order (the first wins ties)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
@@ -305,13 +305,16 @@ class TrainConfig(_Section):
     their vectors, new ones are appended; see ``recsys_metric.warm_start``): the holdout model from
     its holdout model, the refit from its published model. Needs the temporal split; falls back to
     a cold start, with the reason in ``metrics.json``, when the current run cannot serve."""
-    warm_start_lr_scale: float = Field(0.3, gt=0.0, le=1.0)
-    """Learning-rate multiplier for a warm-started run. The optimiser's statistics start afresh, and
-    full-size first steps shake a trained model: on a 1M-interaction synthetic log a warm run at the
-    full rate lost 3% Recall@20 against a cold one, at 0.3 x the rate it matched it (0.169 / 0.170)
-    with 37% less training time (``bench/warm_start.py``, lr 0.05). Under ``lr: auto`` it scales the rate
-    the source run chose (its ``metrics.json``), or every candidate when the source predates
-    ``lr: auto``."""
+    warm_start_lr_scale: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = "auto"
+    """Learning-rate multiplier for a warm-started run, or ``auto`` (default): the rate, capped at
+    ``WARM_START_MAX_LR`` (0.015) (:meth:`warm_start_lr`). The optimiser's statistics start
+    afresh, and full-size first steps at a large rate shake a trained model. On a
+    1M-interaction synthetic log (``bench/warm_start.py``, Recall@20 of today's run): from a
+    source trained at 0.05, a warm run at 0.05 lost 3% against a cold one and at 0.015 matched it
+    (0.169 / 0.170) with 37% less training time; from a source at 0.01 (what ``lr: auto``
+    chose there), a warm run at 0.01 scored 0.177 against 0.179 cold with 57% less training
+    time, at 0.003 (0.3x) 0.177 with only 26% less (as many epochs as the cold run). A warm run
+    starts from the rate its source run trained at (``metrics.json``, :attr:`lr`'s ``auto``)."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``..."""
     seed: int = 42
@@ -386,6 +389,13 @@ class TrainConfig(_Section):
             raise ValueError(f"lr_candidates {list(self.lr_candidates)} repeats a rate; list each rate once")
         return self
 
+    def warm_start_lr(self, lr: float) -> float:
+        """The rate a warm-started run trains at when a cold one would train at ``lr``:
+        ``lr * warm_start_lr_scale``, or for ``auto`` ``min(lr, WARM_START_MAX_LR)``."""
+        if self.warm_start_lr_scale == "auto":
+            return min(float(lr), WARM_START_MAX_LR)
+        return float(lr) * float(self.warm_start_lr_scale)
+
     def first_lr(self) -> float:
         """``lr``, or for ``auto`` the first of ``lr_candidates`` (what a run without a
         validation split trains at)."""
@@ -400,6 +410,8 @@ class TrainConfig(_Section):
 
 AUTO_NEGATIVES_MIN, AUTO_NEGATIVES_MAX, AUTO_NEGATIVES_ITEMS = 10, 30, 500
 """``train.negatives: auto`` is ``n_items // 500`` clipped to [10, 30]."""
+WARM_START_MAX_LR = 0.015
+"""``train.warm_start_lr_scale: auto`` caps a warm-started run's rate here."""
 AUTO_USER_BALANCE = 0.5
 """``train.user_balance: auto`` under a ``user_holdout`` split (0 under a temporal one)."""
 AUTO_ITEM_CENTRIC_WEIGHT = 0.5

@@ -411,15 +411,13 @@ def train_and_evaluate(
     if plan is not None:
         # A warm run continues the source's model, so under ``lr: auto`` it reuses the source's
         # rate instead of searching again (the search would cost more than the warm start saves).
-        scale = train_config.warm_start_lr_scale
         if train_config.lr == "auto" and plan.source_lr is None:
-            train_config = train_config.model_copy(
-                update={"lr_candidates": tuple(lr * scale for lr in train_config.lr_candidates)}
-            )
+            rates = dict.fromkeys(train_config.warm_start_lr(lr) for lr in train_config.lr_candidates)
+            train_config = train_config.model_copy(update={"lr_candidates": tuple(rates)})
             warm["lr"] = list(train_config.lr_candidates)
         else:
             base = plan.source_lr if train_config.lr == "auto" else train_config.lr
-            train_config = train_config.model_copy(update={"lr": base * scale})
+            train_config = train_config.model_copy(update={"lr": train_config.warm_start_lr(base)})
             warm["lr_base"] = base
             warm["lr"] = train_config.lr
     holdout = fit(

@@ -128,3 +128,14 @@ def test_auto_lr_tries_the_candidates_and_a_fixed_rate_is_kept():
         config_from_dict({"train": {"lr": 0}})
     with pytest.raises(ConfigError, match=r"lr_candidates \[0\.05, 0\.05\] repeats a rate"):
         config_from_dict({"train": {"lr_candidates": [0.05, 0.05]}})
+
+
+def test_a_warm_start_caps_the_rate_or_scales_it():
+    train = Config().train
+    assert train.warm_start_lr_scale == "auto"
+    assert train.warm_start_lr(0.05) == 0.015 and train.warm_start_lr(0.01) == 0.01
+    scaled = config_from_dict({"train": {"warm_start_lr_scale": 0.3}}).train
+    assert scaled.warm_start_lr(0.05) == pytest.approx(0.015)
+    assert scaled.warm_start_lr(0.01) == pytest.approx(0.003)
+    with pytest.raises(ConfigError, match=r"train\.warm_start_lr_scale"):
+        config_from_dict({"train": {"warm_start_lr_scale": 1.5}})

@@ -90,7 +90,7 @@ def test_a_warm_run_starts_from_the_current_runs_models(two_days):
     chosen = first.run.metrics["early_stopping"]["lr"]
     assert chosen in config.train.lr_candidates
     assert warm["lr_base"] == chosen
-    assert warm["lr"] == pytest.approx(chosen * config.train.warm_start_lr_scale)
+    assert warm["lr"] == pytest.approx(min(chosen, 0.015)), "warm_start_lr_scale auto caps the rate"
     assert second.run.metrics["early_stopping"]["lr"] == warm["lr"]
     assert second.run.metrics["early_stopping"]["lr_search"] == []
     assert warm["reason"].startswith(f"warm start from run {first.run_id} (validation cut-off ")
@@ -162,6 +162,23 @@ def test_the_source_rate_is_its_unscaled_choice(two_days, tmp_path):
     assert source_lr(lambda m: None) == chosen
     assert source_lr(lambda m: m.update(warm_start={"enabled": True, "lr_base": 0.02, "lr": 0.006})) == 0.02
     assert source_lr(lambda m: m["early_stopping"].pop("lr")) is None
+
+
+@pytest.mark.slow
+def test_a_source_without_a_recorded_rate_makes_the_warm_run_search_capped_rates(two_days):
+    root, first, config = two_days
+    artifacts = root / "warm_from_older"
+    shutil.copytree(root / "artifacts", artifacts, symlinks=True)
+    source = (artifacts / "current").resolve()
+    metrics = json.loads((source / "metrics.json").read_text())
+    metrics["early_stopping"].pop("lr")  # as a run from before train.lr auto
+    (source / "metrics.json").write_text(json.dumps(metrics))
+    warm_config = config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True})})
+    second = run_nightly(root / "today.parquet", artifacts, warm_config, progress=False)
+    warm = second.run.metrics["warm_start"]
+    assert warm["enabled"] and "lr_base" not in warm
+    assert warm["lr"] == [0.015, 0.01], "each candidate capped at 0.015"
+    assert [t["lr"] for t in second.run.metrics["early_stopping"]["lr_search"]] == [0.015, 0.01]
 
 
 def test_the_holdout_state_is_the_holdout_model(two_days):
