@@ -178,11 +178,10 @@ def _ours(
 
 
 def _lr_choice(trials: list[dict[str, Any]]) -> str:
-    """`` chosen by validation Recall@20 (0.05: .4536, 0.01: .4728)`` for ``train.lr: auto``."""
-    if not trials:
-        return ""
-    scores = ", ".join(f"{t['lr']:g}: {t['best_metric']:.4f}" for t in trials if t["best_metric"] is not None)
-    return f" chosen on validation ({scores})"
+    """`` chosen on validation (0.05: 0.4536, 0.01: 0.4728)`` for ``train.lr: auto``."""
+    from recsys_metric.train import lr_search_summary
+
+    return f" chosen on validation ({lr_search_summary(trials)})" if trials else ""
 
 
 def parse_overrides(pairs: list[str]) -> Config:

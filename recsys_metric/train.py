@@ -1312,7 +1312,7 @@ def fit(
             distributed,
         )
     initial = _cpu_state(model)
-    best: tuple[TrainResult, dict[str, Tensor]] | None = None
+    best: tuple[float, TrainResult, dict[str, Tensor]] | None = None
     trials: list[dict[str, Any]] = []
     for lr in config.lr_candidates:
         if trials:
@@ -1340,18 +1340,20 @@ def fit(
             }
         )
         score = -math.inf if result.best_metric is None else result.best_metric
-        if best is None or score > (-math.inf if best[0].best_metric is None else best[0].best_metric):
-            best = (result, _cpu_state(model))
+        if best is None or score > best[0]:
+            best = (score, result, _cpu_state(model))
     assert best is not None  # lr_candidates has at least one rate
-    result, state = best
+    _, result, state = best
     model.load_state_dict(state)
     result.lr_search = trials
-    logger.info(
-        "train.lr auto: chose %g (validation %s)",
-        result.lr,
-        ", ".join(f"{t['lr']:g}: {t['best_metric']:.4f}" for t in trials if t["best_metric"] is not None),
-    )
+    logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(trials))
     return result
+
+
+def lr_search_summary(trials: list[dict[str, Any]]) -> str:
+    """``0.05: 0.4536, 0.01: 0.4728``: each candidate rate of :attr:`TrainResult.lr_search` with
+    its best validation Recall@K."""
+    return ", ".join(f"{t['lr']:g}: {t['best_metric']:.4f}" for t in trials if t["best_metric"] is not None)
 
 
 def _fit_at_rate(
