@@ -1249,8 +1249,8 @@ def fit(
             probability ``frac(share * k)``), e.g. ``TripletConfig.explicit_share``.
         validate: called with the model after an epoch (every ``config.eval_every`` epochs and
             after the last); must return ``recall@{config.early_stopping_k}``. The model keeps the
-            weights of the best evaluated epoch; ``config.patience`` evaluations without
-            improvement stop the run.
+            weights of the best evaluated epoch; ``config.patience_after(n)`` evaluations without
+            improvement stop the run, ``n`` being the best evaluation's number.
         epochs: number of epochs (default ``config.epochs``), e.g. the best epoch for a refit.
         checkpoint_dir: where ``checkpoint.pt`` is written every ``config.checkpoint_every`` epochs.
         resume: continue from ``checkpoint_dir``'s checkpoint when there is one.
@@ -1540,7 +1540,9 @@ def _fit(
                     best_state = _cpu_state(model)
                 else:
                     bad_evals += 1
-                    if bad_evals >= config.patience:
+                    if bad_evals >= config.patience_after(
+                        _evaluation_number(result.history, result.best_epoch)
+                    ):
                         result.stopped_early = epoch + 1 < n_epochs
             result.history.append(record)
             _log_epoch(record, n_epochs, metric_key, result.best_epoch)
@@ -1581,6 +1583,13 @@ def _fit(
     result.compiled = isinstance(step, FusedTripletStep) and step.compiled
     result.kernel = "numba" if isinstance(step, NumbaTripletStep) else "torch" if fused else "autograd"
     return result
+
+
+def _evaluation_number(history: list[dict[str, Any]], epoch: int | None) -> int:
+    """1-based number of the evaluation made after ``epoch`` (0 when there is none)."""
+    if epoch is None:
+        return 0
+    return sum(1 for record in history if "metrics" in record and record["epoch"] <= epoch)
 
 
 def _run_epoch(

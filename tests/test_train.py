@@ -305,6 +305,37 @@ def test_early_stopping_keeps_the_best_epoch():
         )
 
 
+def test_the_wait_grows_with_the_epoch_of_the_best_evaluation():
+    # Climbs for 8 evaluations, flat for 3, better at the 12th: a fixed patience of 3 stops after
+    # the 11th; with patience_growth 0.5 the wait after the 8th is ceil(0.5 * 8) = 4 evaluations.
+    curve = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.75, 0.75, 0.75, 0.85, 0.8, 0.8]
+    train, _ = _checkerboard()
+
+    def run(growth: float):
+        calls = []
+
+        def validate(model):
+            calls.append(None)
+            return {"recall@20": curve[len(calls) - 1]}
+
+        model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+        config = TrainConfig(**{**FAST, "epochs": len(curve), "patience": 3, "patience_growth": growth})
+        return fit(model, TrainData.from_matrices(train), config, validate=validate, progress=False)
+
+    fixed = run(0.0)
+    assert fixed.stopped_early and fixed.best_epoch == 8 and len(fixed.history) == 11
+    grown = run(0.5)
+    assert not grown.stopped_early and grown.best_epoch == 12 and grown.best_metric == 0.85
+    assert len(grown.history) == len(curve)
+
+
+def test_patience_after_is_the_larger_of_patience_and_the_grown_wait():
+    config = TrainConfig(patience=5)
+    assert [config.patience_after(n) for n in (1, 10, 11, 45)] == [5, 5, 6, 23]
+    assert TrainConfig(patience=5, patience_growth=0.0).patience_after(45) == 5
+    assert TrainConfig(patience=2, patience_growth=1.0).patience_after(7) == 7
+
+
 def test_fold_in_of_a_known_history_ranks_held_out_items_high():
     train, test = _checkerboard(held_out=2)
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
