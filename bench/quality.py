@@ -129,8 +129,12 @@ def _ours(
             seed=train_config.seed,
         )
 
+    def scores(model: TwoTowerModel, part: BenchDataset) -> ScoreFn:
+        # An item-item model (model.mode: item_item) scores a user from their liked items.
+        return model_score_fn(model, part.train_liked if model.item_item else None)
+
     def validate(model: TwoTowerModel) -> dict[str, float]:
-        return evaluate_scores(model_score_fn(model), val.train, val.test, ks=KS)
+        return evaluate_scores(scores(model, val), val.train, val.test, ks=KS)
 
     t = time.perf_counter()
     model = new_model(val)
@@ -174,7 +178,7 @@ def _ours(
         )
         info["params"] += ", refitted on all training data"
         info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
-    return model_score_fn(model), info
+    return scores(model, data), info
 
 
 def _lr_choice(trials: list[dict[str, Any]]) -> str:
