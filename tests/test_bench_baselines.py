@@ -197,3 +197,28 @@ def test_tune_with_one_setting_fits_directly_without_validation():
     assert tuned.params == {"factors": 4, "learning_rate": 0.05, "regularization": 0.01, "iterations": 5}
     assert tuned.grid == [] and tuned.validation == {}
     assert tuned.score_fn(np.arange(40)).shape == (40, 30)
+
+
+def test_quality_bench_scores_an_item_item_model_from_the_users_liked_items():
+    from bench.quality import _ours, parse_overrides
+
+    rng = np.random.default_rng(0)
+    dense = np.zeros((40, 30))
+    dense[:20, :15] = rng.random((20, 15)) < 0.6
+    dense[20:, 15:] = rng.random((20, 15)) < 0.6
+    dense[21] = dense[20]  # two users with the same history: an item-item model cannot tell them apart
+    test = np.zeros_like(dense)
+    for user in range(40):
+        block = range(15) if user < 20 else range(15, 30)
+        test[user, next(j for j in block if not dense[user, j])] = 1
+    train = _matrix(dense)
+    data = BenchDataset("toy", 40, 30, train, train, None, _matrix(test))
+    config = parse_overrides(["model.mode=item_item", "model.dim=8", "train.epochs=5", "train.lr=0.05"])
+    score_fn, info = _ours(data, config, refit=True)
+    scores = score_fn(np.arange(40)).cpu().numpy()
+    np.testing.assert_array_equal(scores[20], scores[21])
+    assert not np.array_equal(scores[22], scores[23])
+    # Each block's users score their own block's items higher on average.
+    assert scores[:20, :15].mean() > scores[:20, 15:].mean()
+    assert scores[20:, 15:].mean() > scores[20:, :15].mean()
+    assert "recall@20" in info["validation"]
