@@ -298,20 +298,23 @@ class TrainConfig(_Section):
     validation Recall@20 plateaued for 3 epochs after epoch 25 and rose again to its best at
     epoch 48 (.255 -> .262); ml-latest-small .281 -> .285."""
     patience_growth: float = Field(0.5, ge=0.0)
-    """The wait after the best evaluation grows with how long that best took to reach: the run
-    stops after ``max(patience, ceil(patience_growth * n))`` evaluations without improvement,
-    ``n`` being the best evaluation's number (:meth:`patience_after`; the "patience increase" of
-    the Theano tutorials' early stopping). Early in a run the curve climbs fast and ``patience``
+    """The wait after the best evaluation grows with how long that best took to reach: the run stops
+    after ``max(patience, ceil(patience_growth * n))`` evaluations without improvement, ``n``
+    being the best evaluation's number (:meth:`patience_after`; the "patience increase" of the
+    Theano tutorials' early stopping). Early in a run the curve climbs fast and ``patience``
     rules; late in a long one each gain is small and the curve noisy, so a fixed wait stops on a
-    flat stretch that is not the top. 0 keeps the fixed ``patience``. 0.5 against 0, test Recall@20 / NDCG@20
-    (``bench.quality --ours-only --test``): citeulike-a (``train.lr`` 0.05, seeds 42, 1) .329 /
-    .270 against .321 / .262, best epochs 91 and 95 against 39 and 37 (its validation Recall@20
-    climbs by about .001 every few epochs from epoch 40 to 90: .263 at 39, .267 at 91);
-    ml-latest-small (seeds 42, 1, 2) .365 / .331 against .354 / .322; the bundled log (seeds
-    42, 1, 2, 3) .452 / .327 either way (best epochs 9-17). The cost is the longer runs: twice
-    the epochs on citeulike-a. A cap of 200 epochs instead of 100 was measured and not taken:
-    citeulike-a .332 / .273 (best epoch 153), ml-latest-small .365 / .333 (.371 / .334 at 100,
-    seed 42)."""
+    flat stretch that is not the top. 0 keeps the fixed ``patience``. 0.5 against 0, test
+    Recall@20 / NDCG@20 (``bench.quality --ours-only --test``): citeulike-a (``train.lr`` 0.05,
+    seeds 42, 1) .329 / .270 against .321 / .262, best epochs 91 and 95 against 39 and 37 (its
+    validation Recall@20 climbs by about .001 every few epochs from epoch 40 to 90: .263 at 39,
+    .267 at 91); ml-latest-small (seeds 42, 1, 2) .365 / .331 against .354 / .322; the bundled
+    log (seeds 42, 1, 2, 3) .452 / .327 either way (best epochs 9-17). The cost is longer runs:
+    in ``bench.quality`` our fit took 258 s against 189 s on citeulike-a and 24 s against 8 s on
+    ml-latest-small. On the 1M-interaction synthetic log of ``bench.warm_start`` (temporal
+    split) it bought nothing: the cold run trained 59 holdout epochs (best 39) against 33, 181 s
+    against 121 s, Recall@20 .1785 against .1788. A cap of 200 epochs instead of 100 was
+    measured and not taken: citeulike-a .332 / .273 (best epoch 153), ml-latest-small .365 /
+    .333 (.371 / .334 at 100, seed 42)."""
     eval_every: int = Field(1, ge=1)
     """Evaluate on the holdout every this many epochs."""
     early_stopping_k: int = Field(20, ge=1)
