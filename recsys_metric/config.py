@@ -426,7 +426,8 @@ class TrainConfig(_Section):
     def patience_after(self, best_eval: int) -> int:
         """Evaluations without improvement that end a run whose best so far was its
         ``best_eval``-th evaluation (1-based): ``max(patience, ceil(patience_growth * best_eval))``."""
-        return max(self.patience, math.ceil(self.patience_growth * best_eval))
+        # round() first: 1.1 * 50 is 55.00000000000001 in floating point, whose ceil is 56.
+        return max(self.patience, math.ceil(round(self.patience_growth * best_eval, 9)))
 
     def negatives_for(self, n_items: int) -> int:
         """``negatives`` for a catalogue of ``n_items`` items (resolves ``auto``)."""

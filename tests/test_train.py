@@ -334,6 +334,7 @@ def test_patience_after_is_the_larger_of_patience_and_the_grown_wait():
     assert [config.patience_after(n) for n in (1, 10, 11, 45)] == [5, 5, 6, 23]
     assert TrainConfig(patience=5, patience_growth=0.0).patience_after(45) == 5
     assert TrainConfig(patience=2, patience_growth=1.0).patience_after(7) == 7
+    assert TrainConfig(patience=1, patience_growth=1.1).patience_after(50) == 55
 
 
 def test_fold_in_of_a_known_history_ranks_held_out_items_high():
