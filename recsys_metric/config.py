@@ -258,12 +258,12 @@ class TrainConfig(_Section):
     (``bench.train_speed``) it costs a third of the throughput (4.3M vs 6.6M triplets/s on one
     thread) and lifted the best Recall@20 from .180 to .210."""
     epochs: int = Field(100, ge=1)
-    """Maximum epochs over the liked pairs; early stopping (``patience``, ``patience_growth``)
-    may end training before. The cap was 30 until citeulike-a still improved at epoch 30
-    (validation Recall@20 0.222 at 30, best 0.231 at epoch 44). With ``patience_growth`` the
-    bundled log stops after 9-17 epochs, while ml-latest-small's best epochs are 37-100 and
-    citeulike-a's 91-95; a cap of 200 was measured and not taken (``patience_growth``). A nightly
-    run with a time box sets it lower (``bench/configs/nightly_20m.toml``)."""
+    """Maximum epochs over the liked pairs; early stopping (``patience``, ``patience_growth``) may end
+    training before. The cap was 30 until citeulike-a still improved at epoch 30 (validation
+    Recall@20 0.222 at 30, best 0.231 at epoch 44). With ``patience_growth`` the bundled log
+    stops after 9-17 epochs, while ml-latest-small's best epochs are 37-100 and citeulike-a's
+    82-99 (seeds 42, 1, 2, 3); a cap of 200 was measured and not taken (``patience_growth``). A
+    nightly run with a time box sets it lower (``bench/configs/nightly_20m.toml``)."""
     batch_size: int = Field(4096, ge=1)
     """Liked pairs per optimisation step."""
     lr: Annotated[float, Field(gt=0.0)] | Literal["auto"] = "auto"
