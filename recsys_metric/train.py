@@ -1311,11 +1311,13 @@ def fit(
             progress,
             distributed,
         )
-    initial = _cpu_state(model)
-    best: tuple[float, TrainResult, dict[str, Tensor]] | None = None
+    last = len(config.lr_candidates) - 1
+    initial = _cpu_state(model) if last > 0 else None
+    # The winner's weights: None while they are the ones in the model (the last candidate's).
+    best: tuple[float, TrainResult, dict[str, Tensor] | None] | None = None
     trials: list[dict[str, Any]] = []
-    for lr in config.lr_candidates:
-        if trials:
+    for i, lr in enumerate(config.lr_candidates):
+        if initial is not None and i > 0:
             model.load_state_dict(initial)
         logger.info("train.lr auto: trying %g (candidates %s)", lr, list(config.lr_candidates))
         result = _fit_at_rate(
@@ -1341,10 +1343,11 @@ def fit(
         )
         score = -math.inf if result.best_metric is None else result.best_metric
         if best is None or score > best[0]:
-            best = (score, result, _cpu_state(model))
+            best = (score, result, None if i == last else _cpu_state(model))
     assert best is not None  # lr_candidates has at least one rate
     _, result, state = best
-    model.load_state_dict(state)
+    if state is not None:
+        model.load_state_dict(state)
     result.lr_search = trials
     logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(trials))
     return result
