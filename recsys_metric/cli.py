@@ -107,7 +107,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from recsys_metric.data import synthetic
 
-    argv = ["--out", str(args.out), "--seed", str(args.seed), "--id-type", args.id_type]
+    # Defaults filled here, not in the parser: reading them imports the generator (and pandas),
+    # which every other command, queries above all, would pay for at start.
+    seed = synthetic_defaults()["seed"] if args.seed is None else args.seed
+    id_type = args.id_type or synthetic_defaults()["id_type"]
+    argv = ["--out", str(args.out), "--seed", str(seed), "--id-type", id_type]
     for flag, value in (
         ("--users", args.n_users),
         ("--items", args.n_items),
@@ -266,7 +270,7 @@ def _print_frame(frame) -> None:
 
 
 def _load_recommender(args: argparse.Namespace):
-    from recsys_metric.recommend import Recommender
+    from recsys_metric.serving import Recommender
 
     return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
 
@@ -295,7 +299,7 @@ def _typed_id(text: str, ids) -> int | str:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from recsys_metric.recommend import write_recommendations
+    from recsys_metric.serving import write_recommendations
 
     user_ids = None
     if args.users:
@@ -525,13 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=synthetic_defaults()["seed"],
         help="random seed (default: the bundled data's)",
     )
     p.add_argument(
         "--id-type",
         choices=["int", "str"],
-        default=synthetic_defaults()["id_type"],
         help="external id type (default: the bundled data's)",
     )
     p.add_argument(
