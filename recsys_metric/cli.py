@@ -272,7 +272,9 @@ def _print_frame(frame) -> None:
 def _load_recommender(args: argparse.Namespace):
     from recsys_metric.serving import Recommender
 
-    return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
+    return Recommender.load(
+        args.artifacts, index="exact" if args.exact else "auto", output="polars", verify=not args.no_verify
+    )
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -318,6 +320,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
     )
     return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    from recsys_metric.serving.cli_api import run_api
+
+    return run_api(args)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -455,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="artifact store (its current run) or a run directory (default: artifacts)",
         )
         p.add_argument("--exact", action="store_true", help="exact search instead of the Annoy index")
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip checking the run's files against its manifest (docs/serving.md: what it costs)",
+        )
         if name == "recommend":
             p.add_argument(
                 "--include-seen", action="store_true", help="allow items the user already interacted with"
@@ -513,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the nightly retrain starts from the current run's models (train.warm_start)",
     )
     p.set_defaults(func=_cmd_serve)
+
+    from recsys_metric.serving.cli_api import add_api_parser
+
+    add_api_parser(sub, _cmd_api, default_artifacts=str(DEFAULT_ARTIFACTS))
 
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")

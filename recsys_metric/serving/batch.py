@@ -3,8 +3,8 @@
 :func:`write_recommendations` writes one table in this process; :func:`plan_recommendations`,
 :func:`write_partition` and :func:`finish_recommendations` cut the same work into partitions that
 other processes or machines write. Scoring is the exact blocked ranker of
-:mod:`recsys_metric.serving.ranking` (numpy on the CPU; torch only for ``device="cuda"``) or the
-run's Annoy index, with the same canonical scores as :class:`~recsys_metric.serving.Recommender`.
+:mod:`recsys_metric.serving.ranking` (torch when it is installed, which used less CPU time than
+numpy for large blocks; numpy otherwise) or the run's Annoy index, with the same canonical scores as :class:`~recsys_metric.serving.Recommender`.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def _write_partition(
         ann = AnnoyIndex.load(
             run_dir, vectors=run.items.vectors, search_k=plan.search_k, distance=run.distance
         )
-    engine = _Engine(run.items.vectors, run.distance, plan.device)
+    engine = _Engine(run.items.vectors, run.distance, plan.device, bulk=True)
     block = plan.block_users
     users = part.user_nums
     buffer = engine.ranker.buffer(min(block, max(1, int(users.size))))
