@@ -323,7 +323,9 @@ class Recommender:
             exclude_seen: leave the history items out of the answer.
         """
         k = _check_k(k)
-        history = self._item_nums(item_ids)
+        self._item_nums(item_ids)  # the argument checks and the KeyError naming unknown ids
+        # In the given order with repeats: a repeated item weighs more in the fold-in.
+        history = _id_numbers(self._items, item_ids).astype(np.int64)
         if history.size == 0:
             raise ValueError("recommend_for_history needs at least one item id in the history")
         queries = self._fold_in(history)
