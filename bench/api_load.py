@@ -495,6 +495,12 @@ def hot_swap(artifacts: Path, work: Path, *, interval: float, seconds: float) ->
     finally:
         thread.join()
         log = server.stop()
+        # Leave the store serving a good run (the damaged one is current now), for a rerun.
+        from recsys_metric.registry import ArtifactStore
+
+        good = [e["run_id"] for e in events if not e["damaged"]]
+        if good:
+            ArtifactStore(artifacts).publish(good[-1])
     return {
         "first_run": first,
         "interval_s": interval,
