@@ -366,10 +366,10 @@ def import_cost(artifacts: Path, *, verify: bool = True, repeats: int = 3) -> di
         "  'torch_imported': 'torch' in sys.modules, 'verified': rec.verified}))\n"
     )
     runs = []
-    for _ in range(3):
+    for _ in range(repeats):
         load = load_average()
         done = subprocess.run(
-            [sys.executable, "-c", code, str(artifacts)],
+            [sys.executable, "-c", code, str(artifacts), "1" if verify else "0"],
             env=env(),
             capture_output=True,
             text=True,
