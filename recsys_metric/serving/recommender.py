@@ -158,7 +158,7 @@ class Recommender:
             output: ``pandas`` or ``polars`` frames from every query.
             verify: check every file read against the run's ``manifest.json`` (size and sha256)
                 before reading it (:mod:`recsys_metric.serving.verify`). ``False`` skips the
-                hashing (about 1-2 s per GB of files) and trusts the files: a damaged file can then
+                hashing (about one CPU second per GB of files) and trusts the files: a damaged file can then
                 answer wrong or crash the process. A warning says so.
             follow: return a :class:`~recsys_metric.serving.follow.FollowingRecommender` that
                 follows ``path``'s ``current`` (``path`` must be an artifacts directory), swapping

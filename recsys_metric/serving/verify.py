@@ -8,7 +8,7 @@ error and answer silently wrong. So :class:`RunVerifier` compares each file with
 size first (a ``stat``), then sha256, before the file is opened, and raises
 :class:`~recsys_metric.registry.IntegrityError` naming the file.
 
-Cost: hashing reads every byte once, about 1-2 s per GB here (sha256 is CPU bound; files are
+Cost: hashing reads every byte once, about one CPU second per GB here (sha256 is CPU bound; files are
 hashed in parallel threads, hashlib releases the GIL). ``verify=False`` skips it and says so in a
 warning: the run's files are then trusted as they are.
 
