@@ -75,7 +75,7 @@ from recsys_metric.index import build_index
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
-from recsys_metric.train import TrainData, TrainResult, fit
+from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
