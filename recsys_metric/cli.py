@@ -107,7 +107,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from recsys_metric.data import synthetic
 
-    argv = ["--out", str(args.out), "--seed", str(args.seed), "--id-type", args.id_type]
+    # Defaults filled here, not in the parser: reading them imports the generator (and pandas),
+    # which every other command, queries above all, would pay for at start.
+    seed = synthetic_defaults()["seed"] if args.seed is None else args.seed
+    id_type = args.id_type or synthetic_defaults()["id_type"]
+    argv = ["--out", str(args.out), "--seed", str(seed), "--id-type", id_type]
     for flag, value in (
         ("--users", args.n_users),
         ("--items", args.n_items),
@@ -266,9 +270,11 @@ def _print_frame(frame) -> None:
 
 
 def _load_recommender(args: argparse.Namespace):
-    from recsys_metric.recommend import Recommender
+    from recsys_metric.serving import Recommender
 
-    return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
+    return Recommender.load(
+        args.artifacts, index="exact" if args.exact else "auto", output="polars", verify=not args.no_verify
+    )
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
@@ -295,7 +301,7 @@ def _typed_id(text: str, ids) -> int | str:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from recsys_metric.recommend import write_recommendations
+    from recsys_metric.serving import write_recommendations
 
     user_ids = None
     if args.users:
@@ -314,6 +320,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
     )
     return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    from recsys_metric.serving.cli_api import run_api
+
+    return run_api(args)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -451,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="artifact store (its current run) or a run directory (default: artifacts)",
         )
         p.add_argument("--exact", action="store_true", help="exact search instead of the Annoy index")
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip checking the run's files against its manifest (docs/serving.md: what it costs)",
+        )
         if name == "recommend":
             p.add_argument(
                 "--include-seen", action="store_true", help="allow items the user already interacted with"
@@ -510,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+    from recsys_metric.serving.cli_api import add_api_parser
+
+    add_api_parser(sub, _cmd_api, default_artifacts=str(DEFAULT_ARTIFACTS))
+
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
     p.set_defaults(func=_cmd_runs)
@@ -525,13 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=synthetic_defaults()["seed"],
         help="random seed (default: the bundled data's)",
     )
     p.add_argument(
         "--id-type",
         choices=["int", "str"],
-        default=synthetic_defaults()["id_type"],
         help="external id type (default: the bundled data's)",
     )
     p.add_argument(

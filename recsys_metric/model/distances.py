@@ -20,24 +20,24 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys_metric.errors import ConfigError
+from recsys_metric.scoring import DISTANCE_NAMES, NORM_EPS, SQRT_EPS, score_numpy
+from recsys_metric.scoring import check_distance_name as _check_name
 
-SQRT_EPS = 1e-12
-"""Added to squared euclidean distances under the square root, so that the gradient at zero
-distance is finite (sqrt'(0) is infinite, and inf * 0 is NaN). Shifts a zero distance to 1e-6
-and any distance d by about 5e-13 / d: below float32 resolution for d > 1e-3."""
-
-NORM_EPS = 1e-12
-"""Lower bound on a norm before dividing by it (as ``F.normalize``): a zero vector stays zero
-and has cosine 0 with everything."""
-
-DISTANCE_NAMES: tuple[str, ...] = ("euclidean", "cosine", "dot")
-"""Names accepted by :func:`get_distance` and :func:`score_numpy`."""
+__all__ = [
+    "DISTANCE_NAMES",
+    "NORM_EPS",
+    "SQRT_EPS",
+    "CosineSimilarity",
+    "Distance",
+    "DotProduct",
+    "EuclideanDistance",
+    "get_distance",
+    "score_numpy",
+]
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -208,11 +208,6 @@ class DotProduct(Distance):
         return (a * b).sum(-1)
 
 
-def _check_name(name: str) -> None:
-    if name not in DISTANCE_NAMES:
-        raise ConfigError(f"unknown distance {name!r}: use one of {', '.join(DISTANCE_NAMES)}")
-
-
 def get_distance(name: str) -> Distance:
     """The :class:`Distance` for ``euclidean`` (not squared), ``cosine`` or ``dot``.
 
@@ -225,39 +220,3 @@ def get_distance(name: str) -> Distance:
     if name == "cosine":
         return CosineSimilarity()
     return DotProduct()
-
-
-def score_numpy(q: np.ndarray, r: np.ndarray, name: str) -> np.ndarray:
-    """Numpy twin of :meth:`Distance.score`: ``[B, D] x [N, D] -> [B, N]``, higher is better.
-
-    Same formulas as the torch classes (euclidean: ``-sqrt(max(||q||^2 + ||r||^2 - 2 q.r, 0) +
-    1e-12)``; cosine: rows divided by ``max(||x||, 1e-12)``, then the product; dot: the product),
-    computed in float32 for float32 input (float64 for float64 input), so rankings match the model.
-
-    Args:
-        q: ``[B, D]`` query (user) embeddings.
-        r: ``[N, D]`` reference (item) embeddings.
-        name: the ``distance`` stored with the embeddings: ``euclidean``, ``cosine`` or ``dot``.
-
-    Raises:
-        ConfigError: for an unknown ``name``.
-    """
-    _check_name(name)
-    dtype = np.result_type(q.dtype, r.dtype, np.float32)
-    q = np.asarray(q, dtype=dtype)
-    r = np.asarray(r, dtype=dtype)
-    if name == "dot":
-        return q @ r.T
-    if name == "cosine":
-        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), dtype.type(NORM_EPS))
-        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), dtype.type(NORM_EPS))
-        return qn @ rn.T
-    out = q @ r.T
-    out *= -2.0
-    out += np.einsum("ij,ij->i", q, q)[:, None]
-    out += np.einsum("ij,ij->i", r, r)[None, :]
-    np.maximum(out, 0.0, out=out)
-    out += dtype.type(SQRT_EPS)
-    np.sqrt(out, out=out)
-    np.negative(out, out=out)
-    return out
