@@ -573,7 +573,11 @@ class ArtifactStore:
         """The run that was current before the current one (what ``rollback`` returns to), when it
         is still a complete run; None otherwise."""
         current = self.current()
-        for entry in reversed(self.history()):
+        history = self.history()
+        # The publish that made it current, not a rollback to it: rolling back twice goes two
+        # runs back instead of toggling between two.
+        publishes = [e for e in history if e.get("action") != "rollback"]
+        for entry in [*reversed(publishes), *reversed(history)]:
             if entry.get("run_id") == current and entry.get("previous"):
                 previous = str(entry["previous"])
                 try:
