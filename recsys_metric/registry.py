@@ -660,8 +660,9 @@ class ArtifactStore:
     ) -> Manifest:
         """Write ``manifest.json`` into a pending run and make the run complete (atomic rename).
 
-        Every file is hashed (and fsynced) first, the manifest is written and fsynced, and only
-        then ``runs/.tmp-<id>`` is renamed to ``runs/<id>``; the files are then made read-only.
+        Every file is hashed (and fsynced) first, the manifest is written and fsynced, the files
+        and directories are made read-only, and only then ``runs/.tmp-<id>`` is renamed to
+        ``runs/<id>`` (under the writer lock).
 
         Args:
             run_dir: a directory returned by :meth:`new_run`.
@@ -727,14 +728,16 @@ class ArtifactStore:
             extra=dict(extra or {}),
         )
         _write_json(pending / MANIFEST_FILE, manifest.to_dict())
-        (pending / STARTED_FILE).unlink(missing_ok=True)
-        # Read-only BEFORE the rename: a crash right after it must not leave a complete run
-        # writable (a rename within runs/ needs no write permission on the directory itself).
-        _set_read_only(pending)
-        _fsync_dir(pending)
         with self._locked():
             if final.exists():
                 raise RegistryError(f"run {run_id} already exists in {self.runs_dir}; it is immutable")
+            # Under the lock: without its .started note the directory looks like a dead run's
+            # debris to clean_debris, which takes the same lock.
+            (pending / STARTED_FILE).unlink(missing_ok=True)
+            # Read-only BEFORE the rename: a crash right after it must not leave a complete run
+            # writable (a rename within runs/ needs no write permission on the directory itself).
+            _set_read_only(pending)
+            _fsync_dir(pending)
             fault_point("finalize:before-rename")
             os.rename(pending, final)
             _fsync_dir(self.runs_dir)
