@@ -37,9 +37,11 @@ flow (``flows.deployments``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -52,10 +54,11 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from recsys_metric import pipeline, registry
+from recsys_metric import nightly, pipeline, registry
 from recsys_metric.config import Config, load_config
 from recsys_metric.data import prepare as data_prepare
 from recsys_metric.registry import ArtifactStore
+from recsys_metric.store.space import is_disk_full
 
 REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
@@ -244,9 +247,9 @@ def finalize(artifacts: str, run_dir: str, config: Config, interactions: str, ex
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=_retry_on_os_error,
 )
-def publish(artifacts: str, run_id: str, config: Config) -> str | None:
+def publish(artifacts: str, run_id: str, config: Config, force: bool = False) -> str | None:
     """Switch ``current`` to the run atomically; returns the previously published run id."""
-    previous = ArtifactStore(artifacts, config.publish).publish(run_id)
+    previous = ArtifactStore(artifacts, config.publish).publish(run_id, forced=force)
     get_run_logger().info("published %s (was %s)", run_id, previous)
     return previous
 
@@ -268,8 +271,14 @@ def nightly_retrain(
     force: bool = False,
     items: str | None = None,
     warm_start: bool | None = None,
+    lock_wait_s: float | None = 0.0,
 ) -> dict[str, Any]:
     """Train a new run, gate it against the published one, and publish it only when it passes.
+
+    The flow holds the store's one-writer lock (``ARTIFACTS/.lock``) from start to end, like
+    ``recsys-metric run``: another writer (a run, a train, a publish, another deployment) makes
+    it fail with the holder named, or wait with ``lock_wait_s``. Prefect's concurrency limits
+    may add to this, never replace it.
 
     Args:
         interactions: the interaction log (file, Parquet directory or glob).
@@ -279,6 +288,8 @@ def nightly_retrain(
         items: item feature table, when ``model.item_features`` is set.
         warm_start: start training from the published run's models (``train.warm_start``);
             None keeps the config's setting.
+        lock_wait_s: when another process writes to the store: 0 fails at once, a number of
+            seconds waits that long at most, None waits until it finishes.
 
     Returns:
         ``run_id``, ``run_dir``, ``published``, ``reason`` (the gate's), ``decision`` (all its
@@ -290,29 +301,53 @@ def nightly_retrain(
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"warm_start": warm_start})}
         )
+    nightly.check_input_exists(interactions)
     store = ArtifactStore(artifacts, config.publish)
-    # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
-    pending = str(store.new_run())
-    run_id = store.run_id_of(pending)
-    # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
-    current = store.current()
-    current_dir = None if current is None else str(store.run_dir(current))
-    get_run_logger().info("new run directory %s (published run: %s)", pending, current)
-    prepare_seconds = prepare(interactions, pending, config)
-    trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
-    gated = gate(current_dir, pending, run_id, trained["holdout"], config, force)
-    decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
-    run_dir = finalize(
-        artifacts,
-        pending,
-        config,
-        interactions,
-        {"gate": decision, "current_on_holdout": current_on_holdout},
-    )
-    previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
-    if decision["publish"]:
-        previous = publish(artifacts, run_id, config)
-    pruned = prune(artifacts, config)
+    with store.writer(wait=lock_wait_s, purpose="nightly-retrain flow") as cleaned:
+        logger = get_run_logger()
+        if cleaned:
+            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
+        needed = store.check_space(interactions)
+        # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
+        pending = str(store.new_run())
+        run_id = store.run_id_of(pending)
+        # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
+        current = store.current()
+        current_dir = None if current is None else str(store.run_dir(current))
+        logger.info("new run directory %s (published run: %s)", pending, current)
+        try:
+            prepare_seconds = prepare(interactions, pending, config)
+            trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
+            gated = gate(current_dir, pending, run_id, trained["holdout"], config, force)
+            decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
+            run_dir = finalize(
+                artifacts,
+                pending,
+                config,
+                interactions,
+                {"gate": decision, "current_on_holdout": current_on_holdout},
+            )
+        except BaseException as err:
+            # This run's own temporary directory goes (a crash leaves it to the next writer).
+            nightly._discard(store, Path(pending))
+            if isinstance(err, Exception) and is_disk_full(err):
+                raise nightly._disk_full(store, err, run_id, needed) from err
+            raise
+        previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
+        if decision["publish"] and store.current() != current:
+            # Cannot happen while every writer takes the lock; one that bypassed it is caught here.
+            logger.warning(
+                "current moved from %s to %s during this run; gating again", current, store.current()
+            )
+            metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+            _, redo = nightly.gate_against_current(
+                store, store.current(), Path(run_dir), metrics, config, force=force
+            )
+            decision, previous = redo.to_dict(), store.current()
+            logger.info("quality gate (again): %s", decision["reason"])
+        if decision["publish"]:
+            previous = publish(artifacts, run_id, config, force)
+        pruned = prune(artifacts, config)
     return {
         "run_id": run_id,
         "run_dir": run_dir,

@@ -26,6 +26,8 @@ DEFAULT_DATA = Path("data") / "interactions.parquet"
 DEFAULT_ITEMS = Path("data") / "items.parquet"
 DEFAULT_ARTIFACTS = Path("artifacts")
 EXIT_USER_ERROR = 2
+EXIT_GATE_REFUSED = 3
+"""``run``/``publish``: the quality gate refused the run, ``current`` did not move (docs/operations.md)."""
 
 
 def _fmt_int(n: int | float) -> str:
@@ -151,17 +153,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config: Config, distributed: DistributedTraining | None) -> int:
     from recsys_metric.pipeline import new_run_id, train_run
 
-    run_id = new_run_id()
-    run_dir = Path(args.out) if args.out else Path(args.artifacts) / "runs" / run_id
-    result = train_run(
-        args.interactions,
-        run_dir,
-        config,
-        items=_items_path(args),
-        run_id=run_id,
-        progress=args.progress,
-        distributed=distributed,
-    )
+    if args.out:
+        run_id = new_run_id()
+        run_dir = Path(args.out)
+        result = train_run(
+            args.interactions,
+            run_dir,
+            config,
+            items=_items_path(args),
+            run_id=run_id,
+            progress=args.progress,
+            distributed=distributed,
+        )
+    else:
+        # Into the store: a finalized, unpublished run (`recsys-metric publish RUN_ID` gates it).
+        from recsys_metric.nightly import train_into_store
+
+        result, run_dir = train_into_store(
+            args.interactions,
+            args.artifacts,
+            config,
+            items=_items_path(args),
+            progress=args.progress,
+            wait=_wait(args),
+            distributed=distributed,
+        )
     print(result.evaluation.to_table())
     es = result.metrics["early_stopping"]
     print(
@@ -169,6 +185,11 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
         f"exported the {result.metrics['published_model'].replace('_', ' ')} to {run_dir} "
         f"in {result.seconds['total']:.1f} s"
     )
+    if not args.out:
+        print(
+            f"not published; to gate and publish it: recsys-metric publish {result.run_id} "
+            f"--artifacts {args.artifacts}"
+        )
     return 0
 
 
@@ -185,6 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         items=_items_path(args),
         force=args.force,
         progress=args.progress,
+        wait=_wait(args),
     )
     print(result.run.evaluation.to_table())
     index = result.run.metrics.get("index") or {}
@@ -206,6 +228,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         kept = result.previous_run_id or "nothing"
         print(f"NOT published: current stays on {kept}")
+        return EXIT_GATE_REFUSED
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> float | None:
+    """``--wait``: absent 0 (fail at once), bare None (until the writer finishes), N seconds."""
+    return None if args.wait is not None and args.wait < 0 else (args.wait or 0.0)
+
+
+def _add_wait_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another process writes to the store, wait for it (at most SECONDS; bare: until it "
+        "finishes) instead of exiting with code 2",
+    )
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from recsys_metric.nightly import publish_run
+
+    result = publish_run(args.artifacts, args.run_id, force=args.force, wait=_wait(args))
+    if result.decision is None:
+        print(f"run {args.run_id} is already current in {args.artifacts}")
+        return 0
+    print(f"quality gate: {result.decision.reason}")
+    if result.published:
+        print(
+            f"published: {Path(args.artifacts) / 'current'} -> runs/{args.run_id} (was {result.previous_run_id})"
+        )
+        return 0
+    print(f"NOT published: current stays on {result.previous_run_id or 'nothing'} (--force overrides)")
+    return EXIT_GATE_REFUSED
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from recsys_metric.nightly import rollback_run
+
+    result = rollback_run(args.artifacts, args.run_id, wait=_wait(args))
+    if not result.published:
+        print(f"run {result.run_id} is already current in {args.artifacts}")
+    else:
+        print(
+            f"rolled back: {Path(args.artifacts) / 'current'} -> runs/{result.run_id} (was {result.previous_run_id})"
+        )
     return 0
 
 
@@ -331,7 +402,10 @@ def _cmd_api(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     from recsys_metric.registry import ArtifactStore
 
-    runs = ArtifactStore(args.artifacts).list_runs()
+    listed = ArtifactStore(args.artifacts).list_runs()
+    # A .tmp- directory is a run being written or a dead run's debris: never a run to choose.
+    runs = [r for r in listed if not r.path.name.startswith(".tmp-")]
+    unfinished = len(listed) - len(runs)
     if not runs:
         print(f"no runs under {args.artifacts}")
         return 0
@@ -342,6 +416,10 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         created = r.created.strftime("%Y-%m-%d %H:%M:%S")
         print(f"{mark}{r.run_id:<24}{'yes' if r.complete else 'no':<10}{created:<21}{recall}")
     print("\n* = current")
+    if unfinished:
+        print(
+            f"({unfinished} unfinished run directory(ies) not listed: being written, or left by a dead run)"
+        )
     return 0
 
 
@@ -417,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--artifacts",
         default=str(DEFAULT_ARTIFACTS),
-        help="artifacts directory; the run goes to ARTIFACTS/runs/<run_id> (default: artifacts)",
+        help="artifact store; the run is finalized into ARTIFACTS/runs/<run_id>, not published (`publish` "
+        "gates it; default: artifacts)",
     )
     p.add_argument("--out", help="write the run directory here instead")
     p.add_argument("--config", help="YAML or TOML config file")
@@ -433,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on every process of a torchrun group (gloo on CPU, nccl on CUDA); only rank 0 "
         "reads the log and writes the run: torchrun --nproc_per_node 2 -m recsys_metric.distributed",
     )
+    _add_wait_argument(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -448,7 +528,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start training from the current run's models (train.warm_start; cold when it cannot serve)",
     )
+    _add_wait_argument(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "publish",
+        help="gate a complete run (e.g. from `train`) against the current one and publish it",
+        description="Score the current model on RUN_ID's holdout, apply the quality gate and switch "
+        "ARTIFACTS/current to RUN_ID when it passes (exit 3 when it refuses; --force overrides).",
+    )
+    p.add_argument("run_id", help="a complete run of the store (see `recsys-metric runs`)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
+    _add_wait_argument(p)
+    p.set_defaults(func=_cmd_publish)
+
+    p = sub.add_parser(
+        "rollback",
+        help="publish again the run that was current before this one (or RUN_ID, published before)",
+    )
+    p.add_argument("run_id", nargs="?", help="a run published before (default: the previous current run)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    _add_wait_argument(p)
+    p.set_defaults(func=_cmd_rollback)
 
     for name, func, helptext in (
         ("recommend", _cmd_recommend, "top-K items for a user of the published run"),

@@ -522,6 +522,9 @@ class PublishConfig(_Section):
     """Refuse a model whose holdout Recall@K is not above the popularity baseline's."""
     keep_runs: int = Field(5, ge=1)
     """Run directories kept (the current one is never deleted)."""
+    replaced_grace_s: float = Field(600.0, ge=0.0)
+    """Seconds a run that stopped being current is kept after the switch, whatever ``keep_runs``
+    says: a reader that resolved ``current`` just before the switch may still be opening its files."""
 
 
 class Config(_Section):

@@ -75,6 +75,7 @@ from recsys_metric.index import build_index
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
+from recsys_metric.store.faults import fault_point
 from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
@@ -296,6 +297,7 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prepared = prepare_dataset(interactions, run_dir, config)
+    fault_point("prepare:after")
     result = train_and_evaluate(
         run_dir,
         config,
@@ -310,6 +312,7 @@ def train_run(
     if build_ann:
         result.metrics = index_run(run_dir, config)
         result.seconds = dict(result.metrics["seconds"])
+        fault_point("index:after")
     return result
 
 
@@ -394,7 +397,11 @@ def train_and_evaluate(
         plan, warm_reason = plan_warm_start(
             warm_start_from, holdout_model, split_method=val_info.method, validation_cutoff=val_info.cutoff
         )
-    logger.info("%s", warm_reason)
+    if config.train.warm_start and plan is None and warm_start_from is not None:
+        # Asked for and not done (e.g. a damaged current model): say so where operators look.
+        logger.warning("train.warm_start is on, but this run trains from scratch: %s", warm_reason)
+    else:
+        logger.info("%s", warm_reason)
     warm = {"enabled": plan is not None, "reason": warm_reason, "source_run_id": None}
     if plan is not None:
         warm["source_run_id"] = plan.source_run_id
@@ -472,6 +479,7 @@ def train_and_evaluate(
         )
         seconds["train_refit"] = time.perf_counter() - t
 
+    fault_point("train:after")
     t = time.perf_counter()
     if refit is not None:
         # A later run's quality gate scores this model, never the refit one (see registry).
@@ -510,6 +518,7 @@ def train_and_evaluate(
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     _write_json(run_dir / METRICS_FILE, metrics)
+    fault_point("export:after")
     return RunResult(
         run_id=run_id,
         run_dir=run_dir,
