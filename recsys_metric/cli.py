@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import RecsysMetricError
+from recsys_metric.errors import ConfigError
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -311,6 +311,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Imported only here: the other commands never load Prefect's flow machinery.
     from flows.deployments import deployments, serve_all
 
+    check_k(args.k, "items per user")
     items = _items_path(args)
     # Built (and the crons checked) before the server is asked: a typo is reported either way.
     runner_deployments = deployments(
@@ -329,7 +330,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
         return EXIT_USER_ERROR
-    serve_all(*runner_deployments)
+    from recsys_metric.stop_signals import stop_on_sigint_like_sigterm
+
+    # SIGINT stops serving as SIGTERM does (Prefect's runner handles only SIGTERM, and a job a
+    # script starts in the background inherits SIGINT ignored): docs/scheduling.md.
+    with stop_on_sigint_like_sigterm() as received:
+        serve_all(*runner_deployments)
+    print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
 
@@ -348,7 +355,15 @@ def _load_recommender(args: argparse.Namespace):
     )
 
 
+def check_k(k: int, what: str = "results") -> int:
+    """``-k`` as given when it is a positive count; a ConfigError (one line, exit 2) otherwise."""
+    if k < 1:
+        raise ConfigError(f"-k must be a positive number of {what}, got {k}")
+    return k
+
+
 def _cmd_recommend(args: argparse.Namespace) -> int:
+    check_k(args.k)
     rec = _load_recommender(args)
     user_id = _typed_id(args.user_id, rec.user_ids)
     _print_frame(rec.recommend(user_id, k=args.k, exclude_seen=not args.include_seen))
@@ -356,6 +371,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
+    check_k(args.k)
     rec = _load_recommender(args)
     _print_frame(rec.similar_items(_typed_id(args.item_id, rec.item_ids), k=args.k, exact=args.exact))
     return 0
@@ -374,6 +390,7 @@ def _typed_id(text: str, ids) -> int | str:
 def _cmd_batch(args: argparse.Namespace) -> int:
     from recsys_metric.serving import write_recommendations
 
+    check_k(args.k, "items per user")
     user_ids = None
     if args.users:
         user_ids = [line.strip() for line in Path(args.users).read_text().splitlines() if line.strip()]
@@ -671,17 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        return int(args.func(args) or 0)
-    except RecsysMetricError as err:
-        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyError as err:
-        print(f"recsys-metric {args.command}: error: unknown id {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except FileNotFoundError as err:
-        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    from recsys_metric.cli_errors import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":
