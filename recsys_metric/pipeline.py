@@ -66,6 +66,7 @@ from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
     ScoreFn,
+    ScoresInto,
     evaluate_scores,
     evaluate_with_baselines,
     training_items_mask,
@@ -133,13 +134,14 @@ def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None)
         items = model.item_embeddings()
         folded = model.fold_in_rows(liked) if model.item_item and liked is not None else None
 
-    def score(user_nums: np.ndarray) -> torch.Tensor:
+    def score(user_nums: np.ndarray, out: torch.Tensor) -> None:
         with torch.no_grad():
             nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
             users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
-            return model.distance.score(users, items)
+            model.distance.score_into(users, items, out)
 
-    return score
+    # Written into the evaluator's reused buffer: no [B, n_items] allocation per batch.
+    return ScoresInto(score, items.shape[0], dtype=items.dtype, device=items.device)
 
 
 def _sample_users(test: InteractionMatrix, max_users: int | None, seed: int) -> np.ndarray | None:
