@@ -75,6 +75,16 @@ class DataConfig(_Section):
     """Fail the run when more than this fraction of rows is quarantined (default 1%)."""
     deduplicate: bool = True
     """Collapse exact duplicate events (every column equal) into one row, and count them."""
+    item_tag_columns: tuple[str, ...] = ()
+    """String columns of the item table (``--items``) that hold delimited tags (``"Action|Comedy"``):
+    split into tag lists on ``item_tag_separator``. List columns need no entry; MovieLens
+    ``movies.csv`` genres are split on ``|`` without one (docs/cold-start.md)."""
+    item_tag_separator: str = Field("|", min_length=1)
+    """Delimiter of the ``item_tag_columns``."""
+    cold_items: Literal["eligible", "excluded"] = "eligible"
+    """Items of the item table without training interactions (placed by their features alone):
+    ``eligible`` lets recommend, similar items and batch tables return them; ``excluded`` keeps them
+    in the exported embeddings and the index but out of every answer (docs/cold-start.md)."""
 
     @model_validator(mode="after")
     def _check_scale(self) -> DataConfig:
