@@ -119,7 +119,7 @@ class TrainResult:
         stopped_by: why a planner (the time budget) ended the run before early stopping or the
             epoch cap did, or None.
         validation_seconds: wall seconds spent in validation (not part of ``history``'s
-            ``seconds``).
+            ``seconds``; 0 under torchrun, where each rank would time its own wait).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)

@@ -386,7 +386,9 @@ class FitRun:
         result.kernel = (
             "numba" if isinstance(self.step, NumbaTripletStep) else "torch" if self.fused else "autograd"
         )
-        result.validation_seconds = round(sum(self.eval_seconds), 3)
+        # Under torchrun each rank waits on rank 0's validation for its own time: not recorded,
+        # so that every rank returns the same result.
+        result.validation_seconds = round(sum(self.eval_seconds), 3) if self.distributed is None else 0.0
         return result
 
 
