@@ -415,3 +415,33 @@ def test_no_budget_trains_as_before(log_path, tmp_path):
     assert metrics["time_budget"]["seconds"] is None
     assert metrics["time_budget"]["refit"]["epochs_run"] == metrics["early_stopping"]["best_epoch"]
     assert metrics["time_budget"]["traded"] == []
+
+
+@pytest.mark.slow
+def test_a_warm_run_that_cannot_improve_publishes_its_starting_point(tmp_path):
+    """Issue 19 defect 13: a warm start on an unchanged log must not end below its source. With a
+    rate too small to move anything no epoch beats epoch 0, so the source's model is published."""
+    from recsys_metric.export import read_embeddings
+    from recsys_metric.nightly import run_nightly
+
+    log = tmp_path / "log.parquet"
+    generate_log(300, 150, 9000, n_clusters=6, seed=3, id_type="str").interactions.write_parquet(log)
+    config = config_from_dict(
+        {"train": {"epochs": 3, "patience": 2, "batch_size": 512}, "index": {"on_low_recall": "warn"}}
+    )
+    first = run_nightly(log, tmp_path / "artifacts", config, progress=False)
+    warm_config = config.model_copy(
+        update={"train": config.train.model_copy(update={"warm_start": True, "warm_start_lr_scale": 1e-9})}
+    )
+    second = run_nightly(log, tmp_path / "artifacts", warm_config, progress=False, force=True)
+    metrics = second.run.metrics
+    es = metrics["early_stopping"]
+    assert metrics["warm_start"]["enabled"] and metrics["warm_start"]["kept_starting_point"]
+    assert es["best_epoch"] == 0 and es["best_validation"] == es["start_metrics"]["recall@20"]
+    assert metrics["published_model"] == "warm_start_source"
+    assert metrics["time_budget"]["refit"]["epochs_run"] == 0
+    before = read_embeddings(first.run_dir / "item_embeddings.parquet")
+    after = read_embeddings(second.run_dir / "item_embeddings.parquet")
+    assert np.array_equal(np.asarray(before.vectors), np.asarray(after.vectors)), (
+        "the source's items, unchanged"
+    )
