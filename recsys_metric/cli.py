@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
 from recsys_metric.errors import ConfigError
+from recsys_metric.run_summary import TIME_BUDGET_HELP, time_budget_arg, time_budget_lines, with_time_budget
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -142,7 +143,7 @@ def _items_path(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.distributed:
         from recsys_metric.distributed import run_distributed
 
@@ -185,6 +186,8 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
         f"exported the {result.metrics['published_model'].replace('_', ' ')} to {run_dir} "
         f"in {result.seconds['total']:.1f} s"
     )
+    for line in time_budget_lines(result.metrics):
+        print(line)
     if not args.out:
         print(
             f"not published; to gate and publish it: recsys-metric publish {result.run_id} "
@@ -196,7 +199,7 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
 def _cmd_run(args: argparse.Namespace) -> int:
     from recsys_metric.nightly import run_nightly
 
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.warm_start:
         config = config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True})})
     result = run_nightly(
@@ -221,6 +224,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{warm['reason']}; training took {result.run.metrics['seconds'].get('train_holdout', 0):.1f} s"
         )
+    for line in time_budget_lines(result.run.metrics):
+        print(line)
     print(f"\nrun {result.run_id} -> {result.run_dir}")
     print(f"quality gate: {result.decision.reason}")
     if result.published:
@@ -530,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reads the log and writes the run: torchrun --nproc_per_node 2 -m recsys_metric.distributed",
     )
     _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -546,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start training from the current run's models (train.warm_start; cold when it cannot serve)",
     )
     _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

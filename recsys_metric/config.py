@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recsys_metric.errors import ConfigError
 
@@ -298,6 +298,21 @@ class TrainConfig(_Section):
     source run chose, through ``warm_start_lr_scale``."""
     lr_candidates: tuple[Annotated[float, Field(gt=0.0)], ...] = Field((0.05, 0.01), min_length=1)
     """The rates ``lr: auto`` tries, in this order (the first wins ties)."""
+    time_budget: str | float | None = "30m"
+    """Wall-clock allowance for a whole pipeline run, preparation to publication: ``15m``,
+    ``90s``, ``1h30m``, a number of seconds, or ``none`` (train until early stopping, as
+    before). Default ``30m``. The run plans from measured costs (``docs/time-budget.md``): after
+    every epoch it checks that one more epoch, its evaluation, the refit of as many epochs and the
+    stages after training (holdout evaluation, export, index, quality gate) still fit; if not it
+    stops with the best epoch so far, and the refit trains fewer epochs when it must.
+    ``metrics.json``'s ``time_budget`` says what was traded. ``recsys-metric run --time-budget``
+    sets it for one run."""
+    lr_search: Literal["race", "full"] = "race"
+    """How ``lr: auto`` compares ``lr_candidates``: ``race`` (default) trains them side by side and
+    stops the worse half each time they have all made ``patience * 2**j`` validation evaluations
+    (successive halving, ``recsys_metric.training.rate_race``), so two candidates cost the loser's
+    first ``patience`` evaluations instead of a whole fit; ``full`` trains every candidate to its
+    own early stop, one after another (what torchrun runs always do)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimiser; sparse row updates for embedding tables."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -325,8 +340,12 @@ class TrainConfig(_Section):
     against 121 s, Recall@20 .1785 against .1788. A cap of 200 epochs instead of 100 was
     measured and not taken: citeulike-a .332 / .273 (best epoch 153), ml-latest-small .365 /
     .333 (.371 / .334 at 100, seed 42)."""
-    eval_every: int = Field(1, ge=1)
-    """Evaluate on the holdout every this many epochs."""
+    eval_every: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Evaluate on the validation split every this many epochs, or ``auto`` (default): every epoch
+    while an evaluation costs under 1 s or under 20% of an epoch's training, else every
+    ``ceil(evaluation / (0.2 * epoch))`` epochs, re-planned after each evaluation from the measured
+    seconds (``recsys_metric.training.loop.auto_eval_interval``). Early stopping's ``patience``
+    counts evaluations, so a coarser interval waits more epochs."""
     early_stopping_k: int = Field(20, ge=1)
     """K of the validation Recall@K that drives early stopping."""
     refit: bool = True
@@ -415,6 +434,20 @@ class TrainConfig(_Section):
             }
         )
 
+    @field_validator("time_budget", mode="after")
+    @classmethod
+    def _check_time_budget(cls, value: str | float | None) -> str | float | None:
+        from recsys_metric.durations import parse_duration
+
+        parse_duration(value)
+        return value
+
+    def time_budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, or None for no budget."""
+        from recsys_metric.durations import parse_duration
+
+        return parse_duration(self.time_budget)
+
     @model_validator(mode="after")
     def _check_lr_candidates(self) -> TrainConfig:
         if len(set(self.lr_candidates)) != len(self.lr_candidates):
@@ -478,7 +511,10 @@ class EvalConfig(_Section):
     """Evaluate on at most this many test users (a seeded sample); ``null`` for all."""
     validation_max_users: int | None = Field(20000, ge=1)
     """Early-stopping evaluations use at most this many validation users (a seeded sample), which
-    bounds their cost on large logs; ``null`` for all."""
+    bounds their cost on large logs; ``null`` for all. After the first epoch the pipeline shrinks
+    the sample further, to what an evaluation at a fifth of the measured epoch time pays for (never
+    below 5,000 users; ``recsys_metric.training.validation.SampledValidation``), and reports its
+    standard error in ``metrics.json``."""
     seed: int = 42
     """Seed of the user sample."""
 
