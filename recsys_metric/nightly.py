@@ -225,9 +225,21 @@ def run_nightly(
                 )
                 logger.info("quality gate (again): %s", decision.reason)
                 previous = now_current
-        if decision.publish:
-            store.publish(run_id, forced=force)
-        pruned = store.prune()
+        try:
+            if decision.publish:
+                store.publish(run_id, forced=force)
+            pruned = store.prune()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskSpaceError(
+                f"disk full in {store.root} while publishing run {run_id} (complete in {final}; "
+                f"current is {store.current()}): {err}. Free some space, then `recsys-metric publish "
+                f"{run_id}` or run again",
+                directory=store.root,
+                needed=0,
+                free=free_bytes(store.root),
+            ) from err
     return NightlyResult(
         run_id=run_id,
         run_dir=final,
