@@ -246,7 +246,7 @@ def _clone(store: ArtifactStore, source: str, run_id: str) -> str:
 def test_readers_never_fail_while_runs_are_published_and_pruned_with_keep_runs_1(data, tmp_path):
     root = tmp_path / "artifacts"
     config = config_from_dict({**FAST, "publish": {"keep_runs": 1, "replaced_grace_s": 1.0}})
-    first = run_nightly(data / "log.parquet", root, config, progress=False)
+    run_nightly(data / "log.parquet", root, config, progress=False)
     store = ArtifactStore(root, config.publish)
     iterations, failures, pruned, published = 1000, [], [], [0]
     done = threading.Event()
