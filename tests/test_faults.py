@@ -48,6 +48,7 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fault-data")
     generate_log(150, 80, 3000, n_clusters=4, seed=3).interactions.write_parquet(d / "log.parquet")
     (d / "fast.yaml").write_text(json.dumps(FAST))
+    (d / "one-epoch.yaml").write_text(json.dumps({"train": {"epochs": 1, "batch_size": 1024}}))
     return d
 
 
@@ -58,7 +59,7 @@ def cli(data, root, *args, fault=None, **popen):
     if fault:
         env[ENV_VAR] = fault
     argv = list(args) or ["run", "--force"]
-    if argv[0] in ("run", "train"):
+    if argv[0] in ("run", "train") and "--interactions" not in argv:
         argv += ["--interactions", str(data / "log.parquet"), "--config", str(data / "fast.yaml")]
     command = [sys.executable, "-m", "recsys_metric.cli", *argv, "--artifacts", str(root)]
     if popen:
@@ -199,6 +200,28 @@ def test_a_full_disk_fails_cleanly_in_one_line_and_the_next_run_recovers(data, t
             assert "bytes" in line and "are free" in line
             assert debris(root) == [] and serves(root) == first.run_id
             (fs / "ballast").unlink()
+            # A real ENOSPC during the run: a first run of the bundled log (about 10 MB) on an
+            # 8 MiB filesystem passes the first-run estimate, then torch.save hits the full disk
+            # (its error does not say ENOSPC: the run reports a full disk from the free space).
+            small = tmp_path / "small"
+            assert _mount_tmpfs(small, "8m")
+            try:
+                proc = cli(
+                    data,
+                    small / "artifacts",
+                    "run",
+                    "--interactions",
+                    str(REPO / "data" / "interactions.parquet"),
+                    "--config",
+                    str(data / "one-epoch.yaml"),
+                )
+                assert proc.returncode == 2, proc.stderr[-3000:]
+                (line,) = proc.stderr.strip().splitlines()
+                assert f"disk full in {small / 'artifacts' / 'runs'} while writing run " in line
+                assert "its temporary directory was removed. The run needs more than " in line
+                assert list((small / "artifacts" / "runs").iterdir()) == []
+            finally:
+                subprocess.run(["umount", str(small)], check=False)
         # The disk fills while the run writes (simulated at the export boundary).
         proc = cli(data, root, fault="export:after@enospc")
         assert proc.returncode == 2, proc.stderr[-3000:]
