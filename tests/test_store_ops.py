@@ -400,3 +400,25 @@ def test_train_publish_rollback_and_runs_commands(tmp_path, monkeypatch, capsys)
 
     assert main(["publish", "nosuch", "--artifacts", str(root)]) == 2
     assert capsys.readouterr().err.strip() == f"recsys-metric publish: error: no run nosuch in {root}"
+
+
+def test_a_damaged_current_model_makes_warm_start_fall_back_with_a_warning(tmp_path, caplog):
+    from recsys_metric.data.synthetic import generate_log
+
+    log = tmp_path / "log.parquet"
+    generate_log(150, 80, 3000, n_clusters=4, seed=3).interactions.write_parquet(log)
+    fast = {
+        "train": {"epochs": 2, "patience": 1, "batch_size": 512, "refit": False},
+        "eval": {"ks": [10, 20]},
+    }
+    first = nightly.run_nightly(log, tmp_path / "a", config_from_dict(fast), progress=False)
+    model = first.run_dir / "model.pt"
+    model.chmod(0o644)
+    model.write_bytes(os.urandom(model.stat().st_size))
+    warm = config_from_dict({**fast, "train": {**fast["train"], "warm_start": True}})
+    with caplog.at_level("WARNING", logger="recsys_metric"):
+        second = nightly.run_nightly(log, tmp_path / "a", warm, progress=False)
+    reason = second.run.metrics["warm_start"]["reason"]
+    assert reason.startswith(f"cold start: cannot load run {first.run_id}'s model or vocabularies")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"train.warm_start is on, but this run trains from scratch: {reason}" in warnings
