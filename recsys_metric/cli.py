@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import RecsysMetricError
+from recsys_metric.errors import ConfigError
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -109,7 +109,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from recsys_metric.data import synthetic
 
-    argv = ["--out", str(args.out), "--seed", str(args.seed), "--id-type", args.id_type]
+    # Defaults filled here, not in the parser: reading them imports the generator (and pandas),
+    # which every other command, queries above all, would pay for at start.
+    seed = synthetic_defaults()["seed"] if args.seed is None else args.seed
+    id_type = args.id_type or synthetic_defaults()["id_type"]
+    argv = ["--out", str(args.out), "--seed", str(seed), "--id-type", id_type]
     for flag, value in (
         ("--users", args.n_users),
         ("--items", args.n_items),
@@ -307,6 +311,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Imported only here: the other commands never load Prefect's flow machinery.
     from flows.deployments import deployments, serve_all
 
+    check_k(args.k, "items per user")
     items = _items_path(args)
     # Built (and the crons checked) before the server is asked: a typo is reported either way.
     runner_deployments = deployments(
@@ -325,7 +330,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
         return EXIT_USER_ERROR
-    serve_all(*runner_deployments)
+    from recsys_metric.stop_signals import stop_on_sigint_like_sigterm
+
+    # SIGINT stops serving as SIGTERM does (Prefect's runner handles only SIGTERM, and a job a
+    # script starts in the background inherits SIGINT ignored): docs/scheduling.md.
+    with stop_on_sigint_like_sigterm() as received:
+        serve_all(*runner_deployments)
+    print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
 
@@ -337,12 +348,22 @@ def _print_frame(frame) -> None:
 
 
 def _load_recommender(args: argparse.Namespace):
-    from recsys_metric.recommend import Recommender
+    from recsys_metric.serving import Recommender
 
-    return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
+    return Recommender.load(
+        args.artifacts, index="exact" if args.exact else "auto", output="polars", verify=not args.no_verify
+    )
+
+
+def check_k(k: int, what: str = "results") -> int:
+    """``-k`` as given when it is a positive count; a ConfigError (one line, exit 2) otherwise."""
+    if k < 1:
+        raise ConfigError(f"-k must be a positive number of {what}, got {k}")
+    return k
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
+    check_k(args.k)
     rec = _load_recommender(args)
     user_id = _typed_id(args.user_id, rec.user_ids)
     _print_frame(rec.recommend(user_id, k=args.k, exclude_seen=not args.include_seen))
@@ -350,6 +371,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def _cmd_similar(args: argparse.Namespace) -> int:
+    check_k(args.k)
     rec = _load_recommender(args)
     _print_frame(rec.similar_items(_typed_id(args.item_id, rec.item_ids), k=args.k, exact=args.exact))
     return 0
@@ -366,8 +388,9 @@ def _typed_id(text: str, ids) -> int | str:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from recsys_metric.recommend import write_recommendations
+    from recsys_metric.serving import write_recommendations
 
+    check_k(args.k, "items per user")
     user_ids = None
     if args.users:
         user_ids = [line.strip() for line in Path(args.users).read_text().splitlines() if line.strip()]
@@ -385,6 +408,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
     )
     return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    from recsys_metric.serving.cli_api import run_api
+
+    return run_api(args)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
@@ -553,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="artifact store (its current run) or a run directory (default: artifacts)",
         )
         p.add_argument("--exact", action="store_true", help="exact search instead of the Annoy index")
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip checking the run's files against its manifest (docs/serving.md: what it costs)",
+        )
         if name == "recommend":
             p.add_argument(
                 "--include-seen", action="store_true", help="allow items the user already interacted with"
@@ -612,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+    from recsys_metric.serving.cli_api import add_api_parser
+
+    add_api_parser(sub, _cmd_api, default_artifacts=str(DEFAULT_ARTIFACTS))
+
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
     p.set_defaults(func=_cmd_runs)
@@ -627,13 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=synthetic_defaults()["seed"],
         help="random seed (default: the bundled data's)",
     )
     p.add_argument(
         "--id-type",
         choices=["int", "str"],
-        default=synthetic_defaults()["id_type"],
         help="external id type (default: the bundled data's)",
     )
     p.add_argument(
@@ -652,17 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        return int(args.func(args) or 0)
-    except RecsysMetricError as err:
-        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyError as err:
-        print(f"recsys-metric {args.command}: error: unknown id {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except FileNotFoundError as err:
-        print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    from recsys_metric.cli_errors import run_command
+
+    return run_command(args)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ class DataConfig(_Section):
     """Fail the run when more than this fraction of rows is quarantined (default 1%)."""
     deduplicate: bool = True
     """Collapse exact duplicate events (every column equal) into one row, and count them."""
+    item_tag_columns: tuple[str, ...] = ()
+    """String columns of the item table (``--items``) that hold delimited tags (``"Action|Comedy"``):
+    split into tag lists on ``item_tag_separator``. List columns need no entry; MovieLens
+    ``movies.csv`` genres are split on ``|`` without one (docs/cold-start.md)."""
+    item_tag_separator: str = Field("|", min_length=1)
+    """Delimiter of the ``item_tag_columns``."""
+    cold_items: Literal["eligible", "excluded"] = "eligible"
+    """Items of the item table without training interactions (placed by their features alone):
+    ``eligible`` lets recommend, similar items and batch tables return them; ``excluded`` keeps them
+    in the exported embeddings and the index but out of every answer (docs/cold-start.md)."""
 
     @model_validator(mode="after")
     def _check_scale(self) -> DataConfig:
@@ -460,16 +470,26 @@ class EvalConfig(_Section):
     """Offline evaluation on the holdout: full ranking, no sampled metrics."""
 
     ks: tuple[int, ...] = (10, 20, 50)
-    """Cut-offs K for Recall@K, NDCG@K, MAP@K, HitRate@K and coverage@K."""
+    """Cut-offs K for Recall@K, NDCG@K, MAP@K, HitRate@K and coverage@K (each at least 1; must
+    include ``publish.gate_k``)."""
     exclude_seen: bool = True
     """Exclude items the user interacted with in training from the ranking."""
-    max_users: int | None = None
+    max_users: int | None = Field(None, ge=1)
     """Evaluate on at most this many test users (a seeded sample); ``null`` for all."""
     validation_max_users: int | None = Field(20000, ge=1)
     """Early-stopping evaluations use at most this many validation users (a seeded sample), which
     bounds their cost on large logs; ``null`` for all."""
     seed: int = 42
     """Seed of the user sample."""
+
+    @model_validator(mode="after")
+    def _check_ks(self) -> EvalConfig:
+        if not self.ks:
+            raise ValueError("ks is empty: give at least one cut-off, e.g. [10, 20, 50]")
+        bad = [k for k in self.ks if k < 1]
+        if bad:
+            raise ValueError(f"ks {list(self.ks)}: cut-offs must be at least 1 (got {bad[0]})")
+        return self
 
 
 class IndexConfig(_Section):
@@ -540,9 +560,77 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     publish: PublishConfig = PublishConfig()
 
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Config:
+        # Every rule that involves two sections is checked here, when the config loads, so that a
+        # contradiction fails in a second instead of after the log was read and a model trained.
+        check_cross_section(self)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (for manifests and ``metrics.json``)."""
         return json.loads(self.model_dump_json())
+
+
+def check_cross_section(config: Config) -> None:
+    """Raise ``ValueError`` naming the keys when two sections of ``config`` contradict each other.
+
+    The rules (each also stated in the docstring of the keys involved):
+
+    - ``publish.gate_k`` must be one of ``eval.ks``: the gate compares the holdout Recall@gate_k
+      that evaluation computed.
+    - ``train.kernel: numba`` needs the fused path, which the config alone decides: ``train.loss:
+      triplet``, ``model.user_tower: embedding``, no ``model.item_features``, ``model.feature_map:
+      none``, and an optimiser with a per-triplet update (``train.optimizer`` sgd or adagrad).
+      Whether the run is on CPU and numba is installed is checked when training starts.
+    - A numeric ``train.item_centric_weight`` above 0 needs ``train.loss: triplet`` (it is a term of
+      the triplet loss).
+    - ``split.cutoff`` applies to the temporal split only (``split.method: temporal``).
+
+    Called by :class:`Config`'s validator, so :func:`load_config` and :func:`config_from_dict`
+    report the rule with the file's name; a config changed with ``model_copy(update=...)`` is not
+    revalidated: call this on it.
+    """
+    problems = []
+    if config.publish.gate_k not in config.eval.ks:
+        problems.append(
+            f"publish.gate_k {config.publish.gate_k} is not one of eval.ks {list(config.eval.ks)}: the gate "
+            f"compares the holdout Recall@gate_k, so add {config.publish.gate_k} to eval.ks or set "
+            "publish.gate_k to one of them"
+        )
+    train, model = config.train, config.model
+    if train.kernel == "numba":
+        reasons = []
+        if train.loss != "triplet":
+            reasons.append(f"train.loss is {train.loss!r} (the kernel computes the triplet loss)")
+        if model.user_tower != "embedding":
+            reasons.append(f"model.user_tower is {model.user_tower!r} (it needs free user embeddings)")
+        if model.item_features:
+            reasons.append("model.item_features is set (it needs free item embeddings)")
+        if model.feature_map != "none":
+            reasons.append(f"model.feature_map is {model.feature_map!r}")
+        if train.optimizer == "adam":
+            reasons.append("train.optimizer adam has no per-triplet update (use adagrad or sgd)")
+        if reasons:
+            problems.append(
+                "train.kernel numba cannot run: " + "; ".join(reasons) + "; or set train.kernel: auto"
+            )
+    if (
+        train.item_centric_weight != "auto"
+        and float(train.item_centric_weight) > 0
+        and train.loss != "triplet"
+    ):
+        problems.append(
+            f"train.item_centric_weight {train.item_centric_weight} is a term of the triplet loss, but "
+            f"train.loss is {train.loss!r}: set it to 0 (or auto), or use train.loss: triplet"
+        )
+    if config.split.cutoff is not None and config.split.method != "temporal":
+        problems.append(
+            f"split.cutoff is set but split.method is {config.split.method!r}: the cutoff applies to the "
+            "temporal split only; remove it or set split.method: temporal"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -551,6 +639,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error" and "ctx" in e:
+            # A rule of a section, or across sections (no key: the message names its keys).
+            text = str(e["ctx"]["error"])
+            lines.append(f"{key}: {text}" if e["loc"] else text)
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return f"invalid config {source}: " + "; ".join(lines)
@@ -564,6 +656,28 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+def _is_parse_error(err: Exception) -> bool:
+    if isinstance(err, (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError)):
+        return True
+    try:
+        import yaml
+    except ImportError:
+        return False
+    return isinstance(err, yaml.YAMLError)
+
+
+def _parse_error_text(err: Exception) -> str:
+    """One line: PyYAML's messages span several lines and quote the text with carets."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is not None and problem:
+        context = getattr(err, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (
+            f" ({context})" if context else ""
+        )
+    return " ".join(str(err).split())
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file; ``None`` gives defaults."""
     if path is None:
@@ -571,8 +685,10 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file; give a .yaml, .yml or .toml file")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             raw = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -581,8 +697,13 @@ def load_config(path: str | Path | None) -> Config:
             raw = yaml.safe_load(text)
         else:
             raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
-    except (tomllib.TOMLDecodeError, ValueError) as err:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TOML and YAML parser errors (yaml.YAMLError is no ValueError)
+        if not _is_parse_error(err):
+            raise
+        where = _parse_error_text(err)
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {where}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(
             f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}"

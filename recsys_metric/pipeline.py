@@ -56,7 +56,9 @@ import polars as pl
 import torch
 
 from recsys_metric import __version__
+from recsys_metric.cold_items import COLD_ITEMS_KEY, N_TRAIN_COLUMN
 from recsys_metric.config import Config, SplitConfig
+from recsys_metric.data.item_table import read_item_table
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.prepare import PreparedData, PreparedPaths, prepare_dataset
 from recsys_metric.data.split import SplitInfo, split_interactions
@@ -66,17 +68,19 @@ from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
     ScoreFn,
+    ScoresInto,
     evaluate_scores,
     evaluate_with_baselines,
     training_items_mask,
 )
 from recsys_metric.export import write_embeddings
 from recsys_metric.index import build_index
+from recsys_metric.model.catalog import add_catalog_items, save_item_tower
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
 from recsys_metric.store.faults import fault_point
-from recsys_metric.train import TrainData, TrainResult, fit
+from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
@@ -133,13 +137,14 @@ def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None)
         items = model.item_embeddings()
         folded = model.fold_in_rows(liked) if model.item_item and liked is not None else None
 
-    def score(user_nums: np.ndarray) -> torch.Tensor:
+    def score(user_nums: np.ndarray, out: torch.Tensor) -> None:
         with torch.no_grad():
             nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
             users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
-            return model.distance.score(users, items)
+            model.distance.score_into(users, items, out)
 
-    return score
+    # Written into the evaluator's reused buffer: no [B, n_items] allocation per batch.
+    return ScoresInto(score, items.shape[0], dtype=items.dtype, device=items.device)
 
 
 def _sample_users(test: InteractionMatrix, max_users: int | None, seed: int) -> np.ndarray | None:
@@ -364,7 +369,13 @@ def train_and_evaluate(
     if prepare_seconds is not None:
         seconds["prepare"] = prepare_seconds
     n_users, n_items = len(data.users), len(data.items)
-    items_table = pl.read_parquet(items) if items is not None else None
+    items_table = (
+        read_item_table(
+            items, tag_columns=config.data.item_tag_columns, separator=config.data.item_tag_separator
+        )
+        if items is not None
+        else None
+    )
     full = data.interactions
     train = full.filter(pl.col("split") == "train")
     test_liked = full.filter((pl.col("split") == "test") & (pl.col("label") == 1))
@@ -481,13 +492,37 @@ def train_and_evaluate(
 
     fault_point("train:after")
     t = time.perf_counter()
+    # The item table's items without interactions join both models after training (docs/cold-start.md).
+    final_model, export_items, catalog = add_catalog_items(final_model, data.items, items_table)
+    cold = {"items": export_items, "cold_items": config.data.cold_items}
+    if catalog.n_added:
+        export_items.save(run_dir / "items.parquet")
+        if refit is not None:
+            holdout_model = add_catalog_items(holdout_model, data.items, items_table)[0]
     if refit is not None:
         # A later run's quality gate scores this model, never the refit one (see registry).
         (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
-        export_embeddings(holdout_model, data, run_dir / HOLDOUT_DIR, run_id, liked=train_liked)
+        export_embeddings(
+            holdout_model,
+            data,
+            run_dir / HOLDOUT_DIR,
+            run_id,
+            liked=train_liked,
+            item_counts=item_counts(fit_rows, len(export_items)),
+            **cold,
+        )
         # What a later run's holdout model warm-starts from (recsys_metric.warm_start).
         _save_state(holdout_model, run_dir / HOLDOUT_DIR / MODEL_FILE)
-    export_model(final_model, data, run_dir, run_id, liked=final_liked)
+    trained_on = full if refit is not None else fit_rows
+    export_model(
+        final_model,
+        data,
+        run_dir,
+        run_id,
+        liked=final_liked,
+        item_counts=item_counts(trained_on, len(export_items)),
+        **cold,
+    )
     seconds["export"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
 
@@ -513,6 +548,7 @@ def train_and_evaluate(
             "refit": refit.to_dict() if refit is not None else None,
         },
         "index": None,
+        "catalog": catalog.to_dict(),
         "data": data.report,
         "device": holdout.device,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -561,6 +597,11 @@ def index_run(run_dir: str | Path, config: Config | None = None) -> dict[str, An
     return metrics
 
 
+def item_counts(rows: pl.DataFrame, n_items: int) -> np.ndarray:
+    """int64 ``[n_items]``: interaction rows per ``item_num`` in ``rows`` (0 for appended catalog items)."""
+    return np.bincount(rows["item_num"].to_numpy(), minlength=n_items).astype(np.int64)
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -574,11 +615,17 @@ def export_embeddings(
     run_id: str,
     *,
     liked: InteractionMatrix | None = None,
+    items: Vocabulary | None = None,
+    item_counts: np.ndarray | None = None,
+    cold_items: str = "eligible",
 ) -> None:
     """Write ``user_embeddings.parquet`` and ``item_embeddings.parquet`` of ``model`` into ``out_dir``.
 
     In item-item mode the user vectors are the fold-in of ``liked`` (required there; see the module
-    docstring).
+    docstring). ``items``: the model's item vocabulary when it is longer than ``prepared.items``
+    (catalog items appended, :func:`~recsys_metric.model.catalog.add_catalog_items`);
+    ``item_counts``: int64 ``[n_items]`` training interactions per item, written as the column
+    ``n_train_interactions`` beside the policy ``cold_items`` (:mod:`recsys_metric.cold_items`).
     """
     if model.item_item and liked is None:
         raise ConfigError(
@@ -590,9 +637,14 @@ def export_embeddings(
             users = model.fold_in_rows(liked).contiguous().numpy()
         else:
             users = model.user_embeddings().contiguous().numpy()
-        items = model.item_embeddings().contiguous().numpy()
+        item_vectors = model.item_embeddings().contiguous().numpy()
+    items_vocab = items
     distance = model.config.distance
-    for kind, vocab, vectors in (("user", prepared.users, users), ("item", prepared.items, items)):
+    item_vocab = items_vocab if items_vocab is not None else prepared.items
+    for kind, vocab, vectors in (("user", prepared.users, users), ("item", item_vocab, item_vectors)):
+        extra = {}
+        if kind == "item" and item_counts is not None:
+            extra = {"columns": {N_TRAIN_COLUMN: item_counts}, "metadata": {COLD_ITEMS_KEY: cold_items}}
         write_embeddings(
             out_dir / f"{kind}_embeddings.parquet",
             vocab.ids(),
@@ -600,6 +652,7 @@ def export_embeddings(
             kind=kind,
             distance=distance,
             run_id=run_id,
+            **extra,
         )
 
 
@@ -610,13 +663,15 @@ def export_model(
     run_id: str,
     *,
     liked: InteractionMatrix | None = None,
+    **items: Any,
 ) -> None:
-    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model`` (``liked``: see
-    :func:`export_embeddings`)."""
-    export_embeddings(model, prepared, run_dir, run_id, liked=liked)
+    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model`` (``liked`` and the
+    catalog arguments ``items``, ``item_counts``, ``cold_items``: see :func:`export_embeddings`)."""
+    export_embeddings(model, prepared, run_dir, run_id, liked=liked, **items)
     model = model.to("cpu").eval()
     _save_state(model, run_dir / MODEL_FILE)
     _write_json(run_dir / MODEL_JSON, {"run_id": run_id, "hparams": model.hparams()})
+    save_item_tower(model, run_dir)  # embed new items without torch (recsys_metric.item_embedder)
 
 
 def _save_state(model: TwoTowerModel, path: Path) -> None:
