@@ -58,7 +58,6 @@ from recsys_metric import nightly, pipeline, registry
 from recsys_metric.config import Config, load_config
 from recsys_metric.data import prepare as data_prepare
 from recsys_metric.registry import ArtifactStore
-from recsys_metric.store.space import is_disk_full
 
 REPORT_KEY = "nightly-retrain-report"
 METRICS_KEY = "nightly-retrain-metrics"
@@ -329,9 +328,9 @@ def nightly_retrain(
             )
         except BaseException as err:
             # This run's own temporary directory goes (a crash leaves it to the next writer).
-            nightly._discard(store, Path(pending))
-            if isinstance(err, Exception) and is_disk_full(err):
-                raise nightly._disk_full(store, err, run_id, needed) from err
+            full = nightly._failed(store, Path(pending), err, run_id, needed)
+            if full is not None:
+                raise full from err
             raise
         previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
         if decision["publish"] and store.current() != current:

@@ -127,13 +127,45 @@ def _discard(store: ArtifactStore, pending: Path) -> None:
         logger.warning("could not remove %s (%s); the next run removes it", pending, err)
 
 
-def _disk_full(store: ArtifactStore, err: BaseException, run_id: str, needed: int) -> DiskSpaceError:
+NEARLY_FULL_BYTES = 1024 * 1024
+"""A run that fails with less free space than this left is reported as a full disk: some writers
+hide ENOSPC (torch.save raises ``RuntimeError: ... unexpected pos``)."""
+
+
+def _failed(
+    store: ArtifactStore, pending: Path, err: BaseException, run_id: str, needed: int
+) -> DiskSpaceError | None:
+    """Clean up after a run that failed before it was complete: remove its own ``.tmp-``
+    directory; return the one-line error to raise instead when the disk was full."""
+    full = isinstance(err, Exception) and (
+        is_disk_full(err) or free_bytes(store.runs_dir) < NEARLY_FULL_BYTES  # measured before the cleanup
+    )
+    written = _tree_bytes(pending) if full else 0
+    _discard(store, pending)
+    return _disk_full(store, err, run_id, max(needed, written), written) if full else None
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _disk_full(
+    store: ArtifactStore, err: BaseException, run_id: str, needed: int, written: int = 0
+) -> DiskSpaceError:
     where = store.runs_dir
     free = free_bytes(where)
+    cause = " ".join(f"{type(err).__name__}: {err}".split())[:300]  # one line, whatever the library said
     return DiskSpaceError(
-        f"disk full in {where} while writing run {run_id} ({err}); its temporary directory was "
-        f"removed. A run needs about {fmt_bytes(needed)}, {fmt_bytes(free)} are free: free some space "
-        "(or lower publish.keep_runs) and run again",
+        f"disk full in {where} while writing run {run_id} ({cause}); its temporary directory was "
+        f"removed. The run needs more than {fmt_bytes(needed)} (it had written {fmt_bytes(written)}), "
+        f"{fmt_bytes(free)} are free now: free some space (or lower publish.keep_runs) and run again",
         directory=where,
         needed=needed,
         free=free,
@@ -204,9 +236,9 @@ def run_nightly(
                 extra={"gate": decision.to_dict(), "current_on_holdout": current_on_holdout},
             )
         except BaseException as err:
-            _discard(store, pending)
-            if isinstance(err, Exception) and is_disk_full(err):
-                raise _disk_full(store, err, run_id, needed) from err
+            full = _failed(store, pending, err, run_id, needed)
+            if full is not None:
+                raise full from err
             raise
         final = store.run_dir(run_id)
         if decision.publish:
@@ -225,9 +257,21 @@ def run_nightly(
                 )
                 logger.info("quality gate (again): %s", decision.reason)
                 previous = now_current
-        if decision.publish:
-            store.publish(run_id, forced=force)
-        pruned = store.prune()
+        try:
+            if decision.publish:
+                store.publish(run_id, forced=force)
+            pruned = store.prune()
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise DiskSpaceError(
+                f"disk full in {store.root} while publishing run {run_id} (complete in {final}; "
+                f"current is {store.current()}): {err}. Free some space, then `recsys-metric publish "
+                f"{run_id}` or run again",
+                directory=store.root,
+                needed=0,
+                free=free_bytes(store.root),
+            ) from err
     return NightlyResult(
         run_id=run_id,
         run_dir=final,
@@ -287,9 +331,9 @@ def train_into_store(
                 pending, config=config, input_path=interactions, extra={"written_by": "recsys-metric train"}
             )
         except BaseException as err:
-            _discard(store, pending)
-            if isinstance(err, Exception) and is_disk_full(err):
-                raise _disk_full(store, err, run_id, needed) from err
+            full = _failed(store, pending, err, run_id, needed)
+            if full is not None:
+                raise full from err
             raise
     return result, store.run_dir(run_id)
 

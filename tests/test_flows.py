@@ -159,6 +159,34 @@ def test_bad_data_is_not_retried(prefect_api, data, tmp_path, monkeypatch):
     assert ArtifactStore(tmp_path).current() is None
 
 
+def test_the_flow_respects_the_store_writer_lock(prefect_api, data, tmp_path):
+    """Another process writes to the store: the flow fails at once naming it, writing nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recsys_metric.store.lock import StoreLockedError
+
+    holder_code = (
+        "import sys, time\nfrom recsys_metric.store.lock import store_lock\n"
+        "with store_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"is being written by pid {holder.pid} on "):
+            _retrain(data, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_gate_refusal_returns_the_reason_and_keeps_current(prefect_api, data, tmp_path):
     good = _retrain(data, tmp_path)
     refused = _retrain(data, tmp_path, config="worse.yaml")

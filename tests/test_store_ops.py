@@ -344,3 +344,81 @@ def test_publish_run_refuses_without_force_and_records_forced(tmp_path, monkeypa
         "forced": True,
     }
     assert nightly.publish_run(tmp_path, "cand").decision is None  # already current
+
+
+# --- the commands: train (finalized, unpublished), publish, rollback, runs -------------------
+
+
+def test_train_publish_rollback_and_runs_commands(tmp_path, monkeypatch, capsys):
+    from recsys_metric.cli import EXIT_GATE_REFUSED, main
+    from recsys_metric.data.synthetic import generate_log
+
+    log = tmp_path / "log.parquet"
+    generate_log(150, 80, 3000, n_clusters=4, seed=3).interactions.write_parquet(log)
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("train: {epochs: 2, patience: 1, batch_size: 512, refit: false}\neval: {ks: [10, 20]}\n")
+    root = tmp_path / "artifacts"
+    args = ["--interactions", str(log), "--config", str(cfg), "--artifacts", str(root), "--no-progress"]
+
+    assert main(["train", *args]) == 0
+    out = capsys.readouterr().out
+    store = ArtifactStore(root)
+    (first,) = [r.run_id for r in store.list_runs()]
+    assert store.current() is None and store.run_dir(first).is_dir(), "complete, not published"
+    assert f"recsys-metric publish {first} --artifacts {root}" in out
+    assert store.manifest(first).extra == {"written_by": "recsys-metric train"}
+
+    assert main(["publish", first, "--artifacts", str(root)]) == 0
+    assert "quality gate: publish: no current model" in capsys.readouterr().out
+    assert store.current() == first
+
+    assert main(["train", *args]) == 0
+    second = store.list_runs()[-1].run_id
+    real_gate = nightly.gate_against_current
+
+    def refusing(*a, force, **kw):
+        current_on_holdout, decision = real_gate(*a, force=force, **kw)
+        return current_on_holdout, GateDecision(
+            **{**decision.to_dict(), "publish": force, "reason": "refuse: test"}
+        )
+
+    monkeypatch.setattr(nightly, "gate_against_current", refusing)
+    capsys.readouterr()
+    assert main(["publish", second, "--artifacts", str(root)]) == EXIT_GATE_REFUSED
+    assert f"NOT published: current stays on {first} (--force overrides)" in capsys.readouterr().out
+    assert main(["publish", second, "--artifacts", str(root), "--force"]) == 0
+    assert store.current() == second and store.history()[-1]["forced"] is True
+
+    assert main(["rollback", "--artifacts", str(root)]) == 0
+    assert f"rolled back: {root / 'current'} -> runs/{first} (was {second})" in capsys.readouterr().out
+
+    fake_run(store, "being-written")  # pending, its writer (this process) alive
+    assert main(["runs", "--artifacts", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert first in out and second in out and "being-written" not in out
+    assert "(1 unfinished run directory(ies) not listed" in out
+
+    assert main(["publish", "nosuch", "--artifacts", str(root)]) == 2
+    assert capsys.readouterr().err.strip() == f"recsys-metric publish: error: no run nosuch in {root}"
+
+
+def test_a_damaged_current_model_makes_warm_start_fall_back_with_a_warning(tmp_path, caplog):
+    from recsys_metric.data.synthetic import generate_log
+
+    log = tmp_path / "log.parquet"
+    generate_log(150, 80, 3000, n_clusters=4, seed=3).interactions.write_parquet(log)
+    fast = {
+        "train": {"epochs": 2, "patience": 1, "batch_size": 512, "refit": False},
+        "eval": {"ks": [10, 20]},
+    }
+    first = nightly.run_nightly(log, tmp_path / "a", config_from_dict(fast), progress=False)
+    model = first.run_dir / "model.pt"
+    model.chmod(0o644)
+    model.write_bytes(os.urandom(model.stat().st_size))
+    warm = config_from_dict({**fast, "train": {**fast["train"], "warm_start": True}})
+    with caplog.at_level("WARNING", logger="recsys_metric"):
+        second = nightly.run_nightly(log, tmp_path / "a", warm, progress=False)
+    reason = second.run.metrics["warm_start"]["reason"]
+    assert reason.startswith(f"cold start: cannot load run {first.run_id}'s model or vocabularies")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"train.warm_start is on, but this run trains from scratch: {reason}" in warnings

@@ -19,7 +19,8 @@ Points, in the order a run passes them (see :data:`POINTS`)::
 
 Actions: ``kill`` (default: SIGKILL to this process, like ``kill -9`` or a power cut),
 ``enospc`` (raise ``OSError(ENOSPC)``, a full disk at that moment), ``sleep=SECONDS`` (hold
-still, e.g. with the writer lock held, for the concurrency tests).
+still, e.g. with the writer lock held), ``pause=PATH`` (hold still until the file ``PATH``
+exists, at most 10 minutes: the concurrency tests release a writer exactly when they want).
 """
 
 from __future__ import annotations
@@ -67,5 +68,11 @@ def fault_point(name: str) -> None:
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {ENV_VAR}={spec})")
     elif action.startswith("sleep="):
         time.sleep(float(action.removeprefix("sleep=")))
+    elif action.startswith("pause="):
+        release, deadline = action.removeprefix("pause="), time.monotonic() + 600
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.05)
     else:
-        raise ValueError(f"{ENV_VAR}={spec}: unknown action {action!r} (kill, enospc, sleep=SECONDS)")
+        raise ValueError(
+            f"{ENV_VAR}={spec}: unknown action {action!r} (kill, enospc, sleep=SECONDS, pause=PATH)"
+        )
