@@ -255,12 +255,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from recsys_metric.stop_signals import stop_on_sigint_like_sigterm
+    from recsys_metric.stop_signals import StopRequested, stop_on_sigint_like_sigterm
 
     # SIGINT stops serving as SIGTERM does (Prefect's runner handles only SIGTERM, and a job a
     # script starts in the background inherits SIGINT ignored): docs/scheduling.md.
     with stop_on_sigint_like_sigterm() as received:
-        serve_all(*runner_deployments)
+        try:
+            serve_all(*runner_deployments)
+        except StopRequested:
+            pass
     print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
