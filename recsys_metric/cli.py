@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import ConfigError
+from recsys_metric.errors import ConfigError, RejectLimitExceeded
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -76,6 +76,9 @@ def format_data_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+_KEEP_REJECTS = "rerun with --out DIR to keep the rejected rows in DIR/rejects.parquet"
+
+
 def _cmd_inspect_data(args: argparse.Namespace) -> int:
     from recsys_metric.data.prepare import prepare_dataset
 
@@ -86,7 +89,12 @@ def _cmd_inspect_data(args: argparse.Namespace) -> int:
         report["validation"]["rejects_path"] = str(prepared.paths.rejects)
     else:
         with tempfile.TemporaryDirectory(prefix="recsys-metric-inspect-") as tmp:
-            report = prepare_dataset(args.path, tmp, config).report()
+            try:
+                report = prepare_dataset(args.path, tmp, config).report()
+            except RejectLimitExceeded as err:
+                # The rejects file is in the temporary directory, gone once this returns.
+                err.args = (str(err).replace(f"rejected rows are in {err.rejects_path}", _KEEP_REJECTS),)
+                raise
             report["validation"]["rejects_path"] = None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -262,8 +270,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with stop_on_sigint_like_sigterm() as received:
         try:
             serve_all(*runner_deployments)
-        except StopRequested:
-            pass
+        except SystemExit as stop:  # StopRequested, or Prefect's runner stopping before it started
+            if not isinstance(stop, StopRequested) and stop.code not in (0, None):
+                raise
     print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
