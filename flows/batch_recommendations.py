@@ -33,9 +33,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.artifact_keys import artifact_key, current_deployment_name
+from flows.run_states import failed_state
 from recsys_metric import recommend
 from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.errors import ConfigError
@@ -46,9 +49,41 @@ if TYPE_CHECKING:
 
 SCHEDULER_TIMEOUT_S = 10.0
 """How long the flow waits for a Dask scheduler to answer and to have a worker."""
+REPORT_KEY = "batch-recommendations-report"
+"""Base of the table's report key; the key itself names the store (flows.artifact_keys)."""
 
 
-@task(cache_policy=NO_CACHE)
+def report_markdown(stats: dict[str, Any], finished: str) -> str:
+    """Markdown report of one table: run, rows, users, files, K, where, how long, when."""
+    rows = [
+        ("run_id", stats["run_id"]),
+        ("rows", f"{stats['n_rows']:,}"),
+        ("users", f"{stats['n_users']:,}"),
+        ("files", stats["n_files"]),
+        ("k", stats["k"]),
+        ("table", stats["out_dir"]),
+        ("seconds", f"{stats['seconds']:.1f}"),
+        ("finished (UTC)", finished),
+    ]
+    lines = [f"# Batch recommendations of run {stats['run_id']}", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _report(artifacts: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """Publish the table's report artifact (keyed by store and deployment) and return ``stats``."""
+    from datetime import UTC, datetime
+
+    finished = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    create_markdown_artifact(
+        report_markdown(stats, finished),
+        key=artifact_key(REPORT_KEY, artifacts, current_deployment_name()),
+        description=f"batch recommendations of run {stats['run_id']}",
+    )
+    return stats
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
 def resolve_current(artifacts: str) -> str:
     """The published run's directory (symlinks resolved: a later publish does not change it)."""
     run_dir = resolve_run_dir(artifacts)
@@ -76,7 +111,7 @@ def _log_table(stats: dict[str, Any]) -> None:
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def write_table(
     run_dir: str, out: str, k: int, users_path: str | None, index: str, batch_users: int | None = None
 ) -> dict[str, Any]:
@@ -97,7 +132,7 @@ def write_table(
     return stats
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def scheduler_threads(address: str) -> int:
     """Worker threads of the Dask cluster at ``address`` (waits :data:`SCHEDULER_TIMEOUT_S` for
     the scheduler to answer and for at least one worker).
@@ -130,7 +165,7 @@ def scheduler_threads(address: str) -> int:
     return sum(threads.values())
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def plan_table(
     run_dir: str,
     out: str,
@@ -162,7 +197,7 @@ def plan_table(
     return plan
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def write_partition(plan: recommend.TablePlan, number: int) -> dict[str, Any]:
     """Write one partition of the table (in whichever process the task runner puts it)."""
     result = recommend.write_partition(plan, number)
@@ -172,14 +207,14 @@ def write_partition(plan: recommend.TablePlan, number: int) -> dict[str, Any]:
     return result
 
 
-@flow(name="batch-recommendations-partitions", validate_parameters=False)
+@flow(name="batch-recommendations-partitions", validate_parameters=False, persist_result=False)
 def write_partitions(plan: recommend.TablePlan) -> list[dict[str, Any]]:
     """Every partition of ``plan``, one task each, on this flow's task runner (set by the caller)."""
     futures = write_partition.map(unmapped(plan), range(len(plan.partitions)))
     return [future.result() for future in futures]
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def finish_table(plan: recommend.TablePlan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the manifest and move the table into place; returns the writer's summary."""
     stats = recommend.finish_recommendations(plan, results)
@@ -258,7 +293,7 @@ def _local_cluster_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-@flow(name="batch-recommendations")
+@flow(name="batch-recommendations", persist_result=False)
 def batch_recommendations(
     artifacts: str = "artifacts",
     out: str = "artifacts/recommendations",
@@ -288,13 +323,37 @@ def batch_recommendations(
 
     Returns:
         The writer's summary (``run_id``, ``out_dir``, ``n_users``, ``n_rows``, ``n_files``...),
-        the same with or without Dask (but for the timings).
+        the same with or without Dask (but for the timings). The same figures and the time go
+        to a markdown artifact ``batch-recommendations-report-<store>`` (its key names the store
+        and, for a scheduled run, the deployment).
 
     Raises:
         ConfigError: ``workers``/``partitions`` are not positive, ``partitions`` without Dask,
             ``workers`` with ``dask_address``, or prefect-dask missing.
         ConnectionError: no Dask scheduler (or no worker) at ``dask_address``.
+
+        The flow run ends ``Failed`` without writing the exception to Prefect's result storage
+        (:func:`flows.run_states.failed_state`).
     """
+    try:
+        return _batch_recommendations(
+            artifacts, out, k, users_path, index, batch_users, workers, dask_address, partitions
+        )
+    except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
+        return failed_state(exc)  # type: ignore[return-value]
+
+
+def _batch_recommendations(
+    artifacts: str,
+    out: str,
+    k: int,
+    users_path: str | None,
+    index: Literal["exact", "annoy"],
+    batch_users: int | None,
+    workers: int,
+    dask_address: str | None,
+    partitions: int | None,
+) -> dict[str, Any]:
     if workers < 1 or (partitions is not None and partitions < 1):
         raise ConfigError(f"workers and partitions must be positive, got {workers} and {partitions}")
     if dask_address is not None and workers != 1:
@@ -306,7 +365,7 @@ def batch_recommendations(
         if partitions is not None:
             raise ConfigError(f"partitions={partitions} needs Dask: set workers > 1 or dask_address")
         run_dir = resolve_current(artifacts)
-        return write_table(run_dir, out, k, users_path, index, batch_users)
+        return _report(artifacts, write_table(run_dir, out, k, users_path, index, batch_users))
 
     runner = dask_task_runner(workers, dask_address)
     threads = scheduler_threads(dask_address) if dask_address is not None else workers
@@ -321,7 +380,7 @@ def batch_recommendations(
     except BaseException:
         recommend.discard_recommendations(plan)
         raise
-    return finish_table(plan, results)
+    return _report(artifacts, finish_table(plan, results))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

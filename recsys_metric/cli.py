@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import ConfigError
+from recsys_metric.errors import ConfigError, RejectLimitExceeded
 from recsys_metric.run_summary import TIME_BUDGET_HELP, time_budget_arg, time_budget_lines, with_time_budget
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ def format_data_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+_KEEP_REJECTS = "rerun with --out DIR to keep the rejected rows in DIR/rejects.parquet"
+
+
 def _cmd_inspect_data(args: argparse.Namespace) -> int:
     from recsys_metric.data.prepare import prepare_dataset
 
@@ -89,7 +92,12 @@ def _cmd_inspect_data(args: argparse.Namespace) -> int:
         report["validation"]["rejects_path"] = str(prepared.paths.rejects)
     else:
         with tempfile.TemporaryDirectory(prefix="recsys-metric-inspect-") as tmp:
-            report = prepare_dataset(args.path, tmp, config).report()
+            try:
+                report = prepare_dataset(args.path, tmp, config).report()
+            except RejectLimitExceeded as err:
+                # The rejects file is in the temporary directory, gone once this returns.
+                err.args = (str(err).replace(f"rejected rows are in {err.rejects_path}", _KEEP_REJECTS),)
+                raise
             report["validation"]["rejects_path"] = None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -335,12 +343,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from recsys_metric.stop_signals import stop_on_sigint_like_sigterm
+    from recsys_metric.stop_signals import StopRequested, stop_on_sigint_like_sigterm
 
     # SIGINT stops serving as SIGTERM does (Prefect's runner handles only SIGTERM, and a job a
     # script starts in the background inherits SIGINT ignored): docs/scheduling.md.
     with stop_on_sigint_like_sigterm() as received:
-        serve_all(*runner_deployments)
+        try:
+            serve_all(*runner_deployments)
+        except SystemExit as stop:  # StopRequested, or Prefect's runner stopping before it started
+            if not isinstance(stop, StopRequested) and stop.code not in (0, None):
+                raise
     print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
