@@ -77,7 +77,12 @@ GRIDS: dict[str, dict[str, Sequence[Any]]] = {
 """The quality benchmark's grids (``bench.baselines``), with alpha 40 (the best ALS on the 20M log)
 and shorter fits added: a time-to-quality curve needs its fast points too."""
 QUICK_GRIDS: dict[str, dict[str, Sequence[Any]]] = {
-    "als": {"factors": (64, 128), "regularization": (0.1,), "alpha": (10.0, 40.0), "iterations": (5, 15)},
+    "als": {
+        "factors": (64, 256),
+        "regularization": (0.1,),
+        "alpha": (5.0, 20.0, 40.0),
+        "iterations": (5, 15),
+    },
     "bpr": {
         "factors": (128,),
         "learning_rate": (0.01, 0.03),
@@ -204,16 +209,25 @@ def frontier(points: list[dict[str, Any]], key: str = "recall@20") -> list[dict[
 
 
 def run_dataset(
-    data: BenchDataset, budgets: Sequence[str], grids: dict[str, Any], default: bool
+    data: BenchDataset,
+    budgets: Sequence[str],
+    grids: dict[str, Any],
+    default: bool,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
+    """Every point of one dataset; ``checkpoint(partial result)`` after each peer and each run of ours."""
     out: dict[str, Any] = {"summary": data.summary(), "ours": [], "peers": {}}
     for kind, grid in grids.items():
         points = peer_points(kind, data, grid)
         out["peers"][kind] = {"points": points, "frontier": frontier(points)}
+        if checkpoint:
+            checkpoint(out)
     for budget in [*budgets, *([None] if default else [])]:
         point = ours_at_budget(data, budget)
         logger.info("%s ours %s", data.name, point)
         out["ours"].append(point)
+        if checkpoint:
+            checkpoint(out)
     return out
 
 
@@ -279,6 +293,11 @@ def to_markdown(r: dict[str, Any]) -> str:
                 f"our best: {ours_best['recall@20']:.3f} in {ours_best['seconds']:.0f} s "
                 f"({ours_best['recall@20'] / best[1]['recall@20']:.3f}x).",
             ]
+    if not r.get("complete", True):
+        lines += [
+            "",
+            "**Incomplete: the run was stopped part-way; the rows above are what it had measured.**",
+        ]
     if r["skipped"]:
         lines += [
             "",
@@ -369,6 +388,17 @@ def main(argv: list[str] | None = None) -> int:
         "datasets": {},
         "skipped": {name: "not requested (--datasets)" for name in DATASETS if name not in args.datasets},
     }
+    command = "python -m bench.time_to_quality " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(final: bool) -> None:
+        # Saved after every step: a long run stopped part-way keeps what it measured, marked so.
+        result["complete"] = final
+        result["load_at_end"] = load_average()
+        result["markdown"] = to_markdown(result)
+        if not args.no_save:
+            plot(result, RESULTS / "time_to_quality.png")
+            save_result("time_to_quality", result, command.strip())
+
     for name in args.datasets:
         try:
             data = load(name)
@@ -376,15 +406,17 @@ def main(argv: list[str] | None = None) -> int:
             result["skipped"][name] = str(err)
             continue
         t = time.perf_counter()
-        result["datasets"][name] = run_dataset(data, args.budgets, grids, args.default)
+
+        def checkpoint(partial: dict[str, Any], name: str = name) -> None:
+            result["datasets"][name] = partial
+            save(final=False)
+
+        result["datasets"][name] = run_dataset(data, args.budgets, grids, args.default, checkpoint)
         result["datasets"][name]["wall_seconds"] = round(time.perf_counter() - t, 1)
-    result["load_at_end"] = load_average()
-    result["markdown"] = to_markdown(result)
+    save(final=True)
     print(result["markdown"])
     if not args.no_save:
-        print(f"plot {plot(result, RESULTS / 'time_to_quality.png')}")
-        command = "python -m bench.time_to_quality " + " ".join(argv if argv is not None else sys.argv[1:])
-        print(f"saved {save_result('time_to_quality', result, command.strip())}")
+        print(f"saved {RESULTS / 'time_to_quality.json'} and {RESULTS / 'time_to_quality.png'}")
     return 0
 
 
