@@ -507,8 +507,16 @@ class EvalConfig(_Section):
     include ``publish.gate_k``)."""
     exclude_seen: bool = True
     """Exclude items the user interacted with in training from the ranking."""
-    max_users: int | None = Field(None, ge=1)
-    """Evaluate on at most this many test users (a seeded sample); ``null`` for all."""
+    max_users: int | None = Field(50000, ge=1)
+    """Bound on the holdout users evaluated; ``null`` for all. With more eligible users (a
+    relevant test item the ranking can reach), a sample of this many is drawn without replacement,
+    seeded by ``seed``, and every scorer (model, popularity, and the quality gate's published
+    model, which rebuilds the same holdout) is ranked against the full catalog for exactly those
+    users; ``metrics.json`` records the sample (size, population, seed, a fingerprint of the
+    users), the gate refuses a rebuilt sample with another fingerprint. Each metric (except
+    coverage) comes with its standard error over users and the printed table with 95% confidence
+    half-widths (1.96 SE): at 50,000 users a Recall@20 near 0.1 is known to about +-0.003. The
+    cost is one score row per user: 50,000 users x 100k items is 5e9 scores."""
     validation_max_users: int | None = Field(20000, ge=1)
     """Early-stopping evaluations use at most this many validation users (a seeded sample), which
     bounds their cost on large logs; ``null`` for all. After the first epoch the pipeline shrinks
