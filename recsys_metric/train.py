@@ -1425,6 +1425,8 @@ def _fit(
     progress: bool | None,
     distributed: DistributedTraining | None = None,
 ) -> TrainResult:
+    from recsys_metric.model.feature_step import FeatureTripletStep, feature_step_supported
+
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if device.type == "cpu":
@@ -1451,6 +1453,8 @@ def _fit(
     elif fused:
         compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
         step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
+    elif feature_step_supported(model, config) and distributed is None:  # issue 18
+        step = FeatureTripletStep(model, config, data.n_items)
     else:
         step = _AutogradStep(model, config, data, device)
     if distributed is not None:
@@ -1585,6 +1589,7 @@ def _fit(
         model.load_state_dict(best_state)
     result.compiled = isinstance(step, FusedTripletStep) and step.compiled
     result.kernel = "numba" if isinstance(step, NumbaTripletStep) else "torch" if fused else "autograd"
+    result.kernel = "features" if isinstance(step, FeatureTripletStep) else result.kernel
     return result
 
 
