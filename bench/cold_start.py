@@ -276,6 +276,7 @@ def ours_scores(
     id_dropout: float,
     max_epochs: int | None,
     seed: int,
+    lr: float | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
@@ -287,8 +288,9 @@ def ours_scores(
     from recsys_metric.train import TrainData, fit
 
     overrides: dict[str, Any] = {"model": {"item_features": list(data.features), "id_dropout": id_dropout}}
-    if max_epochs is not None:
-        overrides["train"] = {"epochs": min(max_epochs, Config().train.epochs)}
+    overrides["train"] = {"epochs": min(max_epochs or Config().train.epochs, Config().train.epochs)}
+    if lr is not None:
+        overrides["train"]["lr"] = lr
     config = config_from_dict(overrides)
     warm_table = data.items_table.filter(pl.col("item_id").is_in(split.warm.tolist()))
     features = ItemFeatureTensors.from_frame(warm_table, split.warm, data.features)
@@ -329,7 +331,7 @@ def ours_scores(
 
 
 def run_cold(
-    data: ColdData, seed: int, methods: list[str], max_epochs: int | None, dropout: float
+    data: ColdData, seed: int, methods: list[str], max_epochs: int | None, dropout: float, lr: float | None
 ) -> dict[str, Any]:
     split = cold_split(data, seed)
     users = np.flatnonzero(split.test.row_lengths() > 0)
@@ -354,11 +356,13 @@ def run_cold(
                 continue
         elif method == "ours":
             name = "ours (default + features)"
-            scores, info = ours_scores(data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed)
+            scores, info = ours_scores(
+                data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed, lr=lr
+            )
         else:
             name = f"ours (id_dropout {dropout:g})"
             scores, info = ours_scores(
-                data, split, users, id_dropout=dropout, max_epochs=max_epochs, seed=seed
+                data, split, users, id_dropout=dropout, max_epochs=max_epochs, seed=seed, lr=lr
             )
         metrics = rank_metrics(scores, split.test, users)
         out["rows"][name] = {**{k: round(v, 4) for k, v in metrics.items()}, **info,
@@ -367,7 +371,7 @@ def run_cold(
     return out
 
 
-def run_warm(name: str, max_epochs: int | None) -> dict[str, Any]:
+def run_warm(name: str, max_epochs: int | None, lr: float | None) -> dict[str, Any]:
     """bench.quality's protocol for today's default and the default with features."""
     from bench.datasets import LOADERS as QUALITY_LOADERS
     from bench.quality import _metrics, _ours
@@ -382,8 +386,9 @@ def run_warm(name: str, max_epochs: int | None) -> dict[str, Any]:
     rows = {}
     for label, feats in (("default (no features)", ()), (f"default + {'+'.join(columns)}", tuple(columns))):
         overrides: dict[str, Any] = {"model": {"item_features": list(feats)}}
-        if max_epochs is not None:
-            overrides["train"] = {"epochs": min(max_epochs, Config().train.epochs)}
+        overrides["train"] = {"epochs": min(max_epochs or Config().train.epochs, Config().train.epochs)}
+        if lr is not None:
+            overrides["train"]["lr"] = lr
         config = config_from_dict(overrides)
         features = None
         if feats:
@@ -440,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--max-epochs", type=int, default=None, help="cap train.epochs (bounded runs)")
     parser.add_argument("--id-dropout", type=float, default=0.5, help="model.id_dropout of ours_dropout")
+    parser.add_argument("--lr", type=float, default=None, help="fix train.lr (default: auto, two fits)")
     parser.add_argument("--warm", action="store_true", help="also warm quality with and without features")
     parser.add_argument("--out", default="cold_start")
     args = parser.parse_args(argv)
@@ -452,11 +458,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["skipped"][name] = str(err)
             continue
         results["cold"][name] = {
-            str(seed): run_cold(data, seed, args.methods, args.max_epochs, args.id_dropout)
+            str(seed): run_cold(data, seed, args.methods, args.max_epochs, args.id_dropout, args.lr)
             for seed in args.seeds
         }
         if args.warm:
-            results["warm"][name] = run_warm(name, args.max_epochs)
+            results["warm"][name] = run_warm(name, args.max_epochs, args.lr)
     results["load_after"] = os.getloadavg()
     results["markdown"] = to_markdown(results)
     command = "python -m bench.cold_start " + " ".join(argv if argv is not None else sys.argv[1:])
