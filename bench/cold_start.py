@@ -378,7 +378,7 @@ def run_warm(name: str, max_epochs: int | None, lr: float | None) -> dict[str, A
     from recsys_metric.config import Config, config_from_dict
     from recsys_metric.model.features import ItemFeatureTensors
 
-    data = QUALITY_LOADERS[name]()
+    data = QUALITY_LOADERS[name](datasets_root() / name)
     columns = ["tags"] if name == "citeulike-a" else ["genres"]
     table = data.item_features
     if table is not None and name == "citeulike-a":
