@@ -191,6 +191,11 @@ class ModelConfig(_Section):
     init_scale: float = Field(0.1, gt=0.0)
     """Typical L2 norm of an initial embedding row: entries are drawn from N(0, init_scale^2 / dim),
     well inside the unit ball (CML). Id embeddings of a model with item features start at zero."""
+    id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """DropoutNet-style training of the item tower (with ``item_features``): each item occurrence in
+    a training step loses its id part with this probability, so that the features alone must place
+    it, as they must for an item without interactions. Inference is unchanged. Implemented by the
+    feature step (``recsys_metric.model.feature_step``; docs/cold-start.md)."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:

@@ -20,6 +20,7 @@ from recsys_metric.config import TrainConfig
 from recsys_metric.device import keep_freed_memory, resolve_device
 from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError
+from recsys_metric.model.feature_step import FeatureTripletStep, feature_step_supported
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.autograd import AutogradStep
 from recsys_metric.training.checkpoints import CHECKPOINT_NAME, CHECKPOINT_VERSION, cpu_state, save_checkpoint
@@ -166,7 +167,7 @@ class FitRun:
         fused = fused_supported(model, config)
         needs_negatives = config.loss != "softmax"
         k = config.negatives_for(data.n_items) if needs_negatives else 1
-        step: FusedTripletStep | AutogradStep
+        step: FusedTripletStep | FeatureTripletStep | AutogradStep
         source_type = CoLikedSource if model.item_item else NegativeSource
         source = source_type(data, k, explicit_share, device, needs_negatives)
         if use_numba(config, fused, device, distributed is not None):
@@ -184,6 +185,9 @@ class FitRun:
         elif fused:
             compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
             step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
+        elif feature_step_supported(model, config) and distributed is None:
+            # Models with item features: the hand-written sparse step (docs/cold-start.md).
+            step = FeatureTripletStep(model, config, data.n_items)
         else:
             step = AutogradStep(model, config, data, device)
         if distributed is not None:
@@ -383,9 +387,12 @@ class FitRun:
             self.model.load_state_dict(self.best_state)
         result = self.result
         result.compiled = isinstance(self.step, FusedTripletStep) and self.step.compiled
-        result.kernel = (
-            "numba" if isinstance(self.step, NumbaTripletStep) else "torch" if self.fused else "autograd"
-        )
+        if isinstance(self.step, NumbaTripletStep):
+            result.kernel = "numba"
+        elif isinstance(self.step, FeatureTripletStep):
+            result.kernel = "features"
+        else:
+            result.kernel = "torch" if self.fused else "autograd"
         # Under torchrun each rank waits on rank 0's validation for its own time: not recorded,
         # so that every rank returns the same result.
         result.validation_seconds = round(sum(self.eval_seconds), 3) if self.distributed is None else 0.0
