@@ -38,6 +38,7 @@ import polars as pl
 
 from recsys_metric.config import DataConfig
 from recsys_metric.data.readers import CANONICAL_COLUMNS, TEXT_FORMATS, resolve_format, scan_interactions
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import DataError, RejectLimitExceeded
 
 _RAW = "__raw_"
@@ -559,7 +560,17 @@ def validate_interactions(
 def read_interactions(
     source: str | Path, config: DataConfig = _DEFAULTS, rejects_path: Path | str | None = None
 ) -> tuple[pl.DataFrame, ValidationReport]:
-    """:func:`scan_interactions` + :func:`validate_interactions` (ids typed for text sources)."""
+    """:func:`scan_interactions` + :func:`validate_interactions` (ids typed for text sources).
+
+    A database URI (``postgresql://``, ``duckdb://``) is read by :func:`recsys_metric.db.read_database`.
+    """
+    if is_database_uri(source):
+        from recsys_metric.db.source import describe_source, read_database
+
+        lf = read_database(str(source), config).lazy()
+        return validate_interactions(
+            lf, config, source=describe_source(str(source), config), rejects_path=rejects_path
+        )
     lf = scan_interactions(source, config)
     fmt = resolve_format(os.path.expanduser(str(source)), config)
     if fmt == "movielens-csv" and "rating_scale" not in config.model_fields_set:
