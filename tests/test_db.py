@@ -539,3 +539,63 @@ def test_load_parquet_table_streams_the_part_files_and_counts_them(pg, tmp_path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatabaseError, match="no \\*.parquet files to load"):
         load_parquet_table(tmp_path / "empty", pg, "recs_parquet")
+
+
+@pytest.mark.prefect
+def test_nightly_and_batch_flows_from_a_database_log_to_a_database_table(
+    prefect_api, pg, tmp_path, monkeypatch
+):
+    """The whole nightly flow reads the log from PostgreSQL (password from a Prefect Secret block,
+    source from data.source), the batch flow writes the table there; a second batch keeps the first
+    as <table>_previous; no artifact holds the password."""
+    from prefect.blocks.system import Secret
+
+    from flows.batch_recommendations import batch_recommendations
+    from flows.nightly_retrain import nightly_retrain
+    from recsys_metric.data.synthetic import generate_log
+
+    log = generate_log(300, 150, 9000, n_clusters=6, seed=3).interactions
+    _put(pg, "flow_events", log)
+    _sql(pg, f"GRANT SELECT ON flow_events TO {READER}")
+    reader = _as_user(pg, READER)
+    Secret(value=SECRET).save("recsys-db-password", overwrite=True)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    config = tmp_path / "nightly.yaml"
+    config.write_text(
+        f"data: {{source: '{reader}', table: flow_events, password_secret: recsys-db-password}}\n"
+        "train: {epochs: 6, patience: 2, batch_size: 512}\n"
+    )
+    artifacts, out = tmp_path / "artifacts", tmp_path / "recs"
+    result = nightly_retrain(artifacts=str(artifacts), config_path=str(config))
+    assert result["published"] and result["current_run_id"] == result["run_id"]
+    manifest = ArtifactStore(artifacts).manifest(result["run_id"])
+    assert (manifest.input["path"], manifest.input["n_rows"]) == (reader, log.height)
+
+    first = batch_recommendations(
+        artifacts=str(artifacts),
+        out=str(out),
+        k=5,
+        to=reader,
+        table="flow_recs",
+        password_secret="recsys-db-password",
+    )
+    assert first["postgres"]["n_rows"] == 300 * 5 and first["postgres"]["previous_table"] is None
+    table = _read_table(pg, "flow_recs")
+    assert table.height == 300 * 5 and table["user_id"].n_unique() == 300
+    assert table["run_id"].unique().to_list() == [result["run_id"]]
+    assert table.sort("user_id", "rank").equals(
+        pl.read_parquet(out / result["run_id"] / "*.parquet").sort("user_id", "rank")
+    )
+    second = batch_recommendations(
+        artifacts=str(artifacts),
+        out=str(out),
+        k=3,
+        to=reader,
+        table="flow_recs",
+        password_secret="recsys-db-password",
+    )
+    assert second["postgres"]["previous_table"] == "flow_recs_previous"
+    assert _read_table(pg, "flow_recs").height == 300 * 3
+    assert _read_table(pg, "flow_recs_previous").equals(table)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
