@@ -599,3 +599,15 @@ def test_nightly_and_batch_flows_from_a_database_log_to_a_database_table(
     assert _read_table(pg, "flow_recs_previous").equals(table)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_a_source_query_cannot_write(pg):
+    _put(pg, "events_ro", _log())
+    _sql(
+        pg,
+        "CREATE OR REPLACE FUNCTION wipe_events_ro() RETURNS bigint LANGUAGE sql AS "
+        "'DELETE FROM events_ro; SELECT 1::bigint'",
+    )
+    with pytest.raises(DatabaseError, match="cannot execute DELETE in a read-only transaction"):
+        read_database(pg, DataConfig(query="SELECT user_id, item_id, wipe_events_ro() AS w FROM events_ro"))
+    assert _sql(pg, "SELECT count(*) FROM events_ro") == [(_log().height,)]

@@ -119,6 +119,7 @@ def write_postgres_table(
     expected_rows: int | None = None,
     password_env: str = DEFAULT_PASSWORD_ENV,
     password_secret: str | None = None,
+    maintenance_work_mem: str | None = "512MB",
 ) -> dict[str, Any]:
     """Bulk-load ``batches`` into a staging table and swap it in for ``table`` (module docstring).
 
@@ -134,6 +135,9 @@ def write_postgres_table(
         comment: JSON-serialisable facts stored as the table's ``COMMENT`` (run id, k...).
         expected_rows: when given, a load that stored another number of rows is rolled back.
         password_env, password_secret: where the password comes from (:func:`resolve_password`).
+        maintenance_work_mem: memory for this transaction's index build (``SET LOCAL``): with
+            PostgreSQL's default 64MB, indexing 100M rows spills its sort to disk. None keeps
+            the server's setting.
 
     Returns:
         ``to``, ``table``, ``previous_table`` (None when there was no table before),
@@ -164,6 +168,8 @@ def write_postgres_table(
             cursor.execute(f"SELECT pg_advisory_xact_lock(hashtext({_literal('recsys_metric:' + table)}))")
             cursor.fetchall()
             _check_schema(cursor, uri, schema_name)
+            if maintenance_work_mem is not None:
+                cursor.execute(f"SET LOCAL maintenance_work_mem = {_literal(maintenance_work_mem)}")
             doing = f"dropping a leftover {staging}"
             cursor.execute(f"DROP TABLE IF EXISTS {prefix}{_q(staging)}")
             doing = f"bulk-loading {staging}"

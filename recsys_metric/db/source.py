@@ -155,6 +155,7 @@ def _read_postgres(
         except (AdbcError, AttributeError):  # an older driver without the option keeps its default
             pass
         try:
+            cursor.execute("SET TRANSACTION READ ONLY")  # a query that writes fails instead of writing
             cursor.execute(f"SELECT * FROM ({base}) AS {_SUBQUERY} LIMIT 0")
             names = _column_names(cursor)
             cursor.fetchall()
@@ -171,7 +172,7 @@ def _read_postgres(
                 frame = _to_polars(batch)
                 checksum.update(frame, batch.nbytes)
                 frames.append(frame)
-        except AdbcError as err:
+        except (AdbcError, pa.ArrowException) as err:  # errors while streaming arrive as ArrowInvalid
             raise postgres_error(uri, err, "reading the rows", password) from None
         finally:
             cursor.close()
