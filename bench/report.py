@@ -25,6 +25,7 @@ SECTIONS = [
     ("nightly_scale", "The nightly run on 20M interactions (1M users x 100k items) on one machine"),
     ("eval_speed", "Full-ranking evaluation against the matmul rate"),
     ("time_to_quality", "Time to quality: holdout Recall@20 against wall seconds, ours beside ALS and BPR"),
+    ("db_io", "Databases: logs from PostgreSQL against Parquet, tables into PostgreSQL"),
 ]
 
 

@@ -283,7 +283,7 @@ def prune(artifacts: str, config: Config) -> list[str]:
 
 @flow(name="nightly-retrain", persist_result=False)
 def nightly_retrain(
-    interactions: str = "data/interactions.parquet",
+    interactions: str | None = None,
     artifacts: str = "artifacts",
     config_path: str | None = None,
     force: bool = False,
@@ -299,7 +299,9 @@ def nightly_retrain(
     may add to this, never replace it.
 
     Args:
-        interactions: the interaction log (file, Parquet directory or glob).
+        interactions: the interaction log (file, Parquet directory or glob, or a database URI:
+            ``postgresql://user@host/db``, ``duckdb:///path``; docs/databases.md); None: the
+            config's ``data.source``, else ``data/interactions.parquet``.
         artifacts: the artifact store root (``runs/`` and ``current``).
         config_path: YAML or TOML config; defaults when None.
         force: publish even when the gate refuses (the reason records the override).
@@ -334,6 +336,7 @@ def _nightly_retrain(
     lock_wait_s: float | None,
 ) -> dict[str, Any]:
     config = load_config(config_path)
+    interactions = interactions or config.data.source or "data/interactions.parquet"
     if warm_start is not None:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"warm_start": warm_start})}
@@ -434,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.nightly_retrain", description=nightly_retrain.__doc__
     )
-    parser.add_argument("--interactions", default="data/interactions.parquet")
+    parser.add_argument(
+        "--interactions",
+        help="log path or database URI (default: data.source, else data/interactions.parquet)",
+    )
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--config", dest="config_path")
     parser.add_argument("--items")

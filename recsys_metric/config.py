@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from datetime import datetime
 from pathlib import Path
@@ -85,6 +86,39 @@ class DataConfig(_Section):
     """Items of the item table without training interactions (placed by their features alone):
     ``eligible`` lets recommend, similar items and batch tables return them; ``excluded`` keeps them
     in the exported embeddings and the index but out of every answer (docs/cold-start.md)."""
+
+    # Database sources (recsys_metric/db, docs/databases.md).
+    source: str | None = None
+    """The interaction log when the command line or flow names none: a path, or a database URI
+    (``postgresql://user@host:port/dbname``, ``duckdb:///path/to/file.duckdb``). A URI never
+    holds a password: see ``password_env`` and ``password_secret``."""
+    query: str | None = None
+    """Database sources: the SELECT whose rows are the log (columns named as in ``columns``)."""
+    table: str | None = None
+    """Database sources: the table or view holding the log (``table`` or ``schema.table``);
+    the same as ``query: SELECT * FROM table``."""
+    password_env: str = "PGPASSWORD"
+    """Environment variable holding the PostgreSQL password (unset: libpq's own ``~/.pgpass``,
+    peer or trust authentication)."""
+    password_secret: str | None = None
+    """Name of a Prefect ``Secret`` block holding the PostgreSQL password; wins over
+    ``password_env``."""
+    batch_bytes: int = Field(16 << 20, ge=1 << 16)
+    """Database sources: bytes per Arrow batch the PostgreSQL driver hands over while reading."""
+
+    @model_validator(mode="after")
+    def _check_database_source(self) -> DataConfig:
+        if self.query is not None and self.table is not None:
+            raise ValueError("set data.query or data.table, not both")
+        if self.source is not None and (
+            re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?]*:[^/@?]+@", self.source)
+            or re.search(r"[?&]password=[^&]", self.source, re.IGNORECASE)
+        ):
+            raise ValueError(
+                "data.source holds a password; remove it from the URI and put it in the environment "
+                "(data.password_env, PGPASSWORD by default) or a Prefect Secret block (data.password_secret)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_scale(self) -> DataConfig:
@@ -682,6 +716,12 @@ def check_cross_section(config: Config) -> None:
         raise ValueError("; ".join(problems))
 
 
+def _no_password(text: str) -> str:
+    """``text`` with any password inside a URI masked: a refused ``data.source`` is echoed in errors."""
+    text = re.sub(r"(://[^/@:\s'\"]*):[^/@\s'\"]+@", r"\1:***@", text)
+    return re.sub(r"([?&]password=)[^&\s'\"]+", r"\1***", text, flags=re.IGNORECASE)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
@@ -693,7 +733,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             text = str(e["ctx"]["error"])
             lines.append(f"{key}: {text}" if e["loc"] else text)
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg']} (got {_no_password(repr(e.get('input')))})")
     return f"invalid config {source}: " + "; ".join(lines)
 
 

@@ -65,6 +65,8 @@ from recsys_metric import __version__
 from recsys_metric.config import Config, PublishConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.vocab import Vocabulary
+from recsys_metric.db.source import database_fingerprint
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.store.faults import fault_point
 from recsys_metric.store.lock import StoreLockedError as StoreLockedError  # re-exported
@@ -253,7 +255,8 @@ def input_fingerprint(
     inputs): sha256 over ``name\\tsize\\tmtime_ns\\n`` per file; it changes whenever a file is
     rewritten, even with the same bytes, and misses an in-place edit that keeps size and mtime.
     Names are relative to the input directory (or to the file's directory, or to the glob's
-    literal prefix), so moving the whole input does not change the fingerprint.
+    literal prefix), so moving the whole input does not change the fingerprint. A database URI
+    gets the fingerprint taken while its rows were read (:func:`recsys_metric.db.database_fingerprint`).
 
     Returns:
         ``{"path", "method", "sha256", "n_files", "bytes"}``.
@@ -261,6 +264,8 @@ def input_fingerprint(
     Raises:
         RegistryError: the path matches no file.
     """
+    if is_database_uri(path):
+        return database_fingerprint(path)  # taken while the rows were read (recsys_metric/db/source.py)
     base, files = _input_files(path)
     if not files:
         raise RegistryError(f"input {os.fspath(path)} matches no file; cannot fingerprint it")
