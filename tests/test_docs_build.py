@@ -43,3 +43,31 @@ def test_the_site_builds_strict_with_every_page_and_the_generated_reference(tmp_
     assert "recommend_for_history" in api and ":meth:" not in api
     benchmarks = (site / "benchmarks" / "index.html").read_text()
     assert "Ingest: read + validate + split + triplets" in benchmarks
+
+
+def _hooks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optional_pages_join_their_nav_section_only_when_they_exist(tmp_path):
+    (tmp_path / "serving.md").write_text("# Serving\n")
+    config = {
+        "docs_dir": str(tmp_path),
+        "nav": [{"Home": "index.md"}, {"User guide": [{"Python API": "python.md"}]}],
+        "extra": {
+            "optional_pages": {
+                "User guide": [{"Serving over HTTP": "serving.md"}, {"Operations": "operations.md"}],
+                "Elsewhere": [{"Databases": "databases.md"}],
+            }
+        },
+    }
+    nav = _hooks().on_config(config)["nav"]
+    assert nav == [
+        {"Home": "index.md"},
+        {"User guide": [{"Python API": "python.md"}, {"Serving over HTTP": "serving.md"}]},
+    ]

@@ -152,16 +152,26 @@ def _env() -> dict[str, str]:
     return env
 
 
+COMMAND_TIMEOUT_S = 300
+
+
 def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", "-c", command],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    try:
+        return subprocess.run(
+            ["bash", "-c", command],
+            cwd=cwd,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        # A server or a scheduler never returns: say how to keep such an example out of the run.
+        raise AssertionError(
+            f"`{command}` ran over {COMMAND_TIMEOUT_S} s; if it cannot finish (a server, a scheduler), "
+            "put <!-- docs-test: skip (the reason) --> on the line above its block"
+        ) from None
 
 
 def _make_workdir(path: Path) -> Path:
