@@ -21,7 +21,7 @@ from recsys_metric.db import DatabaseError, DatabaseUnreachable, database_finger
 from recsys_metric.db.sink import check_postgres, load_parquet_table, write_postgres_table
 from recsys_metric.db.source import quote_identifier, read_database
 from recsys_metric.db.uri import DatabaseURI, postgres_connect_uri, redact, scrub
-from recsys_metric.errors import ConfigError, DataError
+from recsys_metric.errors import ConfigError, DataError, is_transient
 from recsys_metric.registry import ArtifactStore, input_fingerprint
 
 pgdb = pytest.importorskip("adbc_driver_postgresql.dbapi")
@@ -278,6 +278,8 @@ def test_errors_name_the_uri_say_what_to_do_and_never_show_the_password(pg, tmp_
         with pytest.raises(kind, match=message) as err:
             read_database(uri, cfg)
         assert str(err.value).startswith(uri) and "\n" not in str(err.value)
+        # the flows retry an unreachable server, never a bad query, table or column
+        assert is_transient(err.value) == (kind is DatabaseUnreachable)
     assert duckdb_uri.startswith("duckdb://")
 
     monkeypatch.setenv("PGPASSWORD", SECRET + "-wrong")

@@ -22,7 +22,11 @@ class DatabaseError(DataError):
 
 
 class DatabaseUnreachable(DatabaseError, ConnectionError):
-    """No server answers at the URI (or the DuckDB file cannot be opened); worth retrying."""
+    """No server answers at the URI (or the DuckDB file cannot be opened); worth retrying
+    (``transient``: the flows retry it, :func:`recsys_metric.errors.is_transient`)."""
+
+    def __init__(self, *args: object):
+        super().__init__(*args, transient=True)
 
 
 _PG_SQLSTATE_HINTS: dict[str, tuple[str, str]] = {
