@@ -98,6 +98,8 @@ def write_embeddings(
     kind: Literal["user", "item"],
     distance: str,
     run_id: str,
+    columns: dict[str, np.ndarray] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write one embeddings file atomically (temporary file in the same directory, then rename).
 
@@ -108,6 +110,8 @@ def write_embeddings(
         kind: ``user`` or ``item``: the id column becomes ``user_id`` or ``item_id``.
         distance: ``euclidean``, ``cosine`` or ``dot``.
         run_id: recorded in the metadata.
+        columns: extra ``[n]`` columns after ``embedding`` (e.g. ``n_train_interactions``).
+        metadata: extra schema metadata keys (e.g. ``cold_items``).
 
     Returns:
         ``path`` as a :class:`Path`.
@@ -126,8 +130,16 @@ def write_embeddings(
     n, dim = vectors.shape
     id_array = _ids_array(ids, n)
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(vectors).ravel()), dim)
-    table = pa.table({f"{kind}_id": id_array, "embedding": embedding}).replace_schema_metadata(
-        {b"distance": distance.encode(), b"dim": str(dim).encode(), b"run_id": str(run_id).encode()}
+    extra = {name: pa.array(np.asarray(values)) for name, values in (columns or {}).items()}
+    if any(len(values) != n for values in extra.values()):
+        raise ValueError(f"extra columns must have {n} rows, got {[len(v) for v in extra.values()]}")
+    table = pa.table({f"{kind}_id": id_array, "embedding": embedding, **extra}).replace_schema_metadata(
+        {
+            b"distance": distance.encode(),
+            b"dim": str(dim).encode(),
+            b"run_id": str(run_id).encode(),
+            **{k.encode(): str(v).encode() for k, v in (metadata or {}).items()},
+        }
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

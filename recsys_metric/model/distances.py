@@ -89,6 +89,11 @@ class Distance(ABC):
         out = self.pairwise(q, r)
         return out if self.is_inverted else -out
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` written into ``out`` (``[B, N]``, contiguous; no gradients): the same
+        floats, without allocating the ``[B, N]`` result. Returns ``out``."""
+        return out.copy_(self.score(q, r))
+
     def normalize(self, emb: Tensor) -> Tensor:
         """What the model applies to ``[..., D]`` embeddings before scoring; identity by default."""
         return emb
@@ -155,6 +160,13 @@ class EuclideanDistance(Distance):
             return -(d2 + SQRT_EPS).sqrt()
         return d2.add_(SQRT_EPS).sqrt_().neg_()
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out``: the same operations in the same order, so the same floats."""
+        qq = q.square().sum(-1, keepdim=True)
+        rr = r.square().sum(-1)
+        torch.addmm(rr, q, r.mT, alpha=-2.0, out=out)
+        return out.add_(qq).clamp_min_(0.0).add_(SQRT_EPS).sqrt_().neg_()
+
     def project(self, weight: Tensor, rows: Tensor | None = None) -> None:
         """Rescale rows of ``[n, D]`` ``weight`` with norm above 1 onto the unit sphere, in place.
 
@@ -183,6 +195,10 @@ class CosineSimilarity(Distance):
         """``[B, D] x [N, D] -> [B, N]`` cosine similarities."""
         return self.normalize(q) @ self.normalize(r).mT
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out`` (the same product)."""
+        return torch.mm(self.normalize(q), self.normalize(r).mT, out=out)
+
     def rowwise(self, a: Tensor, b: Tensor) -> Tensor:
         """``[..., D] x [..., D] -> [...]`` cosine similarities."""
         return (self.normalize(a) * self.normalize(b)).sum(-1)
@@ -202,6 +218,10 @@ class DotProduct(Distance):
     def pairwise(self, q: Tensor, r: Tensor) -> Tensor:
         """``[B, D] x [N, D] -> [B, N]`` inner products."""
         return q @ r.mT
+
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out`` (the same product)."""
+        return torch.mm(q, r.mT, out=out)
 
     def rowwise(self, a: Tensor, b: Tensor) -> Tensor:
         """``[..., D] x [..., D] -> [...]`` inner products."""
