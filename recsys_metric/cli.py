@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import ConfigError
+from recsys_metric.errors import ConfigError, RecsysMetricError, RejectLimitExceeded
+from recsys_metric.run_summary import TIME_BUDGET_HELP, time_budget_arg, time_budget_lines, with_time_budget
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -28,6 +29,10 @@ DEFAULT_ARTIFACTS = Path("artifacts")
 EXIT_USER_ERROR = 2
 EXIT_GATE_REFUSED = 3
 """``run``/``publish``: the quality gate refused the run, ``current`` did not move (docs/operations.md)."""
+INTERACTIONS_HELP = (
+    f"interaction log: a path, or a database URI without password (postgresql://user@host:port/db, "
+    f"duckdb:///path/file.duckdb; docs/databases.md) (default: data.source of --config, else {DEFAULT_DATA})"
+)
 
 
 def _fmt_int(n: int | float) -> str:
@@ -78,6 +83,9 @@ def format_data_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+_KEEP_REJECTS = "rerun with --out DIR to keep the rejected rows in DIR/rejects.parquet"
+
+
 def _cmd_inspect_data(args: argparse.Namespace) -> int:
     from recsys_metric.data.prepare import prepare_dataset
 
@@ -88,7 +96,12 @@ def _cmd_inspect_data(args: argparse.Namespace) -> int:
         report["validation"]["rejects_path"] = str(prepared.paths.rejects)
     else:
         with tempfile.TemporaryDirectory(prefix="recsys-metric-inspect-") as tmp:
-            report = prepare_dataset(args.path, tmp, config).report()
+            try:
+                report = prepare_dataset(args.path, tmp, config).report()
+            except RejectLimitExceeded as err:
+                # The rejects file is in the temporary directory, gone once this returns.
+                err.args = (str(err).replace(f"rejected rows are in {err.rejects_path}", _KEEP_REJECTS),)
+                raise
             report["validation"]["rejects_path"] = None
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -142,7 +155,7 @@ def _items_path(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.distributed:
         from recsys_metric.distributed import run_distributed
 
@@ -185,6 +198,8 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
         f"exported the {result.metrics['published_model'].replace('_', ' ')} to {run_dir} "
         f"in {result.seconds['total']:.1f} s"
     )
+    for line in time_budget_lines(result.metrics):
+        print(line)
     if not args.out:
         print(
             f"not published; to gate and publish it: recsys-metric publish {result.run_id} "
@@ -196,7 +211,7 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
 def _cmd_run(args: argparse.Namespace) -> int:
     from recsys_metric.nightly import run_nightly
 
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.warm_start:
         config = config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True})})
     result = run_nightly(
@@ -221,6 +236,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{warm['reason']}; training took {result.run.metrics['seconds'].get('train_holdout', 0):.1f} s"
         )
+    for line in time_budget_lines(result.run.metrics):
+        print(line)
     print(f"\nrun {result.run_id} -> {result.run_dir}")
     print(f"quality gate: {result.decision.reason}")
     if result.published:
@@ -330,12 +347,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"recsys-metric serve: {problem}\n{SERVE_HELP}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from recsys_metric.stop_signals import stop_on_sigint_like_sigterm
+    from recsys_metric.stop_signals import StopRequested, stop_on_sigint_like_sigterm
 
     # SIGINT stops serving as SIGTERM does (Prefect's runner handles only SIGTERM, and a job a
     # script starts in the background inherits SIGINT ignored): docs/scheduling.md.
     with stop_on_sigint_like_sigterm() as received:
-        serve_all(*runner_deployments)
+        try:
+            serve_all(*runner_deployments)
+        except SystemExit as stop:  # StopRequested, or Prefect's runner stopping before it started
+            if not isinstance(stop, StopRequested) and stop.code not in (0, None):
+                raise
     print(f"recsys-metric serve: stopped{f' on {received[-1]}' if received else ''}", file=sys.stderr)
     return 0
 
@@ -388,6 +409,31 @@ def _typed_id(text: str, ids) -> int | str:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    if args.to is not None:
+        from recsys_metric.db.sink import check_postgres
+
+        # Checked before the scoring, which can take minutes, rather than after it.
+        check_postgres(args.to, args.table, password_env=args.password_env)
+    elif args.out is None:
+        raise ConfigError(
+            "give --out DIR for a Parquet table, --to postgresql://... for a database table, or both"
+        )
+    with tempfile.TemporaryDirectory(prefix="recsys-batch-") as scratch:
+        out = args.out or str(Path(scratch) / "table")
+        code = _batch(args, out)
+        if args.to is not None:
+            from recsys_metric.db.sink import load_parquet_table
+
+            loaded = load_parquet_table(out, args.to, args.table, password_env=args.password_env)
+            kept = f"; the previous table is {loaded['previous_table']}" if loaded["previous_table"] else ""
+            print(
+                f"loaded {loaded['n_rows']:,} rows into {loaded['table']} at {loaded['to']} in {loaded['seconds']:.1f} s "
+                f"({loaded['rows_per_second']:,.0f} rows/s){kept}"
+            )
+    return code
+
+
+def _batch(args: argparse.Namespace, out: str) -> int:
     from recsys_metric.serving import write_recommendations
 
     check_k(args.k, "items per user")
@@ -396,7 +442,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         user_ids = [line.strip() for line in Path(args.users).read_text().splitlines() if line.strip()]
     stats = write_recommendations(
         args.artifacts,
-        args.out,
+        out,
         k=args.k,
         user_ids=user_ids,
         index=args.index,
@@ -405,7 +451,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote top-{args.k} for {stats['n_users']:,} users ({stats['n_rows']:,} rows, {stats['n_files']} files) "
-        f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
+        f"to {out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
     )
     return 0
 
@@ -442,9 +488,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 def _add_pipeline_arguments(p: argparse.ArgumentParser, *, progress: bool) -> None:
     """The options every command that runs the pipeline shares (run, serve)."""
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
     p.add_argument("--config", help="YAML or TOML config file")
@@ -489,9 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="write the prepared dataset (vocabularies, labelled split interactions, triplets, rejects)",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="YAML or TOML config file")
     p.set_defaults(func=_cmd_prepare)
@@ -502,9 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the two-tower model on a log and write a run directory: vocabularies, model.pt, "
         "user/item embedding Parquet files, metrics.json (holdout metrics beside popularity).",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument(
         "--items",
         help="item feature table (Parquet with item_id; default: data/items.parquet with the bundled log)",
@@ -530,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reads the log and writes the run: torchrun --nproc_per_node 2 -m recsys_metric.distributed",
     )
     _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -546,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start training from the current run's models (train.warm_start; cold when it cannot serve)",
     )
     _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(
@@ -596,7 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "batch", help="write the top-K recommendation table (partitioned Parquet) for all users"
     )
-    p.add_argument("--out", required=True, help="output directory for part-*.parquet")
+    p.add_argument("--out", help="output directory for part-*.parquet (needed unless --to is given)")
+    p.add_argument(
+        "--to",
+        help="also load the table into PostgreSQL (postgresql://user@host:port/db, no password: PGPASSWORD or "
+        "--password-env); swapped in atomically, the old one kept as TABLE_previous (docs/databases.md)",
+    )
+    p.add_argument(
+        "--table", default="recommendations", help="table name with --to (default: recommendations)"
+    )
+    p.add_argument(
+        "--password-env",
+        default="PGPASSWORD",
+        help="environment variable with the password (default: PGPASSWORD)",
+    )
     p.add_argument("-k", type=int, default=100, help="items per user (default: 100)")
     p.add_argument("--users", help="text file with one user id per line (default: every user)")
     p.add_argument("--index", choices=["exact", "annoy"], default="exact", help="scoring (default: exact)")
@@ -688,6 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "interactions", "") is None:
+        try:
+            args.interactions = load_config(getattr(args, "config", None)).data.source or str(DEFAULT_DATA)
+        except RecsysMetricError as err:
+            print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
     from recsys_metric.cli_errors import run_command
 
     return run_command(args)

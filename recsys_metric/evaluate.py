@@ -24,10 +24,12 @@ Conventions, fixed here once:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -493,7 +495,8 @@ class _GlobalRanking:
 
 def _evaluate_prepared(
     score_fn: ScoreFn, prep: _Prepared, ks: tuple[int, ...], batch_size: int, device: Any
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Metrics (as :func:`evaluate_scores` returns them) and the standard error of each per-user mean."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_items = prep.relevant.n_items
@@ -508,6 +511,7 @@ def _evaluate_prepared(
     n_candidates = int(prep.candidate_mask.sum()) if prep.candidate_mask is not None else n_items
     global_ranking = _GlobalRanking(score_fn, prep, device) if isinstance(score_fn, ItemScores) else None
     sums = {f"{name}@{k}": 0.0 for name in METRICS[:-1] for k in ks}
+    squares = dict.fromkeys(sums, 0.0)
     n_relevant = prep.relevant.row_lengths()
     workspace = _Workspace()
     best_rank: torch.Tensor | None = None
@@ -522,7 +526,7 @@ def _evaluate_prepared(
         hit_np = prep.relevant.contains(users, items.cpu().numpy())
         hits = torch.from_numpy(hit_np).to(dev, torch.float64) * finite
         n_rel = torch.from_numpy(n_relevant[users]).to(dev, torch.float64)
-        _accumulate(sums, hits, n_rel, ks)
+        _accumulate(sums, squares, hits, n_rel, ks)
         if best_rank is None:
             best_rank = torch.full((n_items,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
         ranks = torch.arange(k_max, device=dev).expand_as(items)
@@ -534,11 +538,29 @@ def _evaluate_prepared(
         result[f"coverage@{k}"] = int((best_rank < k).sum()) / n_candidates if n_candidates else 0.0
     ordered = {f"{name}@{k}": float(result[f"{name}@{k}"]) for name in METRICS for k in ks}
     ordered["n_users"] = n_users
-    return ordered
+    errors = {key: _standard_error(sums[key], squares[key], n_users) for key in sums}
+    return ordered, errors
 
 
-def _accumulate(sums: dict[str, float], hits: torch.Tensor, n_rel: torch.Tensor, ks: tuple[int, ...]) -> None:
-    """Add per-user metrics of one batch. hits: float64 ``[B, k_max]`` 0/1, n_rel: ``[B]``."""
+def _standard_error(total: float, square_total: float, n: int) -> float:
+    """Standard error of a mean from the sum and the sum of squares of ``n`` values (0 for n < 2)."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    variance = max(square_total - n * mean * mean, 0.0) / (n - 1)
+    return math.sqrt(variance / n)
+
+
+def _accumulate(
+    sums: dict[str, float],
+    squares: dict[str, float],
+    hits: torch.Tensor,
+    n_rel: torch.Tensor,
+    ks: tuple[int, ...],
+) -> None:
+    """Add per-user metrics of one batch (and their squares, for standard errors).
+
+    hits: float64 ``[B, k_max]`` 0/1, n_rel: ``[B]``."""
     k_max = hits.shape[1]
     ranks = torch.arange(1, k_max + 1, device=hits.device, dtype=torch.float64)
     discount = 1.0 / torch.log2(ranks + 1.0)
@@ -551,11 +573,16 @@ def _accumulate(sums: dict[str, float], hits: torch.Tensor, n_rel: torch.Tensor,
         kk = min(k, k_max)
         denom = torch.clamp(n_rel, max=k)
         n_hits = hit_cum[:, kk - 1]
-        sums[f"recall@{k}"] += float((n_hits / denom).sum())
         ideal = ideal_prefix[torch.clamp(n_rel, max=kk).long()]
-        sums[f"ndcg@{k}"] += float((dcg_cum[:, kk - 1] / ideal).sum())
-        sums[f"map@{k}"] += float((ap_cum[:, kk - 1] / denom).sum())
-        sums[f"hitrate@{k}"] += float((n_hits > 0).sum())
+        per_user = {
+            "recall": n_hits / denom,
+            "ndcg": dcg_cum[:, kk - 1] / ideal,
+            "map": ap_cum[:, kk - 1] / denom,
+            "hitrate": (n_hits > 0).to(torch.float64),
+        }
+        for name, values in per_user.items():
+            sums[f"{name}@{k}"] += float(values.sum())
+            squares[f"{name}@{k}"] += float(values.square().sum())
 
 
 def evaluate_scores(
@@ -592,7 +619,47 @@ def evaluate_scores(
         DataError: no user has a reachable relevant item.
     """
     prep = _prepare(train_seen, test_relevant, exclude_seen, candidate_mask, users)
-    return _evaluate_prepared(score_fn, prep, _check_ks(ks), batch_size, device)
+    return _evaluate_prepared(score_fn, prep, _check_ks(ks), batch_size, device)[0]
+
+
+Z_95 = 1.959963984540054
+"""Two-sided 95% normal quantile: a confidence interval is the mean +- ``Z_95`` standard errors."""
+
+
+@dataclass(frozen=True)
+class UserSample:
+    """Which users an evaluation scored: all eligible users, or a seeded sample of them.
+
+    Attributes:
+        users: evaluated users.
+        population: eligible users (a reachable relevant item) the sample was drawn from.
+        seed: the sample's seed (``eval.seed``); ``None`` when every eligible user was evaluated.
+        fingerprint: first 16 hex digits of the SHA-256 of the sorted int64 user numbers: two
+            evaluations with the same fingerprint scored the same users.
+    """
+
+    users: int
+    population: int
+    seed: int | None
+    fingerprint: str
+
+    @classmethod
+    def of(cls, users: np.ndarray, population: int, seed: int | None) -> UserSample:
+        digest = hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return cls(users=int(users.shape[0]), population=int(population), seed=seed, fingerprint=digest)
+
+    @property
+    def sampled(self) -> bool:
+        return self.users < self.population
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "users": self.users,
+            "population": self.population,
+            "sampled": self.sampled,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+        }
 
 
 @dataclass
@@ -603,11 +670,20 @@ class EvaluationResult:
         models: scorer name (``"model"``, ``"popularity"``, ...) -> ``{"recall@10": ..., ...}``.
         ks: the cut-offs.
         n_users: users evaluated (the same for every scorer).
+        standard_errors: scorer name -> ``{"recall@10": se, ...}``: the standard error of each
+            per-user mean (recall, NDCG, MAP, hit rate; coverage is not a mean over users and has
+            none), the sample standard deviation over the evaluated users divided by
+            ``sqrt(n_users)``. A 95% confidence interval is the metric +- ``Z_95`` standard errors.
+            No finite-population correction: the interval speaks for users like these, not only
+            for the holdout's, and so stays conservative for a sample of the holdout.
+        sample: which users were evaluated (``None`` in results saved before it was recorded).
     """
 
     models: dict[str, dict[str, float]]
     ks: tuple[int, ...]
     n_users: int
+    standard_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample: UserSample | None = None
 
     def __post_init__(self) -> None:
         self.ks = tuple(self.ks)
@@ -617,12 +693,29 @@ class EvaluationResult:
         """``metric@K`` names in report order."""
         return tuple(f"{name}@{k}" for name in METRICS for k in self.ks)
 
+    def confidence_interval(self, model: str, metric: str) -> tuple[float, float]:
+        """95% confidence interval ``(low, high)`` of one scorer's ``metric@K`` (a per-user mean).
+
+        Raises:
+            KeyError: no standard error for that scorer and metric (coverage has none).
+        """
+        value, se = self.models[model][metric], self.standard_errors[model][metric]
+        return value - Z_95 * se, value + Z_95 * se
+
     def to_table(self) -> str:
-        """Fixed-width text table: one row per scorer, one column per metric@K."""
-        name_width = max([len("model"), *(len(name) for name in self.models)])
+        """Fixed-width text table: one row per scorer, one column per metric@K; under each scorer
+        with standard errors, a ``+-95%`` row holds the confidence half-widths (``Z_95`` SE)."""
+        name_width = max([len("model"), len("  +-95%"), *(len(name) for name in self.models)])
         widths = [max(len(col), 6) for col in self.columns]
+        sample = self.sample
+        if sample is not None and sample.sampled:
+            head = f"{self.n_users} of {sample.population} users (seeded sample, seed {sample.seed}), full ranking"
+        else:
+            head = f"{self.n_users} users, full ranking"
+        if self.standard_errors:
+            head += "; +-95%: confidence half-width over users (1.96 standard errors)"
         lines = [
-            f"{self.n_users} users, full ranking",
+            head,
             "  ".join(
                 [
                     "model".ljust(name_width),
@@ -633,20 +726,52 @@ class EvaluationResult:
         for name, metrics in self.models.items():
             cells = [f"{metrics[col]:.4f}".rjust(w) for col, w in zip(self.columns, widths, strict=True)]
             lines.append("  ".join([name.ljust(name_width), *cells]))
+            errors = self.standard_errors.get(name)
+            if errors:
+                cells = [
+                    (f"{Z_95 * errors[col]:.4f}" if col in errors else "").rjust(w)
+                    for col, w in zip(self.columns, widths, strict=True)
+                ]
+                lines.append("  ".join(["  +-95%".ljust(name_width), *cells]))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"ks": [...], "n_users": n, "models": {name: {metric@K: value}}}``."""
-        return {
+        """JSON-ready ``{"ks", "n_users", "models": {name: {metric@K: value}}, "standard_errors":
+        {name: {metric@K: se}}, "sample": {"users", "population", "sampled", "seed", "fingerprint"}}``."""
+        out: dict[str, Any] = {
             "ks": list(self.ks),
             "n_users": self.n_users,
             "models": {name: {col: float(m[col]) for col in self.columns} for name, m in self.models.items()},
         }
+        if self.standard_errors:
+            out["standard_errors"] = {
+                name: {col: float(se[col]) for col in self.columns if col in se}
+                for name, se in self.standard_errors.items()
+            }
+        if self.sample is not None:
+            out["sample"] = self.sample.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
         """Inverse of :meth:`to_dict`."""
-        return cls(models=data["models"], ks=tuple(data["ks"]), n_users=int(data["n_users"]))
+        sample = data.get("sample")
+        return cls(
+            models=data["models"],
+            ks=tuple(data["ks"]),
+            n_users=int(data["n_users"]),
+            standard_errors=data.get("standard_errors", {}),
+            sample=(
+                UserSample(
+                    users=int(sample["users"]),
+                    population=int(sample["population"]),
+                    seed=sample["seed"],
+                    fingerprint=sample["fingerprint"],
+                )
+                if sample
+                else None
+            ),
+        )
 
     def save_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON (atomically: temporary file, then rename)."""
@@ -655,6 +780,24 @@ class EvaluationResult:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def sample_users(eligible: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """The users an evaluation scores: all of ``eligible`` when they are at most ``max_users``,
+    else ``max_users`` of them drawn without replacement by ``numpy.random.default_rng(seed)``.
+
+    The draw depends only on (the sorted eligible users, ``max_users``, ``seed``), so a run's
+    evaluation and a later quality gate rebuilding the same holdout score the same users.
+
+    Args:
+        eligible: sorted unique int64 user numbers.
+
+    Returns:
+        Sorted int64 user numbers.
+    """
+    if max_users is None or eligible.shape[0] <= max_users:
+        return eligible
+    return np.sort(np.random.default_rng(seed).choice(eligible, size=max_users, replace=False))
 
 
 def evaluate_with_baselines(
@@ -670,8 +813,10 @@ def evaluate_with_baselines(
 ) -> EvaluationResult:
     """Evaluate the model, the popularity baseline and any ``extra`` scorers on the same users.
 
-    With ``config.max_users`` set, that many users are drawn (seeded by ``config.seed``) from the
-    users that have a reachable relevant item; every scorer sees exactly those users.
+    With more users that have a reachable relevant item than ``config.max_users``, that many are
+    drawn (:func:`sample_users`, seeded by ``config.seed``); every scorer sees exactly those users.
+    The result holds each metric's standard error over users and which users were scored
+    (:class:`UserSample`; its fingerprint identifies the sample).
     """
     scorers: dict[str, ScoreFn] = {"model": score_fn, "popularity": popularity_score_fn(train_seen)}
     for name, fn in (extra or {}).items():
@@ -679,12 +824,17 @@ def evaluate_with_baselines(
             raise ValueError(f"extra scorer name {name!r} is reserved; choose another")
         scorers[name] = fn
     prep = _prepare(train_seen, test_relevant, config.exclude_seen, candidate_mask, None)
-    if config.max_users is not None and prep.users.shape[0] > config.max_users:
-        rng = np.random.default_rng(config.seed)
-        sample = np.sort(rng.choice(prep.users, size=config.max_users, replace=False))
-        prep = _Prepared(prep.train_seen, prep.relevant, sample, prep.candidate_mask, prep.exclude_seen)
+    population = int(prep.users.shape[0])
+    users = sample_users(prep.users, config.max_users, config.seed)
+    if users.shape[0] < population:
+        prep = _Prepared(prep.train_seen, prep.relevant, users, prep.candidate_mask, prep.exclude_seen)
+    sample = UserSample.of(users, population, config.seed if users.shape[0] < population else None)
     ks = _check_ks(config.ks)
-    models = {name: _evaluate_prepared(fn, prep, ks, batch_size, device) for name, fn in scorers.items()}
-    for metrics in models.values():
-        metrics.pop("n_users")
-    return EvaluationResult(models=models, ks=ks, n_users=int(prep.users.shape[0]))
+    models: dict[str, dict[str, float]] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for name, fn in scorers.items():
+        models[name], errors[name] = _evaluate_prepared(fn, prep, ks, batch_size, device)
+        models[name].pop("n_users")
+    return EvaluationResult(
+        models=models, ks=ks, n_users=int(prep.users.shape[0]), standard_errors=errors, sample=sample
+    )

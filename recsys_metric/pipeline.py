@@ -81,6 +81,9 @@ from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
 from recsys_metric.store.faults import fault_point
 from recsys_metric.training import TrainData, TrainResult, fit
+from recsys_metric.training.budget import TimeBudget
+from recsys_metric.training.run_budget import RunPlan
+from recsys_metric.training.validation import SampledValidation
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
@@ -301,6 +304,8 @@ def train_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    budget_s = config.train.time_budget_seconds()
+    budget = TimeBudget(budget_s) if budget_s is not None else None
     prepared = prepare_dataset(interactions, run_dir, config)
     fault_point("prepare:after")
     result = train_and_evaluate(
@@ -313,6 +318,7 @@ def train_run(
         prepare_seconds=time.perf_counter() - t0,
         warm_start_from=warm_start_from,
         distributed=distributed,
+        budget=budget,
     )
     if build_ann:
         result.metrics = index_run(run_dir, config)
@@ -332,6 +338,7 @@ def train_and_evaluate(
     prepare_seconds: float | None = None,
     warm_start_from: str | Path | None = None,
     distributed: DistributedTraining | None = None,
+    budget: TimeBudget | None = None,
 ) -> RunResult:
     """Train with early stopping, evaluate on the holdout, refit and export, in a prepared run directory.
 
@@ -352,6 +359,9 @@ def train_and_evaluate(
         distributed: rank 0 of a ``torch.distributed`` group, leading
             (:meth:`recsys_metric.distributed.DistributedTraining.leading`): both fits run on every
             rank; everything else (evaluation, files) stays in this process.
+        budget: the run's time budget, started when the run started; None starts
+            ``config.train.time_budget`` here, counting ``prepare_seconds`` as spent
+            (``docs/time-budget.md``).
 
     Returns:
         The run's metrics, evaluation, model (the exported one) and training histories.
@@ -365,6 +375,9 @@ def train_and_evaluate(
         data = RunData.of(prepared)
     else:
         data = prepared
+    if budget is None and config.train.time_budget_seconds() is not None:
+        budget = TimeBudget(float(config.train.time_budget_seconds()))
+        budget.started -= prepare_seconds or 0.0
     seconds: dict[str, float] = {}
     if prepare_seconds is not None:
         seconds["prepare"] = prepare_seconds
@@ -389,18 +402,37 @@ def train_and_evaluate(
     fit_data = train_data(fit_rows, n_users, n_items, config)
     fit_liked = _matrix(fit_rows.filter(pl.col("label") == 1), n_users, n_items)
     k_stop = config.train.early_stopping_k
-    val_users = _sample_users(val_relevant, config.eval.validation_max_users, config.eval.seed)
     val_candidates = training_items_mask(fit_seen)
 
-    def validate(m: TwoTowerModel) -> dict[str, float]:
+    def validate_users(m: TwoTowerModel, users: np.ndarray) -> float:
         return evaluate_scores(
             model_score_fn(m, fit_liked),
             fit_seen,
             val_relevant,
             ks=(k_stop,),
             candidate_mask=val_candidates,
-            users=val_users,
-        )
+            users=users,
+        )[f"recall@{k_stop}"]
+
+    # Early stopping scores a seeded sample of validation users, shrunk to what its measured cost
+    # affords (recsys_metric.training.validation); the run's time plan reads its cost too.
+    validate = SampledValidation(
+        validate_users,
+        np.flatnonzero(val_relevant.row_lengths() > 0),
+        metric_key=f"recall@{k_stop}",
+        seed=config.eval.seed,
+        max_users=config.eval.validation_max_users,
+    )
+    test_users = int((test_relevant.row_lengths() > 0).sum())
+    run_plan = RunPlan(
+        budget,
+        validate,
+        eval_users=min(test_users, config.eval.max_users or test_users),
+        n_items=n_items,
+        refit_scale=full.filter(pl.col("label") == 1).height / max(fit_data.n_pairs, 1)
+        if config.train.refit
+        else 0.0,
+    )
 
     holdout_model = build_model(data, config, fit_liked, items_table)
     plan, warm_reason = None, "cold start: train.warm_start is off"
@@ -447,6 +479,9 @@ def train_and_evaluate(
         progress=progress,
         distributed=distributed,
         split_method=val_info.method,
+        # A warm start scores its starting point as epoch 0 and keeps it unless an epoch beats it.
+        evaluate_start=plan is not None,
+        planner=run_plan.holdout_planner,
     )
     seconds["train_holdout"] = time.perf_counter() - t
 
@@ -462,9 +497,25 @@ def train_and_evaluate(
     logger.info("holdout evaluation:\n%s", evaluation.to_table())
 
     final_model, refit, final_liked = holdout_model, None, train_liked
-    if config.train.refit:
+    epochs = run_plan.refit_epochs(holdout) if config.train.refit else 0
+    if epochs == 0 and config.train.refit and plan is not None and holdout.best_epoch == 0:
+        # The warm start's starting point beat every epoch: publish the source's model as it was.
         t = time.perf_counter()
-        epochs = holdout.best_epoch or holdout.epochs_run
+        final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+        final_model = build_model(data, config, final_liked, items_table)
+        warm["refit"] = warm_start_model(
+            final_model,
+            plan.final_state,
+            plan.users,
+            plan.items,
+            data.users,
+            data.items,
+            same_features=plan.same_features,
+        )
+        warm["kept_starting_point"] = True
+        seconds["train_refit"] = time.perf_counter() - t
+    elif epochs > 0:
+        t = time.perf_counter()
         final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
         final_model = build_model(data, config, final_liked, items_table)
         if plan is not None:
@@ -487,19 +538,22 @@ def train_and_evaluate(
             progress=progress,
             distributed=distributed,
             split_method=val_info.method,
+            planner=run_plan.refit_planner,
         )
         seconds["train_refit"] = time.perf_counter() - t
 
+    time_budget = run_plan.report(holdout, refit, epochs)
     fault_point("train:after")
     t = time.perf_counter()
+    refitted = final_model is not holdout_model
     # The item table's items without interactions join both models after training (docs/cold-start.md).
     final_model, export_items, catalog = add_catalog_items(final_model, data.items, items_table)
     cold = {"items": export_items, "cold_items": config.data.cold_items}
     if catalog.n_added:
         export_items.save(run_dir / "items.parquet")
-        if refit is not None:
+        if refitted:
             holdout_model = add_catalog_items(holdout_model, data.items, items_table)[0]
-    if refit is not None:
+    if refitted:
         # A later run's quality gate scores this model, never the refit one (see registry).
         (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
         export_embeddings(
@@ -513,7 +567,7 @@ def train_and_evaluate(
         )
         # What a later run's holdout model warm-starts from (recsys_metric.warm_start).
         _save_state(holdout_model, run_dir / HOLDOUT_DIR / MODEL_FILE)
-    trained_on = full if refit is not None else fit_rows
+    trained_on = full if refitted else fit_rows
     export_model(
         final_model,
         data,
@@ -539,10 +593,18 @@ def train_and_evaluate(
             "stopped_early": holdout.stopped_early,
             "lr": holdout.lr,
             "lr_search": holdout.lr_search,
+            "start_metrics": holdout.start_metrics,
+            "validation_se": time_budget["validation"]["standard_error"],
+            "validation_users": time_budget["validation"]["users"],
             "validation_cutoff": val_info.cutoff.isoformat() if val_info.cutoff is not None else None,
         },
         "warm_start": warm,
-        "published_model": "refit_on_full_log" if refit is not None else "holdout_model",
+        "published_model": "refit_on_full_log"
+        if refit is not None
+        else "warm_start_source"
+        if final_model is not holdout_model
+        else "holdout_model",
+        "time_budget": time_budget,
         "training": {
             "holdout": holdout.to_dict(),
             "refit": refit.to_dict() if refit is not None else None,

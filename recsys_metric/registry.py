@@ -65,6 +65,8 @@ from recsys_metric import __version__
 from recsys_metric.config import Config, PublishConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.vocab import Vocabulary
+from recsys_metric.db.source import database_fingerprint
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.store.faults import fault_point
 from recsys_metric.store.lock import StoreLockedError as StoreLockedError  # re-exported
@@ -253,7 +255,8 @@ def input_fingerprint(
     inputs): sha256 over ``name\\tsize\\tmtime_ns\\n`` per file; it changes whenever a file is
     rewritten, even with the same bytes, and misses an in-place edit that keeps size and mtime.
     Names are relative to the input directory (or to the file's directory, or to the glob's
-    literal prefix), so moving the whole input does not change the fingerprint.
+    literal prefix), so moving the whole input does not change the fingerprint. A database URI
+    gets the fingerprint taken while its rows were read (:func:`recsys_metric.db.database_fingerprint`).
 
     Returns:
         ``{"path", "method", "sha256", "n_files", "bytes"}``.
@@ -261,6 +264,8 @@ def input_fingerprint(
     Raises:
         RegistryError: the path matches no file.
     """
+    if is_database_uri(path):
+        return database_fingerprint(path)  # taken while the rows were read (recsys_metric/db/source.py)
     base, files = _input_files(path)
     if not files:
         raise RegistryError(f"input {os.fspath(path)} matches no file; cannot fingerprint it")
@@ -1370,7 +1375,9 @@ def score_current_on_holdout(
 
     cand_metrics_path = candidate / "metrics.json"
     cand_metrics = _read_json(cand_metrics_path) if cand_metrics_path.is_file() else {}
-    _check_same_holdout(cand_metrics, result.models["popularity"], result.n_users, cand_metrics_path)
+    _check_same_holdout(
+        cand_metrics, result.models["popularity"], result.n_users, cand_metrics_path, result.sample
+    )
     return {
         "run_id": user_table.run_id,
         "candidate_run_id": cand_metrics.get("run_id", candidate.name.removeprefix(PENDING_PREFIX)),
@@ -1378,6 +1385,8 @@ def score_current_on_holdout(
         "n_users": result.n_users,
         "metrics": result.models["model"],
         "popularity": result.models["popularity"],
+        "standard_errors": result.standard_errors.get("model", {}),
+        "sample": result.sample.to_dict() if result.sample is not None else None,
         "unknown": {
             "users": int((user_map < 0).sum()),
             "items": int((~known_item).sum()),
@@ -1389,9 +1398,14 @@ def score_current_on_holdout(
 
 
 def _check_same_holdout(
-    cand_metrics: Mapping[str, Any], popularity: Mapping[str, float], n_users: int, path: Path
+    cand_metrics: Mapping[str, Any],
+    popularity: Mapping[str, float],
+    n_users: int,
+    path: Path,
+    sample: Any = None,
 ) -> None:
-    """Raise unless the rebuilt holdout reproduces the candidate's recorded popularity figures."""
+    """Raise unless the rebuilt holdout reproduces the candidate's recorded popularity figures
+    and, where recorded, its user sample (``evaluate.UserSample`` fingerprint)."""
     holdout = cand_metrics.get("holdout")
     if not isinstance(holdout, Mapping):
         return
@@ -1403,6 +1417,10 @@ def _check_same_holdout(
     ]
     if "n_users" in holdout and int(holdout["n_users"]) != n_users:
         mismatches.insert(0, f"n_users {n_users} vs {holdout['n_users']}")
+    recorded_sample = holdout.get("sample")
+    if sample is not None and isinstance(recorded_sample, Mapping):
+        if recorded_sample.get("fingerprint") != sample.fingerprint:
+            mismatches.insert(0, f"user sample {sample.fingerprint} vs {recorded_sample.get('fingerprint')}")
     if mismatches:
         raise RegistryError(
             f"the rebuilt holdout differs from the one recorded in {path} (rebuilt vs recorded: "

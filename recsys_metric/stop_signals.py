@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
 
 
+class StopRequested(SystemExit):
+    """SIGINT or SIGTERM arrived before a runner took SIGTERM over: stop (exit status 0)."""
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Until the runner installs its own handler: stop as a plain SIGTERM would, but through
     # SystemExit so that ``finally`` blocks run.
-    sys.exit(0)
+    raise StopRequested(0)
 
 
 @contextlib.contextmanager
 def stop_on_sigint_like_sigterm() -> Iterator[list[str]]:
     """Within the block, SIGINT calls the current SIGTERM handler (looked up when it arrives).
 
-    Until something else (Prefect's runner) installs a SIGTERM handler, SIGTERM raises
-    ``SystemExit(0)``. Yields a list that receives the name of each signal handled here
+    Until something else (Prefect's runner) installs a SIGTERM handler, both raise
+    :class:`StopRequested` (a ``SystemExit(0)``). Yields a list that receives the name of each signal handled here
     (``"SIGINT"``, and ``"SIGTERM"`` before the runner took SIGTERM over); the previous handlers
     are restored on exit. Outside the main
     thread, where handlers cannot be installed, nothing changes.

@@ -91,6 +91,7 @@ FEATURES = ["category", "price", "tags"]
 CONFIG = {
     "train": {"epochs": 3, "patience": 2, "batch_size": 512, "lr": 0.05},
     "eval": {"ks": [10]},
+    "publish": {"gate_k": 10},
     "model": {"item_features": FEATURES, "dim": 16},
     "data": {"item_tag_columns": ["tags"]},
 }

@@ -250,7 +250,7 @@ def test_a_broken_json_line_is_named_by_its_number(tmp_path):
     with pytest.raises(DataError) as err:
         scan_interactions(path)
     assert str(err.value) == (
-        f"{path}: line 4 is not valid JSON: Expecting ',' delimiter at column 28: fix or remove that line"
+        f"{path}: line 4 is not valid JSON (Expecting ',' delimiter, column 28): fix or remove that line"
     )
     assert not err.value.transient
 

@@ -388,7 +388,7 @@ def _first_bad_json_line(file: str) -> tuple[int, str, bool] | None:
             try:
                 value = json.loads(line)
             except ValueError as err:
-                why = f"not valid JSON: {getattr(err, 'msg', err)} at column {getattr(err, 'colno', '?')}"
+                why = f"not valid JSON ({getattr(err, 'msg', err)}, column {getattr(err, 'colno', '?')})"
                 return number, why, not raw.endswith(b"\n")
             if not isinstance(value, dict):
                 return number, f"a JSON {type(value).__name__}, not an object", not raw.endswith(b"\n")

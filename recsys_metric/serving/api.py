@@ -28,6 +28,7 @@ release the GIL in BLAS and in Annoy, so one worker uses more than one core unde
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -195,6 +196,9 @@ def create_app(
         index, verify: as :meth:`Recommender.load`.
         recommender: serve this one instead of loading ``artifacts`` (tests, embedding the app).
 
+    Once started, ``app.state.recommender`` is the :class:`Recommender` or
+    :class:`FollowingRecommender` it serves (``refresh()`` it to check ``current`` at once).
+
     Raises:
         ValueError: neither ``artifacts`` nor ``recommender`` given.
     """
@@ -212,6 +216,7 @@ def create_app(
             state["rec"] = Recommender.load(
                 artifacts, index=index, verify=verify, output="polars", follow=follow, interval=interval
             )
+        app.state.recommender = state["rec"]
         try:
             yield
         finally:
@@ -352,6 +357,11 @@ def app_from_env() -> FastAPI:
     """The app configured by environment variables (for ``uvicorn --factory`` and ``--workers``):
     ``RECSYS_METRIC_ARTIFACTS`` (required), ``RECSYS_METRIC_RELOAD_INTERVAL`` (seconds, default
     30), ``RECSYS_METRIC_INDEX`` (auto|annoy|exact), ``RECSYS_METRIC_VERIFY`` (1|0)."""
+    # Reloads and refusals are logged by recsys_metric.serving.follow: make them visible beside
+    # uvicorn's own lines in every worker process.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("recsys_metric").setLevel(logging.INFO)
     artifacts = os.environ.get(ENV_ARTIFACTS)
     if not artifacts:
         raise RuntimeError(f"set {ENV_ARTIFACTS} to the artifacts directory to serve")

@@ -87,7 +87,8 @@ class RunVerifier:
             return
         try:
             self.manifest = Manifest.load(path)
-        except RegistryError as err:
+        except (RegistryError, UnicodeDecodeError, OSError, ValueError) as err:
+            # UnicodeDecodeError: random bytes in the JSON text are not even UTF-8.
             raise IntegrityError(
                 f"run directory {self.run_dir}: {MANIFEST_FILE} cannot be read ({err}); without it the "
                 "run's files cannot be verified. Publish another run (or pass verify=False)",

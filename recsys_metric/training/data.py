@@ -113,6 +113,13 @@ class TrainResult:
             tried: ``lr``, ``best_epoch``, ``best_metric`` (validation Recall@K), ``epochs_run``,
             ``seconds`` (its epochs' training time); empty otherwise. The other fields describe
             the chosen candidate's fit.
+        start_metrics: with ``evaluate_start`` (a warm start), the validation metrics of the
+            starting weights, evaluated as epoch 0 (``best_epoch`` 0 when no epoch beat them: the
+            model then keeps its starting weights); None otherwise.
+        stopped_by: why a planner (the time budget) ended the run before early stopping or the
+            epoch cap did, or None.
+        validation_seconds: wall seconds spent in validation (not part of ``history``'s
+            ``seconds``; 0 under torchrun, where each rank would time its own wait).
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -128,6 +135,9 @@ class TrainResult:
     item_centric_weight: float = 0.0
     lr: float = 0.0
     lr_search: list[dict[str, Any]] = field(default_factory=list)
+    start_metrics: dict[str, float] | None = None
+    stopped_by: str | None = None
+    validation_seconds: float = 0.0
 
     @property
     def epochs_run(self) -> int:

@@ -1,11 +1,13 @@
-"""The entry point :func:`fit`, and the learning-rate search of ``train.lr: auto``: one fit per
-candidate rate, the best validation Recall@K wins.
+"""The entry point :func:`fit`, and the learning-rate search of ``train.lr: auto``: the race
+(:mod:`~recsys_metric.training.rate_race`, default) or one full fit per candidate rate
+(``train.lr_search: full``, and under torchrun); the best validation Recall@K wins.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +20,12 @@ from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.checkpoints import cpu_state
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.loop import fit_at_rate
+from recsys_metric.training.rate_race import race
 from recsys_metric.training.sources import co_liked_data
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
+    from recsys_metric.training.budget import EpochPlanner
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,9 @@ def fit(
     progress: bool | None = None,
     distributed: DistributedTraining | None = None,
     split_method: str = "temporal",
+    evaluate_start: bool = False,
+    planner: EpochPlanner | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``model`` in place on the liked pairs of ``data``.
 
@@ -69,12 +76,21 @@ def fit(
             ``user_holdout`` (:class:`~recsys_metric.config.SplitConfig`); it resolves
             ``auto`` of ``config.user_balance`` and ``config.item_centric_weight``
             (:meth:`~recsys_metric.config.TrainConfig.for_split`).
+        evaluate_start: with ``validate``, evaluate the model as it is before the first epoch
+            (epoch 0); it stays the best unless an epoch beats it, so a warm start never returns a
+            model worse on validation than the one it started from.
+        planner: asked after every epoch whether another still fits
+            (:class:`~recsys_metric.training.budget.HoldoutPlanner` for ``train.time_budget``).
+        clock: times epochs and evaluations (the planner's budget reads its own clock; tests
+            inject the same fake one into both).
 
-    ``config.lr: auto`` with ``validate``: one fit per rate of ``config.lr_candidates``, each from
-    the model's weights at the call and with the same seed (with ``checkpoint_dir``, each in its
-    own subdirectory ``lr-<rate>``, so that ``resume`` skips finished candidates); the model keeps
-    the best epoch of the candidate with the highest validation Recall@K. Without ``validate``
-    ``auto`` trains at the first candidate.
+    ``config.lr: auto`` with ``validate``: every rate of ``config.lr_candidates`` trains from the
+    model's weights at the call and with the same seed (with ``checkpoint_dir``, each in its own
+    subdirectory ``lr-<rate>``, so that ``resume`` continues each); ``lr_search: race`` (default,
+    not under torchrun) stops the worse half at each rung (:mod:`~recsys_metric.training.rate_race`),
+    ``full`` trains each to its own early stop. The model keeps the best epoch of the candidate
+    with the highest validation Recall@K. Without ``validate`` ``auto`` trains at the first
+    candidate.
 
     Returns:
         Per-epoch history, best epoch and metric, whether it stopped early, the device, the rate
@@ -116,7 +132,28 @@ def fit(
             resume,
             progress,
             distributed,
+            evaluate_start=evaluate_start,
+            planner=planner,
+            clock=clock,
         )
+    if config.lr_search == "race" and distributed is None and len(config.lr_candidates) > 1:
+        assert validate is not None
+        result = race(
+            model,
+            data,
+            config,
+            explicit_share,
+            validate,
+            epochs,
+            checkpoint_dir,
+            resume,
+            progress,
+            evaluate_start=evaluate_start,
+            planner=planner,
+            clock=clock,
+        )
+        logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(result.lr_search))
+        return result
     last = len(config.lr_candidates) - 1
     initial = cpu_state(model) if last > 0 else None
     # The winner's weights: None while they are the ones in the model (the last candidate's).
@@ -137,6 +174,9 @@ def fit(
             resume,
             progress,
             distributed,
+            evaluate_start=evaluate_start,
+            planner=planner,
+            clock=clock,
         )
         trials.append(
             {
