@@ -156,7 +156,8 @@ def test_two_writers_one_refused_one_waits_and_is_gated_against_the_first(data, 
         assert f"pid {first.pid}" in seen
     finally:
         release.touch()
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    _, first_err = first.communicate(timeout=300)  # drains both pipes: a full pipe would block it
+    assert first.returncode == 0, first_err[-3000:]
     out, err = waiting.communicate(timeout=300)
     assert waiting.returncode in (0, 3), err[-3000:]
 
