@@ -222,7 +222,7 @@ def test_a_full_disk_fails_cleanly_in_one_line_and_the_next_run_recovers(data, t
                 assert "its temporary directory was removed. The run needs more than " in line
                 assert list((small / "artifacts" / "runs").iterdir()) == []
             finally:
-                subprocess.run(["umount", str(small)], check=False)
+                subprocess.run(["umount", "--lazy", str(small)], check=False)
         # The disk fills while the run writes (simulated at the export boundary).
         proc = cli(data, root, fault="export:after@enospc")
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -236,7 +236,7 @@ def test_a_full_disk_fails_cleanly_in_one_line_and_the_next_run_recovers(data, t
         assert serves(root) != first.run_id and debris(root) == []
     finally:
         if mounted:
-            subprocess.run(["umount", str(fs)], check=False)
+            subprocess.run(["umount", "--lazy", str(fs)], check=False)  # a loaded index may still map a file
 
 
 def _clone(store: ArtifactStore, source: str, run_id: str) -> str:
