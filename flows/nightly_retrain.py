@@ -5,7 +5,8 @@ never frames or models; every task uses ``NO_CACHE`` (a nightly run must never b
 earlier run's cache, and the default policy would hash every argument on every call) and
 ``persist_result=False`` (nothing is written to Prefect's result storage)::
 
-    (flow body: new run directory runs/.tmp-<id>; read which run is published)
+    (flow body, holding the store's writer lock ARTIFACTS/.lock until the end: remove dead
+     runs' debris, free-space check, new run directory runs/.tmp-<id>, read which run is published)
     prepare (reads the log; retried on transient errors: a log still being written, I/O)
       -> train (train with early stopping, evaluate on the holdout, refit, export, Annoy index)
       -> gate (the published run's holdout model on this run's holdout, the quality gate, both
@@ -18,8 +19,10 @@ and 40 ms of the API server's CPU (bench/orchestration.py), so stages that only 
 more (index after training, gate decision after scoring, the report) share a task.
 
 ``publish`` is the only task that moves ``current``, and it runs after everything else that can
-fail: a crash in any earlier task leaves ``current`` where it was, and the half-written run stays
-in ``runs/.tmp-<id>`` until a later ``prune`` removes it. A re-run starts a fresh run directory.
+fail: a failure in any earlier task leaves ``current`` where it was and removes the half-written
+``runs/.tmp-<id>`` (a killed flow leaves it to the next writer, which removes it when it takes
+the lock). A re-run starts a fresh run directory. Another writer on the store (a ``recsys-metric
+run``, another deployment) makes the flow fail at once, naming it, or wait (``lock_wait_s``).
 
 Each run leaves two Prefect artifacts: a markdown report (``nightly-retrain-report-<store>``) and
 a table (``nightly-retrain-metrics-<store>``) with this run's holdout metrics beside the published
