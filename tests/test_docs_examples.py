@@ -16,7 +16,8 @@ Blocks of one page run in order in one Python namespace and one working director
 temporary directory holding ``data/`` (the bundled log), ``.venv`` (this interpreter's prefix, so
 ``.venv/bin/recsys-metric`` is this checkout's CLI) and ``artifacts/``, a run published from the
 bundled data with the default config, as ``make run`` leaves it. A page whose first command is
-that very run (``.venv/bin/recsys-metric run``) starts without ``artifacts/`` instead.
+that very run (``.venv/bin/recsys-metric run``) starts without ``artifacts/`` instead. Commands
+run in bash with this interpreter's ``bin/`` first on ``PATH`` and without ``PREFECT_API_URL``.
 
 To keep a block from running (it starts a Prefect server, needs PostgreSQL or a GPU, installs
 packages, or runs for minutes), put this on the line right above its fence, with the reason::
@@ -149,6 +150,8 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.prefix) / "bin"), env.get("PATH", "")))
     env.update(MPLBACKEND="Agg", COLUMNS="200", NO_COLOR="1", PYTHONUNBUFFERED="1")
+    # As in a fresh shell: no Prefect server configured (the examples that need one are skipped).
+    env.pop("PREFECT_API_URL", None)
     return env
 
 
