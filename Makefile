@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,bench,scale,docs
+
+EXTRAS ?= dev,bench,scale,db,docs
 # pip on this machine warns about an unused extra index for every package; keep real errors visible.
 QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 comma := ,

@@ -33,11 +33,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import flow, get_client, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.artifact_keys import artifact_key, current_deployment_name
+from flows.run_states import failed_state
 from recsys_metric import recommend
 from recsys_metric.data.vocab import Vocabulary
+from recsys_metric.db import sink
+from recsys_metric.db.connection import DatabaseUnreachable
 from recsys_metric.errors import ConfigError
 from recsys_metric.registry import resolve_run_dir
 
@@ -46,9 +51,41 @@ if TYPE_CHECKING:
 
 SCHEDULER_TIMEOUT_S = 10.0
 """How long the flow waits for a Dask scheduler to answer and to have a worker."""
+REPORT_KEY = "batch-recommendations-report"
+"""Base of the table's report key; the key itself names the store (flows.artifact_keys)."""
 
 
-@task(cache_policy=NO_CACHE)
+def report_markdown(stats: dict[str, Any], finished: str) -> str:
+    """Markdown report of one table: run, rows, users, files, K, where, how long, when."""
+    rows = [
+        ("run_id", stats["run_id"]),
+        ("rows", f"{stats['n_rows']:,}"),
+        ("users", f"{stats['n_users']:,}"),
+        ("files", stats["n_files"]),
+        ("k", stats["k"]),
+        ("table", stats["out_dir"]),
+        ("seconds", f"{stats['seconds']:.1f}"),
+        ("finished (UTC)", finished),
+    ]
+    lines = [f"# Batch recommendations of run {stats['run_id']}", "", "| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _report(artifacts: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """Publish the table's report artifact (keyed by store and deployment) and return ``stats``."""
+    from datetime import UTC, datetime
+
+    finished = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    create_markdown_artifact(
+        report_markdown(stats, finished),
+        key=artifact_key(REPORT_KEY, artifacts, current_deployment_name()),
+        description=f"batch recommendations of run {stats['run_id']}",
+    )
+    return stats
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
 def resolve_current(artifacts: str) -> str:
     """The published run's directory (symlinks resolved: a later publish does not change it)."""
     run_dir = resolve_run_dir(artifacts)
@@ -64,6 +101,11 @@ def read_user_ids(users_path: str, run_dir: str) -> list[Any]:
     return lines
 
 
+def _retry_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a database load only when the server could not be reached (not for a bad table name or login)."""
+    return isinstance(state.result(raise_on_failure=False), DatabaseUnreachable)
+
+
 def _log_table(stats: dict[str, Any]) -> None:
     get_run_logger().info(
         "wrote top-%d for %d users (%d rows, %d files) to %s in %.1f s",
@@ -76,7 +118,7 @@ def _log_table(stats: dict[str, Any]) -> None:
     )
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def write_table(
     run_dir: str, out: str, k: int, users_path: str | None, index: str, batch_users: int | None = None
 ) -> dict[str, Any]:
@@ -97,7 +139,7 @@ def write_table(
     return stats
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def scheduler_threads(address: str) -> int:
     """Worker threads of the Dask cluster at ``address`` (waits :data:`SCHEDULER_TIMEOUT_S` for
     the scheduler to answer and for at least one worker).
@@ -128,6 +170,25 @@ def scheduler_threads(address: str) -> int:
         "Dask scheduler %s: %d workers, %d threads", address, len(threads), sum(threads.values())
     )
     return sum(threads.values())
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_unreachable)
+def load_table(
+    table_dir: str, to: str, table: str, password_env: str, password_secret: str | None
+) -> dict[str, Any]:
+    """Bulk-load the written Parquet table into PostgreSQL and swap it in (:mod:`recsys_metric.db.sink`)."""
+    loaded = sink.load_parquet_table(
+        table_dir, to, table, password_env=password_env, password_secret=password_secret
+    )
+    get_run_logger().info(
+        "loaded %d rows into %s at %s in %.1f s (previous table: %s)",
+        loaded["n_rows"],
+        loaded["table"],
+        loaded["to"],
+        loaded["seconds"],
+        loaded["previous_table"],
+    )
+    return loaded
 
 
 @task(cache_policy=NO_CACHE)
@@ -162,7 +223,7 @@ def plan_table(
     return plan
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def write_partition(plan: recommend.TablePlan, number: int) -> dict[str, Any]:
     """Write one partition of the table (in whichever process the task runner puts it)."""
     result = recommend.write_partition(plan, number)
@@ -172,14 +233,14 @@ def write_partition(plan: recommend.TablePlan, number: int) -> dict[str, Any]:
     return result
 
 
-@flow(name="batch-recommendations-partitions", validate_parameters=False)
+@flow(name="batch-recommendations-partitions", validate_parameters=False, persist_result=False)
 def write_partitions(plan: recommend.TablePlan) -> list[dict[str, Any]]:
     """Every partition of ``plan``, one task each, on this flow's task runner (set by the caller)."""
     futures = write_partition.map(unmapped(plan), range(len(plan.partitions)))
     return [future.result() for future in futures]
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, persist_result=False)
 def finish_table(plan: recommend.TablePlan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the manifest and move the table into place; returns the writer's summary."""
     stats = recommend.finish_recommendations(plan, results)
@@ -258,7 +319,7 @@ def _local_cluster_environment() -> Iterator[None]:
                 os.environ[key] = value
 
 
-@flow(name="batch-recommendations")
+@flow(name="batch-recommendations", persist_result=False)
 def batch_recommendations(
     artifacts: str = "artifacts",
     out: str = "artifacts/recommendations",
@@ -269,6 +330,10 @@ def batch_recommendations(
     workers: int = 1,
     dask_address: str | None = None,
     partitions: int | None = None,
+    to: str | None = None,
+    table: str = "recommendations",
+    password_env: str = "PGPASSWORD",
+    password_secret: str | None = None,
 ) -> dict[str, Any]:
     """Top-``k`` recommendations of the published run for every user (or those in ``users_path``).
 
@@ -285,16 +350,65 @@ def batch_recommendations(
             instead; ``workers`` must then stay 1.
         partitions: user partitions (one task each) on Dask; None: one per worker thread. At most
             one per block of users.
+        to: also load the table into this PostgreSQL database (``postgresql://user@host/db``, no
+            password), swapped in atomically for ``table`` (docs/databases.md).
+        table: the PostgreSQL table (``table`` or ``schema.table``); the one it replaces is kept
+            as ``<table>_previous``.
+        password_env: environment variable holding the database password.
+        password_secret: Prefect Secret block holding the database password (wins over
+            ``password_env``).
 
     Returns:
         The writer's summary (``run_id``, ``out_dir``, ``n_users``, ``n_rows``, ``n_files``...),
-        the same with or without Dask (but for the timings).
+        the same with or without Dask (but for the timings). The same figures and the time go
+        to a markdown artifact ``batch-recommendations-report-<store>`` (its key names the store
+        and, for a scheduled run, the deployment);
+        with ``to``, also ``postgres``: the load's summary (``table``, ``previous_table``, ``n_rows``,
+        ``seconds``...).
 
     Raises:
         ConfigError: ``workers``/``partitions`` are not positive, ``partitions`` without Dask,
             ``workers`` with ``dask_address``, or prefect-dask missing.
         ConnectionError: no Dask scheduler (or no worker) at ``dask_address``.
+
+        The flow run ends ``Failed`` without writing the exception to Prefect's result storage
+        (:func:`flows.run_states.failed_state`).
     """
+    try:
+        return _batch_recommendations(
+            artifacts,
+            out,
+            k,
+            users_path,
+            index,
+            batch_users,
+            workers,
+            dask_address,
+            partitions,
+            to,
+            table,
+            password_env,
+            password_secret,
+        )
+    except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
+        return failed_state(exc)  # type: ignore[return-value]
+
+
+def _batch_recommendations(
+    artifacts: str,
+    out: str,
+    k: int,
+    users_path: str | None,
+    index: Literal["exact", "annoy"],
+    batch_users: int | None,
+    workers: int,
+    dask_address: str | None,
+    partitions: int | None,
+    to: str | None,
+    table: str,
+    password_env: str,
+    password_secret: str | None,
+) -> dict[str, Any]:
     if workers < 1 or (partitions is not None and partitions < 1):
         raise ConfigError(f"workers and partitions must be positive, got {workers} and {partitions}")
     if dask_address is not None and workers != 1:
@@ -302,11 +416,14 @@ def batch_recommendations(
             f"workers={workers} sizes a local cluster; with dask_address={dask_address!r} the "
             "cluster's own workers are used: leave workers at 1"
         )
+    if to is not None:  # a wrong URI, table name or login fails the flow before the scoring
+        sink.check_postgres(to, table, password_env=password_env, password_secret=password_secret)
     if dask_address is None and workers == 1:
         if partitions is not None:
             raise ConfigError(f"partitions={partitions} needs Dask: set workers > 1 or dask_address")
         run_dir = resolve_current(artifacts)
-        return write_table(run_dir, out, k, users_path, index, batch_users)
+        stats = write_table(run_dir, out, k, users_path, index, batch_users)
+        return _report(artifacts, _to_postgres(stats, to, table, password_env, password_secret))
 
     runner = dask_task_runner(workers, dask_address)
     threads = scheduler_threads(dask_address) if dask_address is not None else workers
@@ -321,7 +438,16 @@ def batch_recommendations(
     except BaseException:
         recommend.discard_recommendations(plan)
         raise
-    return finish_table(plan, results)
+    stats = _to_postgres(finish_table(plan, results), to, table, password_env, password_secret)
+    return _report(artifacts, stats)
+
+
+def _to_postgres(
+    stats: dict[str, Any], to: str | None, table: str, password_env: str, password_secret: str | None
+) -> dict[str, Any]:
+    if to is None:
+        return stats
+    return {**stats, "postgres": load_table(stats["out_dir"], to, table, password_env, password_secret)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,9 +461,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="Dask LocalCluster worker processes")
     parser.add_argument("--dask-address", help="a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--partitions", type=int, help="user partitions on Dask (default: one per thread)")
+    parser.add_argument(
+        "--to", help="also load into PostgreSQL: postgresql://user@host:port/db (no password)"
+    )
+    parser.add_argument(
+        "--table", default="recommendations", help="PostgreSQL table (default: recommendations)"
+    )
+    parser.add_argument("--password-env", default="PGPASSWORD", help="variable with the database password")
+    parser.add_argument("--password-secret", help="Prefect Secret block with the database password")
     args = parser.parse_args(argv)
     stats = batch_recommendations(**vars(args))
     print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
+    if "postgres" in stats:
+        print(f"loaded them into {stats['postgres']['table']} at {stats['postgres']['to']}")
     return 0
 
 

@@ -6,10 +6,10 @@ earlier run's cache, and the default policy would hash every argument on every c
 ``persist_result=False`` (nothing is written to Prefect's result storage)::
 
     (flow body: new run directory runs/.tmp-<id>; read which run is published)
-    prepare (reads the log; retried on OSError)
+    prepare (reads the log; retried on transient errors: a log still being written, I/O)
       -> train (train with early stopping, evaluate on the holdout, refit, export, Annoy index)
       -> gate (the published run's holdout model on this run's holdout, the quality gate, both
-         artifacts) -> finalize -> publish (retried on OSError; only when the gate passes) -> prune
+         artifacts) -> finalize -> publish (retried on transient errors; only when the gate passes) -> prune
 
 A task boundary is kept where it buys something: a retry that re-runs only I/O (``prepare``,
 ``publish``), a stage whose failure must leave ``current`` alone (everything before ``publish``),
@@ -21,9 +21,15 @@ more (index after training, gate decision after scoring, the report) share a tas
 fail: a crash in any earlier task leaves ``current`` where it was, and the half-written run stays
 in ``runs/.tmp-<id>`` until a later ``prune`` removes it. A re-run starts a fresh run directory.
 
-Each run leaves two Prefect artifacts: a markdown report (``nightly-retrain-report``) and a table
-(``nightly-retrain-metrics``) with this run's holdout metrics beside the published run's (scored
-on the same holdout) and popularity's, and the gate's reason.
+Each run leaves two Prefect artifacts: a markdown report (``nightly-retrain-report-<store>``) and
+a table (``nightly-retrain-metrics-<store>``) with this run's holdout metrics beside the published
+run's (scored on the same holdout) and popularity's, and the gate's reason. The keys name the
+artifact store and, for a scheduled run, the deployment (:func:`report_keys`), so that two
+stores or a trial deployment on one server never overwrite each other's latest report.
+
+Nothing is written to Prefect's result storage: the tasks and the flow have
+``persist_result=False``, so a failed run does not pickle its exception there either (the
+exception and its traceback are in the flow run's state message and logs).
 
 Run it once, with a temporary local Prefect API (10-20 s to start) or the server named by
 ``PREFECT_API_URL`` (:func:`run_once`: without the flow-run heartbeat)::
@@ -37,9 +43,11 @@ flow (``flows.deployments``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -52,20 +60,31 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from recsys_metric import pipeline, registry
+from flows.artifact_keys import artifact_key, current_deployment_name
+from flows.run_states import failed_state
+from recsys_metric import nightly, pipeline, registry
 from recsys_metric.config import Config, load_config
 from recsys_metric.data import prepare as data_prepare
+from recsys_metric.errors import is_transient
 from recsys_metric.registry import ArtifactStore
 
 REPORT_KEY = "nightly-retrain-report"
+"""Base of the markdown report's key; the key itself names the store (:func:`report_keys`)."""
 METRICS_KEY = "nightly-retrain-metrics"
+"""Base of the metrics table's key."""
 IO_RETRIES = 2
 IO_RETRY_DELAYS = [2, 5]
 
 
-def _retry_on_os_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O failures only: bad data or a bad config fails the same way on every try."""
-    return isinstance(state.result(raise_on_failure=False), OSError)
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient failures only (:func:`recsys_metric.errors.is_transient`: a log still being
+    written, an I/O or connection error); bad data or a bad config fails the same way on every try."""
+    return is_transient(state.result(raise_on_failure=False))
+
+
+def report_keys(artifacts: str, deployment: str | None = None) -> tuple[str, str]:
+    """(report key, metrics key) of the store ``artifacts`` in ``deployment`` (see flows.artifact_keys)."""
+    return artifact_key(REPORT_KEY, artifacts, deployment), artifact_key(METRICS_KEY, artifacts, deployment)
 
 
 @task(
@@ -73,7 +92,7 @@ def _retry_on_os_error(task: Any, task_run: Any, state: Any) -> bool:
     persist_result=False,
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=_retry_on_os_error,
+    retry_condition_fn=_retry_transient,
 )
 def prepare(interactions: str, run_dir: str, config: Config) -> float:
     """Read, validate, encode, label, split the log into ``run_dir``; returns the wall seconds."""
@@ -145,13 +164,14 @@ def gate(
     holdout: Mapping[str, Any],
     config: Config,
     force: bool,
+    keys: tuple[str, str] = (REPORT_KEY, METRICS_KEY),
 ) -> dict[str, Any]:
     """Score the published run on this run's holdout, apply the quality gate, publish the artifacts.
 
     The published run's (``current_dir``) holdout model is scored on this run's holdout
     (:func:`recsys_metric.registry.score_current_on_holdout`; skipped when ``current_dir`` is
     None), :func:`recsys_metric.registry.gate` decides, and the run's markdown report and metrics
-    table go to the Prefect API.
+    table go to the Prefect API under ``keys`` (report, metrics: :func:`report_keys`).
 
     Returns:
         ``decision`` (the gate's decision as a dict), ``current_on_holdout`` (the published run's
@@ -177,9 +197,10 @@ def gate(
     ).to_dict()
     logger.info("quality gate: %s", decision["reason"])
     rows = metrics_rows(run_id, holdout, current_on_holdout)
-    create_table_artifact(rows, key=METRICS_KEY, description=f"holdout metrics of run {run_id}")
+    report_key, metrics_key = keys
+    create_table_artifact(rows, key=metrics_key, description=f"holdout metrics of run {run_id}")
     create_markdown_artifact(
-        report_markdown(run_id, rows, decision), key=REPORT_KEY, description=f"nightly retrain {run_id}"
+        report_markdown(run_id, rows, decision), key=report_key, description=f"nightly retrain {run_id}"
     )
     return {"decision": decision, "current_on_holdout": current_on_holdout, "metrics": rows}
 
@@ -242,11 +263,11 @@ def finalize(artifacts: str, run_dir: str, config: Config, interactions: str, ex
     persist_result=False,
     retries=IO_RETRIES,
     retry_delay_seconds=IO_RETRY_DELAYS,
-    retry_condition_fn=_retry_on_os_error,
+    retry_condition_fn=_retry_transient,
 )
-def publish(artifacts: str, run_id: str, config: Config) -> str | None:
+def publish(artifacts: str, run_id: str, config: Config, force: bool = False) -> str | None:
     """Switch ``current`` to the run atomically; returns the previously published run id."""
-    previous = ArtifactStore(artifacts, config.publish).publish(run_id)
+    previous = ArtifactStore(artifacts, config.publish).publish(run_id, forced=force)
     get_run_logger().info("published %s (was %s)", run_id, previous)
     return previous
 
@@ -260,59 +281,114 @@ def prune(artifacts: str, config: Config) -> list[str]:
     return deleted
 
 
-@flow(name="nightly-retrain")
+@flow(name="nightly-retrain", persist_result=False)
 def nightly_retrain(
-    interactions: str = "data/interactions.parquet",
+    interactions: str | None = None,
     artifacts: str = "artifacts",
     config_path: str | None = None,
     force: bool = False,
     items: str | None = None,
     warm_start: bool | None = None,
+    lock_wait_s: float | None = 0.0,
 ) -> dict[str, Any]:
     """Train a new run, gate it against the published one, and publish it only when it passes.
 
+    The flow holds the store's one-writer lock (``ARTIFACTS/.lock``) from start to end, like
+    ``recsys-metric run``: another writer (a run, a train, a publish, another deployment) makes
+    it fail with the holder named, or wait with ``lock_wait_s``. Prefect's concurrency limits
+    may add to this, never replace it.
+
     Args:
-        interactions: the interaction log (file, Parquet directory or glob).
+        interactions: the interaction log (file, Parquet directory or glob, or a database URI:
+            ``postgresql://user@host/db``, ``duckdb:///path``; docs/databases.md); None: the
+            config's ``data.source``, else ``data/interactions.parquet``.
         artifacts: the artifact store root (``runs/`` and ``current``).
         config_path: YAML or TOML config; defaults when None.
         force: publish even when the gate refuses (the reason records the override).
         items: item feature table, when ``model.item_features`` is set.
         warm_start: start training from the published run's models (``train.warm_start``);
             None keeps the config's setting.
+        lock_wait_s: when another process writes to the store: 0 fails at once, a number of
+            seconds waits that long at most, None waits until it finishes.
 
     Returns:
         ``run_id``, ``run_dir``, ``published``, ``reason`` (the gate's), ``decision`` (all its
         figures), ``previous_run_id`` (published before this run), ``current_run_id`` (published
         after it), ``metrics`` (rows of the report table), ``index`` and ``pruned``.
+
+    Raises:
+        What the failed step raised; the flow run ends ``Failed`` without writing the exception
+        to Prefect's result storage (:func:`flows.run_states.failed_state`).
     """
+    try:
+        return _nightly_retrain(interactions, artifacts, config_path, force, items, warm_start, lock_wait_s)
+    except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
+        return failed_state(exc)  # type: ignore[return-value]
+
+
+def _nightly_retrain(
+    interactions: str,
+    artifacts: str,
+    config_path: str | None,
+    force: bool,
+    items: str | None,
+    warm_start: bool | None,
+    lock_wait_s: float | None,
+) -> dict[str, Any]:
     config = load_config(config_path)
+    interactions = interactions or config.data.source or "data/interactions.parquet"
     if warm_start is not None:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"warm_start": warm_start})}
         )
+    nightly.check_input_exists(interactions)
     store = ArtifactStore(artifacts, config.publish)
-    # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
-    pending = str(store.new_run())
-    run_id = store.run_id_of(pending)
-    # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
-    current = store.current()
-    current_dir = None if current is None else str(store.run_dir(current))
-    get_run_logger().info("new run directory %s (published run: %s)", pending, current)
-    prepare_seconds = prepare(interactions, pending, config)
-    trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
-    gated = gate(current_dir, pending, run_id, trained["holdout"], config, force)
-    decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
-    run_dir = finalize(
-        artifacts,
-        pending,
-        config,
-        interactions,
-        {"gate": decision, "current_on_holdout": current_on_holdout},
-    )
-    previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
-    if decision["publish"]:
-        previous = publish(artifacts, run_id, config)
-    pruned = prune(artifacts, config)
+    with store.writer(wait=lock_wait_s, purpose="nightly-retrain flow") as cleaned:
+        logger = get_run_logger()
+        if cleaned:
+            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
+        needed = store.check_space(interactions)
+        # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
+        pending = str(store.new_run())
+        run_id = store.run_id_of(pending)
+        # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
+        current = store.current()
+        current_dir = None if current is None else str(store.run_dir(current))
+        logger.info("new run directory %s (published run: %s)", pending, current)
+        try:
+            prepare_seconds = prepare(interactions, pending, config)
+            trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
+            keys = report_keys(artifacts, current_deployment_name())
+            gated = gate(current_dir, pending, run_id, trained["holdout"], config, force, keys)
+            decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
+            run_dir = finalize(
+                artifacts,
+                pending,
+                config,
+                interactions,
+                {"gate": decision, "current_on_holdout": current_on_holdout},
+            )
+        except BaseException as err:
+            # This run's own temporary directory goes (a crash leaves it to the next writer).
+            full = nightly._failed(store, Path(pending), err, run_id, needed)
+            if full is not None:
+                raise full from err
+            raise
+        previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
+        if decision["publish"] and store.current() != current:
+            # Cannot happen while every writer takes the lock; one that bypassed it is caught here.
+            logger.warning(
+                "current moved from %s to %s during this run; gating again", current, store.current()
+            )
+            metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+            _, redo = nightly.gate_against_current(
+                store, store.current(), Path(run_dir), metrics, config, force=force
+            )
+            decision, previous = redo.to_dict(), store.current()
+            logger.info("quality gate (again): %s", decision["reason"])
+        if decision["publish"]:
+            previous = publish(artifacts, run_id, config, force)
+        pruned = prune(artifacts, config)
     return {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -361,7 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.nightly_retrain", description=nightly_retrain.__doc__
     )
-    parser.add_argument("--interactions", default="data/interactions.parquet")
+    parser.add_argument(
+        "--interactions",
+        help="log path or database URI (default: data.source, else data/interactions.parquet)",
+    )
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--config", dest="config_path")
     parser.add_argument("--items")

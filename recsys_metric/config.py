@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recsys_metric.errors import ConfigError
 
@@ -75,6 +76,49 @@ class DataConfig(_Section):
     """Fail the run when more than this fraction of rows is quarantined (default 1%)."""
     deduplicate: bool = True
     """Collapse exact duplicate events (every column equal) into one row, and count them."""
+    item_tag_columns: tuple[str, ...] = ()
+    """String columns of the item table (``--items``) that hold delimited tags (``"Action|Comedy"``):
+    split into tag lists on ``item_tag_separator``. List columns need no entry; MovieLens
+    ``movies.csv`` genres are split on ``|`` without one (docs/cold-start.md)."""
+    item_tag_separator: str = Field("|", min_length=1)
+    """Delimiter of the ``item_tag_columns``."""
+    cold_items: Literal["eligible", "excluded"] = "eligible"
+    """Items of the item table without training interactions (placed by their features alone):
+    ``eligible`` lets recommend, similar items and batch tables return them; ``excluded`` keeps them
+    in the exported embeddings and the index but out of every answer (docs/cold-start.md)."""
+
+    # Database sources (recsys_metric/db, docs/databases.md).
+    source: str | None = None
+    """The interaction log when the command line or flow names none: a path, or a database URI
+    (``postgresql://user@host:port/dbname``, ``duckdb:///path/to/file.duckdb``). A URI never
+    holds a password: see ``password_env`` and ``password_secret``."""
+    query: str | None = None
+    """Database sources: the SELECT whose rows are the log (columns named as in ``columns``)."""
+    table: str | None = None
+    """Database sources: the table or view holding the log (``table`` or ``schema.table``);
+    the same as ``query: SELECT * FROM table``."""
+    password_env: str = "PGPASSWORD"
+    """Environment variable holding the PostgreSQL password (unset: libpq's own ``~/.pgpass``,
+    peer or trust authentication)."""
+    password_secret: str | None = None
+    """Name of a Prefect ``Secret`` block holding the PostgreSQL password; wins over
+    ``password_env``."""
+    batch_bytes: int = Field(16 << 20, ge=1 << 16)
+    """Database sources: bytes per Arrow batch the PostgreSQL driver hands over while reading."""
+
+    @model_validator(mode="after")
+    def _check_database_source(self) -> DataConfig:
+        if self.query is not None and self.table is not None:
+            raise ValueError("set data.query or data.table, not both")
+        if self.source is not None and (
+            re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@?]*:[^/@?]+@", self.source)
+            or re.search(r"[?&]password=[^&]", self.source, re.IGNORECASE)
+        ):
+            raise ValueError(
+                "data.source holds a password; remove it from the URI and put it in the environment "
+                "(data.password_env, PGPASSWORD by default) or a Prefect Secret block (data.password_secret)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_scale(self) -> DataConfig:
@@ -181,6 +225,11 @@ class ModelConfig(_Section):
     init_scale: float = Field(0.1, gt=0.0)
     """Typical L2 norm of an initial embedding row: entries are drawn from N(0, init_scale^2 / dim),
     well inside the unit ball (CML). Id embeddings of a model with item features start at zero."""
+    id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """DropoutNet-style training of the item tower (with ``item_features``): each item occurrence in
+    a training step loses its id part with this probability, so that the features alone must place
+    it, as they must for an item without interactions. Inference is unchanged. Implemented by the
+    feature step (``recsys_metric.model.feature_step``; docs/cold-start.md)."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:
@@ -288,6 +337,21 @@ class TrainConfig(_Section):
     source run chose, through ``warm_start_lr_scale``."""
     lr_candidates: tuple[Annotated[float, Field(gt=0.0)], ...] = Field((0.05, 0.01), min_length=1)
     """The rates ``lr: auto`` tries, in this order (the first wins ties)."""
+    time_budget: str | float | None = "30m"
+    """Wall-clock allowance for a whole pipeline run, preparation to publication: ``15m``,
+    ``90s``, ``1h30m``, a number of seconds, or ``none`` (train until early stopping, as
+    before). Default ``30m``. The run plans from measured costs (``docs/time-budget.md``): after
+    every epoch it checks that one more epoch, its evaluation, the refit of as many epochs and the
+    stages after training (holdout evaluation, export, index, quality gate) still fit; if not it
+    stops with the best epoch so far, and the refit trains fewer epochs when it must.
+    ``metrics.json``'s ``time_budget`` says what was traded. ``recsys-metric run --time-budget``
+    sets it for one run."""
+    lr_search: Literal["race", "full"] = "race"
+    """How ``lr: auto`` compares ``lr_candidates``: ``race`` (default) trains them side by side and
+    stops the worse half each time they have all made ``patience * 2**j`` validation evaluations
+    (successive halving, ``recsys_metric.training.rate_race``), so two candidates cost the loser's
+    first ``patience`` evaluations instead of a whole fit; ``full`` trains every candidate to its
+    own early stop, one after another (what torchrun runs always do)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimiser; sparse row updates for embedding tables."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -315,8 +379,12 @@ class TrainConfig(_Section):
     against 121 s, Recall@20 .1785 against .1788. A cap of 200 epochs instead of 100 was
     measured and not taken: citeulike-a .332 / .273 (best epoch 153), ml-latest-small .365 /
     .333 (.371 / .334 at 100, seed 42)."""
-    eval_every: int = Field(1, ge=1)
-    """Evaluate on the holdout every this many epochs."""
+    eval_every: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Evaluate on the validation split every this many epochs, or ``auto`` (default): every epoch
+    while an evaluation costs under 1 s or under 20% of an epoch's training, else every
+    ``ceil(evaluation / (0.2 * epoch))`` epochs, re-planned after each evaluation from the measured
+    seconds (``recsys_metric.training.loop.auto_eval_interval``). Early stopping's ``patience``
+    counts evaluations, so a coarser interval waits more epochs."""
     early_stopping_k: int = Field(20, ge=1)
     """K of the validation Recall@K that drives early stopping."""
     refit: bool = True
@@ -405,6 +473,20 @@ class TrainConfig(_Section):
             }
         )
 
+    @field_validator("time_budget", mode="after")
+    @classmethod
+    def _check_time_budget(cls, value: str | float | None) -> str | float | None:
+        from recsys_metric.durations import parse_duration
+
+        parse_duration(value)
+        return value
+
+    def time_budget_seconds(self) -> float | None:
+        """``time_budget`` in seconds, or None for no budget."""
+        from recsys_metric.durations import parse_duration
+
+        return parse_duration(self.time_budget)
+
     @model_validator(mode="after")
     def _check_lr_candidates(self) -> TrainConfig:
         if len(set(self.lr_candidates)) != len(self.lr_candidates):
@@ -460,16 +542,37 @@ class EvalConfig(_Section):
     """Offline evaluation on the holdout: full ranking, no sampled metrics."""
 
     ks: tuple[int, ...] = (10, 20, 50)
-    """Cut-offs K for Recall@K, NDCG@K, MAP@K, HitRate@K and coverage@K."""
+    """Cut-offs K for Recall@K, NDCG@K, MAP@K, HitRate@K and coverage@K (each at least 1; must
+    include ``publish.gate_k``)."""
     exclude_seen: bool = True
     """Exclude items the user interacted with in training from the ranking."""
-    max_users: int | None = None
-    """Evaluate on at most this many test users (a seeded sample); ``null`` for all."""
+    max_users: int | None = Field(50000, ge=1)
+    """Bound on the holdout users evaluated; ``null`` for all. With more eligible users (a
+    relevant test item the ranking can reach), a sample of this many is drawn without replacement,
+    seeded by ``seed``, and every scorer (model, popularity, and the quality gate's published
+    model, which rebuilds the same holdout) is ranked against the full catalog for exactly those
+    users; ``metrics.json`` records the sample (size, population, seed, a fingerprint of the
+    users), the gate refuses a rebuilt sample with another fingerprint. Each metric (except
+    coverage) comes with its standard error over users and the printed table with 95% confidence
+    half-widths (1.96 SE): at 50,000 users a Recall@20 near 0.1 is known to about +-0.003. The
+    cost is one score row per user: 50,000 users x 100k items is 5e9 scores."""
     validation_max_users: int | None = Field(20000, ge=1)
     """Early-stopping evaluations use at most this many validation users (a seeded sample), which
-    bounds their cost on large logs; ``null`` for all."""
+    bounds their cost on large logs; ``null`` for all. After the first epoch the pipeline shrinks
+    the sample further, to what an evaluation at a fifth of the measured epoch time pays for (never
+    below 5,000 users; ``recsys_metric.training.validation.SampledValidation``), and reports its
+    standard error in ``metrics.json``."""
     seed: int = 42
     """Seed of the user sample."""
+
+    @model_validator(mode="after")
+    def _check_ks(self) -> EvalConfig:
+        if not self.ks:
+            raise ValueError("ks is empty: give at least one cut-off, e.g. [10, 20, 50]")
+        bad = [k for k in self.ks if k < 1]
+        if bad:
+            raise ValueError(f"ks {list(self.ks)}: cut-offs must be at least 1 (got {bad[0]})")
+        return self
 
 
 class IndexConfig(_Section):
@@ -522,6 +625,9 @@ class PublishConfig(_Section):
     """Refuse a model whose holdout Recall@K is not above the popularity baseline's."""
     keep_runs: int = Field(5, ge=1)
     """Run directories kept (the current one is never deleted)."""
+    replaced_grace_s: float = Field(600.0, ge=0.0)
+    """Seconds a run that stopped being current is kept after the switch, whatever ``keep_runs``
+    says: a reader that resolved ``current`` just before the switch may still be opening its files."""
 
 
 class Config(_Section):
@@ -537,9 +643,83 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     publish: PublishConfig = PublishConfig()
 
+    @model_validator(mode="after")
+    def _check_across_sections(self) -> Config:
+        # Every rule that involves two sections is checked here, when the config loads, so that a
+        # contradiction fails in a second instead of after the log was read and a model trained.
+        check_cross_section(self)
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (for manifests and ``metrics.json``)."""
         return json.loads(self.model_dump_json())
+
+
+def check_cross_section(config: Config) -> None:
+    """Raise ``ValueError`` naming the keys when two sections of ``config`` contradict each other.
+
+    The rules (each also stated in the docstring of the keys involved):
+
+    - ``publish.gate_k`` must be one of ``eval.ks``: the gate compares the holdout Recall@gate_k
+      that evaluation computed.
+    - ``train.kernel: numba`` needs the fused path, which the config alone decides: ``train.loss:
+      triplet``, ``model.user_tower: embedding``, no ``model.item_features``, ``model.feature_map:
+      none``, and an optimiser with a per-triplet update (``train.optimizer`` sgd or adagrad).
+      Whether the run is on CPU and numba is installed is checked when training starts.
+    - A numeric ``train.item_centric_weight`` above 0 needs ``train.loss: triplet`` (it is a term of
+      the triplet loss).
+    - ``split.cutoff`` applies to the temporal split only (``split.method: temporal``).
+
+    Called by :class:`Config`'s validator, so :func:`load_config` and :func:`config_from_dict`
+    report the rule with the file's name; a config changed with ``model_copy(update=...)`` is not
+    revalidated: call this on it.
+    """
+    problems = []
+    if config.publish.gate_k not in config.eval.ks:
+        problems.append(
+            f"publish.gate_k {config.publish.gate_k} is not one of eval.ks {list(config.eval.ks)}: the gate "
+            f"compares the holdout Recall@gate_k, so add {config.publish.gate_k} to eval.ks or set "
+            "publish.gate_k to one of them"
+        )
+    train, model = config.train, config.model
+    if train.kernel == "numba":
+        reasons = []
+        if train.loss != "triplet":
+            reasons.append(f"train.loss is {train.loss!r} (the kernel computes the triplet loss)")
+        if model.user_tower != "embedding":
+            reasons.append(f"model.user_tower is {model.user_tower!r} (it needs free user embeddings)")
+        if model.item_features:
+            reasons.append("model.item_features is set (it needs free item embeddings)")
+        if model.feature_map != "none":
+            reasons.append(f"model.feature_map is {model.feature_map!r}")
+        if train.optimizer == "adam":
+            reasons.append("train.optimizer adam has no per-triplet update (use adagrad or sgd)")
+        if reasons:
+            problems.append(
+                "train.kernel numba cannot run: " + "; ".join(reasons) + "; or set train.kernel: auto"
+            )
+    if (
+        train.item_centric_weight != "auto"
+        and float(train.item_centric_weight) > 0
+        and train.loss != "triplet"
+    ):
+        problems.append(
+            f"train.item_centric_weight {train.item_centric_weight} is a term of the triplet loss, but "
+            f"train.loss is {train.loss!r}: set it to 0 (or auto), or use train.loss: triplet"
+        )
+    if config.split.cutoff is not None and config.split.method != "temporal":
+        problems.append(
+            f"split.cutoff is set but split.method is {config.split.method!r}: the cutoff applies to the "
+            "temporal split only; remove it or set split.method: temporal"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _no_password(text: str) -> str:
+    """``text`` with any password inside a URI masked: a refused ``data.source`` is echoed in errors."""
+    text = re.sub(r"(://[^/@:\s'\"]*):[^/@\s'\"]+@", r"\1:***@", text)
+    return re.sub(r"([?&]password=)[^&\s'\"]+", r"\1***", text, flags=re.IGNORECASE)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -548,8 +728,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error" and "ctx" in e:
+            # A rule of a section, or across sections (no key: the message names its keys).
+            text = str(e["ctx"]["error"])
+            lines.append(f"{key}: {text}" if e["loc"] else text)
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg']} (got {_no_password(repr(e.get('input')))})")
     return f"invalid config {source}: " + "; ".join(lines)
 
 
@@ -561,6 +745,28 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
+def _is_parse_error(err: Exception) -> bool:
+    if isinstance(err, (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError)):
+        return True
+    try:
+        import yaml
+    except ImportError:
+        return False
+    return isinstance(err, yaml.YAMLError)
+
+
+def _parse_error_text(err: Exception) -> str:
+    """One line: PyYAML's messages span several lines and quote the text with carets."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is not None and problem:
+        context = getattr(err, "context", None)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (
+            f" ({context})" if context else ""
+        )
+    return " ".join(str(err).split())
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file; ``None`` gives defaults."""
     if path is None:
@@ -568,8 +774,10 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a file; give a .yaml, .yml or .toml file")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix == ".toml":
             raw = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
@@ -578,8 +786,13 @@ def load_config(path: str | Path | None) -> Config:
             raw = yaml.safe_load(text)
         else:
             raise ConfigError(f"config file {path}: use a .yaml, .yml or .toml file")
-    except (tomllib.TOMLDecodeError, ValueError) as err:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {err}") from None
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - TOML and YAML parser errors (yaml.YAMLError is no ValueError)
+        if not _is_parse_error(err):
+            raise
+        where = _parse_error_text(err)
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper()}: {where}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(
             f"config file {path}: top level must be a mapping of sections, got {type(raw).__name__}"

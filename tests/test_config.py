@@ -139,3 +139,78 @@ def test_a_warm_start_caps_the_rate_or_scales_it():
     assert scaled.warm_start_lr(0.01) == pytest.approx(0.003)
     with pytest.raises(ConfigError, match=r"train\.warm_start_lr_scale"):
         config_from_dict({"train": {"warm_start_lr_scale": 1.5}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"eval": {"ks": [10]}, "publish": {"gate_k": 20}},
+            "publish.gate_k 20 is not one of eval.ks [10]: the gate compares the holdout Recall@gate_k, "
+            "so add 20 to eval.ks or set publish.gate_k to one of them",
+        ),
+        ({"publish": {"gate_k": 100000}}, "publish.gate_k 100000 is not one of eval.ks [10, 20, 50]"),
+        ({"eval": {"ks": [0]}}, "eval: ks [0]: cut-offs must be at least 1 (got 0)"),
+        ({"eval": {"ks": [20, -5]}}, "eval: ks [20, -5]: cut-offs must be at least 1 (got -5)"),
+        ({"eval": {"ks": []}}, "eval: ks is empty: give at least one cut-off"),
+        ({"eval": {"max_users": 0}}, "eval.max_users: Input should be greater than or equal to 1"),
+        (
+            {"train": {"kernel": "numba", "optimizer": "adam"}},
+            "train.kernel numba cannot run: train.optimizer adam has no per-triplet update",
+        ),
+        (
+            {"train": {"kernel": "numba"}, "model": {"user_tower": "pooled"}},
+            "train.kernel numba cannot run: model.user_tower is 'pooled'",
+        ),
+        (
+            {"train": {"loss": "bpr", "item_centric_weight": 0.5}},
+            "train.item_centric_weight 0.5 is a term of the triplet loss, but train.loss is 'bpr'",
+        ),
+        (
+            {"split": {"method": "user_holdout", "cutoff": "2024-01-01"}},
+            "split.cutoff is set but split.method is 'user_holdout'",
+        ),
+    ],
+)
+def test_rules_across_keys_are_checked_when_the_config_loads(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="c.yaml")
+    text = str(err.value)
+    assert text.startswith("invalid config c.yaml: ") and message in text
+    assert "\n" not in text
+
+
+def test_rules_across_keys_accept_what_is_consistent():
+    c = config_from_dict({"eval": {"ks": [5, 40]}, "publish": {"gate_k": 40}})
+    assert c.publish.gate_k == 40
+    config_from_dict({"train": {"loss": "bpr", "item_centric_weight": 0}})
+    config_from_dict({"train": {"kernel": "numba", "optimizer": "sgd"}})
+    config_from_dict({"split": {"method": "temporal", "cutoff": "2024-01-01"}})
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        (
+            "c.yaml",
+            "train:\n  epochs: [1\neval: 3\n",
+            "is not valid YAML: line 3, column 5: expected ',' or ']', but got ':' (while parsing a flow sequence)",
+        ),
+        ("c.yaml", "train: {epochs: 1\n", "is not valid YAML: line 2, column 1"),
+        ("c.yaml", "\tkey: 1\n", "is not valid YAML: line 1, column 1"),
+        ("c.toml", "train = [\n", "is not valid TOML"),
+        ("c.yaml", b"\xff\xfe\x00garbage", "is not valid YAML"),
+    ],
+)
+def test_a_malformed_file_is_one_line_naming_the_file_and_line(tmp_path: Path, name, text, message):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config file {path} ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(tmp_path)

@@ -16,9 +16,11 @@ from prefect.settings import (
 
 import flows.deployments as deployments_module
 import flows.nightly_retrain as nightly_module
+from flows.artifact_keys import artifact_key, store_slug
+from flows.batch_recommendations import REPORT_KEY as BATCH_REPORT_KEY
 from flows.batch_recommendations import batch_recommendations
 from flows.deployments import deployments
-from flows.nightly_retrain import METRICS_KEY, REPORT_KEY, nightly_retrain, one_off_settings, run_once
+from flows.nightly_retrain import nightly_retrain, one_off_settings, report_keys, run_once
 from recsys_metric import cli, pipeline
 from recsys_metric.data import prepare as data_prepare
 from recsys_metric.data.synthetic import generate_log
@@ -80,10 +82,12 @@ def test_flow_publishes_and_a_second_run_moves_current(prefect_api, data, tmp_pa
     assert rows["current"]["recall@20"] == pytest.approx(second["decision"]["current_recall"], abs=1e-4)
     assert store.manifest(second["run_id"]).extra["gate"]["reason"] == second["reason"]
 
-    markdown = Artifact.get(REPORT_KEY)
+    report_key, metrics_key = report_keys(str(tmp_path))
+    assert report_key == f"nightly-retrain-report-{store_slug(tmp_path)}"
+    markdown = Artifact.get(report_key)
     assert second["run_id"] in markdown.data and second["reason"] in markdown.data
     assert first["run_id"] in markdown.data, "the published run's figures stand beside the candidate's"
-    assert Artifact.get(METRICS_KEY).type == "table"
+    assert Artifact.get(metrics_key).type == "table"
     assert _stored_results() == stored_before, "no task result is persisted to Prefect's storage"
 
 
@@ -118,7 +122,7 @@ def test_a_crash_in_a_task_leaves_current_and_a_rerun_succeeds(prefect_api, data
     store = ArtifactStore(tmp_path)
     assert store.current() == first["run_id"]
     assert [r.run_id for r in store.list_runs() if r.complete] == [first["run_id"]]
-    assert any(p.name.startswith(".tmp-") for p in store.runs_dir.iterdir()), "the crashed run stays pending"
+    assert not any(p.name.startswith(".tmp-") for p in store.runs_dir.iterdir()), "a failed run cleans up"
     assert Recommender.load(tmp_path).recommend(user, k=5).equals(before)
 
     monkeypatch.undo()
@@ -132,11 +136,11 @@ def test_publish_retries_a_transient_io_error(prefect_api, data, tmp_path, monke
     real_publish = ArtifactStore.publish
     calls = []
 
-    def flaky(self, run_id):
+    def flaky(self, run_id, **kwargs):
         calls.append(run_id)
         if len(calls) == 1:
             raise OSError("NFS hiccup")
-        return real_publish(self, run_id)
+        return real_publish(self, run_id, **kwargs)
 
     monkeypatch.setattr(ArtifactStore, "publish", flaky)
     monkeypatch.setattr(nightly_module, "publish", nightly_module.publish.with_options(retry_delay_seconds=0))
@@ -157,6 +161,34 @@ def test_bad_data_is_not_retried(prefect_api, data, tmp_path, monkeypatch):
         _retrain(data, tmp_path)
     assert calls == [1]
     assert ArtifactStore(tmp_path).current() is None
+
+
+def test_the_flow_respects_the_store_writer_lock(prefect_api, data, tmp_path):
+    """Another process writes to the store: the flow fails at once naming it, writing nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recsys_metric.store.lock import StoreLockedError
+
+    holder_code = (
+        "import sys, time\nfrom recsys_metric.store.lock import store_lock\n"
+        "with store_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"is being written by pid {holder.pid} on "):
+            _retrain(data, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gate_refusal_returns_the_reason_and_keeps_current(prefect_api, data, tmp_path):
@@ -291,3 +323,58 @@ def test_serve_without_a_reachable_api_says_what_to_run(monkeypatch, capsys):
 
 def test_a_running_api_passes_the_serve_check(prefect_api):
     assert cli.prefect_api_problem() is None
+
+
+def test_artifact_keys_name_the_store_and_the_deployment(tmp_path):
+    a, b = tmp_path / "store-a", tmp_path / "Store B"
+    assert artifact_key("nightly-retrain-report", a) != artifact_key("nightly-retrain-report", b)
+    assert artifact_key("nightly-retrain-report", b).startswith("nightly-retrain-report-store-b-")
+    assert artifact_key("x", a) == artifact_key("x", str(a) + "/"), "one store, one key"
+    in_trial = artifact_key("nightly-retrain-report", a, "nightly-retrain-test")
+    assert in_trial == f"nightly-retrain-test--nightly-retrain-report-{store_slug(a)}"
+    assert all(ch.islower() or ch.isdigit() or ch == "-" for ch in in_trial)
+
+
+def test_two_stores_keep_their_own_latest_report(prefect_api, data, tmp_path):
+    one = _retrain(data, tmp_path / "one")
+    two = _retrain(data, tmp_path / "two")
+    assert one["run_id"] in Artifact.get(report_keys(str(tmp_path / "one"))[0]).data
+    assert two["run_id"] in Artifact.get(report_keys(str(tmp_path / "two"))[0]).data
+
+    stats = batch_recommendations(artifacts=str(tmp_path / "one"), out=str(tmp_path / "recs"), k=3)
+    report = Artifact.get(artifact_key(BATCH_REPORT_KEY, tmp_path / "one")).data
+    assert f"# Batch recommendations of run {one['run_id']}" in report
+    assert f"| rows | {stats['n_rows']:,} |" in report and f"| users | {stats['n_users']:,} |" in report
+    assert "| finished (UTC) | 20" in report
+    assert Artifact.get(artifact_key(BATCH_REPORT_KEY, tmp_path / "two")) is None
+
+
+def test_a_transient_read_error_is_retried_and_a_failed_run_stores_nothing(
+    prefect_api, data, tmp_path, monkeypatch
+):
+    real = data_prepare.prepare_dataset
+    calls = []
+
+    def caught_mid_copy(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise DataError("interactions.parquet: not a readable Parquet file (truncated)", transient=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_prepare, "prepare_dataset", caught_mid_copy)
+    monkeypatch.setattr(nightly_module, "prepare", nightly_module.prepare.with_options(retry_delay_seconds=0))
+    result = _retrain(data, tmp_path / "a")
+    assert len(calls) == 2 and result["published"]
+
+    stored_before = _stored_results()
+
+    def schema_error(*args, **kwargs):
+        calls.append(1)
+        raise DataError("interactions.parquet: required column user_id is missing")
+
+    monkeypatch.setattr(data_prepare, "prepare_dataset", schema_error)
+    calls.clear()
+    with pytest.raises(DataError, match="required column"):
+        _retrain(data, tmp_path / "b")
+    assert calls == [1], "a schema error is never retried"
+    assert _stored_results() == stored_before, "a failed run pickles nothing into Prefect's result storage"

@@ -218,3 +218,90 @@ def test_empty_csv_file(tmp_path):
     path = _write(tmp_path / "log.csv", "")
     with pytest.raises(DataError, match=r"log\.csv: file is empty"):
         scan_interactions(path)
+
+
+@pytest.mark.parametrize(
+    ("sep", "named"),
+    [(";", "set data.csv_separator to ';'"), ("\t", "set data.csv_separator to '\\t'"), ("|", "to '|'")],
+)
+def test_a_header_in_another_separator_points_at_csv_separator(tmp_path, sep, named):
+    path = _write(
+        tmp_path / "log.csv", sep.join(["user_id", "item_id", "rating"]) + "\n1" + sep + "2" + sep + "4\n"
+    )
+    with pytest.raises(DataError) as err:
+        scan_interactions(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: required column user_id") and named in text
+    assert "data.columns" not in text, "the hint is the separator, not the column map"
+
+
+def test_a_missing_column_in_a_comma_file_still_points_at_the_column_map(tmp_path):
+    path = _write(tmp_path / "log.csv", "customer,item_id\n1,2\n")
+    with pytest.raises(DataError, match="set data.columns.user_id to the column that holds it"):
+        scan_interactions(path)
+
+
+def test_a_broken_json_line_is_named_by_its_number(tmp_path):
+    path = _write(
+        tmp_path / "log.jsonl",
+        '{"user_id": 1, "item_id": 2}\n\n{"user_id": 1, "item_id": 3}\n{"user_id": 2, "item_id": 3\n'
+        '{"user_id": 2, "item_id": 4}\n',
+    )
+    with pytest.raises(DataError) as err:
+        scan_interactions(path)
+    assert str(err.value) == (
+        f"{path}: line 4 is not valid JSON (Expecting ',' delimiter, column 28): fix or remove that line"
+    )
+    assert not err.value.transient
+
+
+def test_a_json_array_line_is_not_an_object(tmp_path):
+    path = _write(tmp_path / "log.jsonl", '{"user_id": 1, "item_id": 2}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"log.jsonl: line 2 is a JSON list, not an object"):
+        scan_interactions(path)
+
+
+def test_an_unterminated_last_json_line_is_transient(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"user_id": 1, "item_id": 2}\n{"user_id": 2, "ite')
+    with pytest.raises(DataError) as err:
+        scan_interactions(path)
+    assert "line 2 is not valid JSON" in str(err.value) and "may still be being written" in str(err.value)
+    assert err.value.transient
+
+
+def test_a_truncated_parquet_file_is_transient_another_format_is_not(tmp_path):
+    whole = tmp_path / "whole.parquet"
+    _log().write_parquet(whole)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(DataError) as err:
+        scan_interactions(cut)
+    assert str(err.value).startswith(f"{cut}: not a readable Parquet file") and err.value.transient
+    csv = tmp_path / "csv.parquet"
+    csv.write_text("user_id,item_id\n1,2\n")
+    with pytest.raises(DataError) as err:
+        scan_interactions(csv)
+    assert not err.value.transient, "a file in another format stays wrong on every try"
+
+
+def test_a_log_that_changes_while_it_is_read_is_transient(tmp_path, monkeypatch):
+    from recsys_metric.data import validate
+
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id\n1,2\n")
+    real = validate.validate_interactions
+
+    def growing(*args, **kwargs):
+        with open(path, "a") as fh:  # the exporter appends while we read: a half-written line
+            fh.write("2,3\n3,4,1700")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "validate_interactions", growing)
+    with pytest.raises(DataError) as err:
+        validate.read_interactions(path)
+    assert err.value.transient and "the log changed while it was read" in str(err.value)
+    monkeypatch.setattr(validate, "validate_interactions", real)
+    with pytest.raises(DataError) as err:  # the same single-row log, unchanged: not transient
+        validate.read_interactions(_write(tmp_path / "one.csv", "user_id,item_id\n1,2\n"))
+    assert not err.value.transient

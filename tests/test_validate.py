@@ -96,7 +96,12 @@ def test_parquet_log_is_typed_and_reported(tmp_path):
         ({"timestamp": "2023-11-14"}, {"timestamp": "soon"}, "unparsable timestamp"),
         # an epoch in ms read as seconds lands in the year 55,000
         ({"timestamp": EPOCH_S}, {"timestamp": EPOCH_S * 1000}, "timestamp outside 1900..2199"),
-        ({"timestamp": EPOCH_S}, {"timestamp": 10**18}, "unparsable timestamp"),
+        # a number too large to convert still parsed: out of range, not unparsable (issue 19)
+        ({"timestamp": EPOCH_S}, {"timestamp": 10**18}, "timestamp outside 1900..2199"),
+        ({"timestamp": float(EPOCH_S)}, {"timestamp": 9.9e12}, "timestamp outside 1900..2199"),
+        ({"timestamp": "1700000000"}, {"timestamp": "9900000000000"}, "timestamp outside 1900..2199"),
+        ({"timestamp": "1700000000"}, {"timestamp": "-9.9e15"}, "timestamp outside 1900..2199"),
+        ({"timestamp": "1700000000"}, {"timestamp": "inf"}, "unparsable timestamp"),
         ({"rating": 4.0}, {"rating": None}, "null rating"),
         ({"rating": "4"}, {"rating": "five"}, "unparsable rating"),
         ({"rating": 4.0}, {"rating": math.nan}, "unparsable rating"),

@@ -16,6 +16,7 @@ column) raise :class:`~recsys_metric.errors.DataError` naming the path and what 
 from __future__ import annotations
 
 import glob as globlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys_metric.config import DataConfig
-from recsys_metric.errors import DataError
+from recsys_metric.errors import DataError, is_transient
 
 CANONICAL_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "rating", "event", "weight")
 """Canonical interaction columns, in output order."""
@@ -177,10 +178,30 @@ def _column_map(fmt: str, config: DataConfig) -> dict[str, str]:
     return config.columns.model_dump()
 
 
+_SEPARATOR_NAMES = {";": "';'", "\t": "'\\t' (tab)", "|": "'|'", ",": "','"}
+
+
+def _other_separator(source_name: str, present: Sequence[str], separator: str) -> str | None:
+    """The separator a CSV header was really written with, when reading it with ``separator`` left
+    the wanted column inside one bigger name (``'user_id;item_id;rating'``); None otherwise."""
+    for candidate in _SEPARATOR_NAMES:
+        if candidate == separator:
+            continue
+        if any(source_name in name.split(candidate) for name in present if candidate in name):
+            return candidate
+    return None
+
+
 def _missing_column_error(
-    file: str, canonical: str, source_name: str, present: Sequence[str], fmt: str
+    file: str, canonical: str, source_name: str, present: Sequence[str], fmt: str, separator: str = ","
 ) -> DataError:
-    if fmt in _MOVIELENS_COLUMNS:
+    other = _other_separator(source_name, present, separator) if fmt == "csv" else None
+    if other is not None:
+        hint = (
+            f"the header looks {_SEPARATOR_NAMES[other]}-separated, not {_SEPARATOR_NAMES[separator]}: "
+            f"set data.csv_separator to {_SEPARATOR_NAMES[other].split(' ')[0]}"
+        )
+    elif fmt in _MOVIELENS_COLUMNS:
         hint = f"this does not look like a MovieLens {fmt} file; set data.format to the file's real format"
     else:
         hint = f"set data.columns.{canonical} to the column that holds it"
@@ -195,15 +216,34 @@ def _hive_keys(file: str, root: str) -> list[str]:
     return [part.split("=", 1)[0] for part in rel if "=" in part]
 
 
+def _starts_like_parquet(file: str) -> bool:
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def _parquet_schema(file: str, source: str) -> dict[str, pl.DataType]:
-    """The file's schema from its footer; a truncated or non-Parquet file is a DataError naming it."""
+    """The file's schema from its footer; a truncated or non-Parquet file is a DataError naming it.
+
+    The error is transient (:func:`recsys_metric.errors.is_transient`) when the file starts with
+    Parquet's magic bytes (a writer puts them first and the footer last: a file caught mid-copy
+    looks like this) or the read failed with an I/O error; a file in another format is not.
+    """
     try:
         return dict(pl.read_parquet_schema(file))
     except (pl.exceptions.PolarsError, OSError) as err:
         todo = "re-export it" if file == source else f"re-export it, or remove it from {source}"
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            transient = is_transient(err)
+        else:
+            transient = _starts_like_parquet(file)
+        detail = " ".join(str(err).split())
         raise DataError(
-            f"{file}: not a readable Parquet file ({err}); it is truncated, still being written or in another "
-            f"format: {todo}"
+            f"{file}: not a readable Parquet file ({detail}); it is truncated, still being written or in another "
+            f"format: {todo}",
+            transient=transient,
         ) from None
 
 
@@ -311,7 +351,7 @@ def _scan_text(files: list[str], fmt: str, mapping: dict[str, str], config: Data
         for f, cols in zip(files, headers, strict=True):
             for canonical in REQUIRED_COLUMNS:
                 if mapping[canonical] not in cols:
-                    raise _missing_column_error(f, canonical, mapping[canonical], cols, fmt)
+                    raise _missing_column_error(f, canonical, mapping[canonical], cols, fmt, separator)
         present = headers[0]
         # a line with more fields than the header fails the read instead of being cut silently
         lf = pl.scan_csv(files, separator=separator, infer_schema=False, truncate_ragged_lines=False)
@@ -326,15 +366,63 @@ def _scan_jsonl(source: str, files: list[str], mapping: dict[str, str]) -> pl.La
     try:
         cols = lf.collect_schema().names()
     except pl.exceptions.PolarsError as err:
-        raise DataError(
-            f"{source}: cannot read as JSON lines ({err}); check the file or set data.format"
-        ) from None
+        raise json_lines_error(source, files, err) from None
     for canonical in REQUIRED_COLUMNS:
         if mapping[canonical] not in cols:
             where = files[0] if len(files) == 1 else source
             raise _missing_column_error(where, canonical, mapping[canonical], cols, "jsonl")
     selected = {c: s for c, s in mapping.items() if s in cols}
     return lf.select([pl.col(src).alias(c) for c, src in selected.items()])
+
+
+def _first_bad_json_line(file: str) -> tuple[int, str, bool] | None:
+    """(1-based line number, why, whether it is the unterminated last line) of the first line of
+    ``file`` that is not a JSON object; None when every line is one. Blank lines are skipped, as
+    polars skips them."""
+    with open(file, "rb") as fh:
+        number = 0
+        for number, raw in enumerate(fh, start=1):  # noqa: B007 - number is used after the loop
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                why = f"not valid JSON ({getattr(err, 'msg', err)}, column {getattr(err, 'colno', '?')})"
+                return number, why, not raw.endswith(b"\n")
+            if not isinstance(value, dict):
+                return number, f"a JSON {type(value).__name__}, not an object", not raw.endswith(b"\n")
+    return None
+
+
+def json_lines_error(source: str, files: Sequence[str], err: Exception) -> DataError:
+    """A DataError for a JSON-lines log polars could not read, naming the file and the first bad
+    line; transient when that line is the file's last and has no newline yet (a file still being
+    written)."""
+    for file in files:
+        try:
+            bad = _first_bad_json_line(file)
+        except OSError as io_err:
+            return DataError(f"{file}: cannot read ({io_err})", transient=is_transient(io_err))
+        if bad is not None:
+            number, why, unterminated = bad
+            tail = (
+                "; it is the last line and has no newline: the file may still be being written"
+                if unterminated
+                else ": fix or remove that line"
+            )
+            return DataError(f"{file}: line {number} is {why}{tail}", transient=unterminated)
+    detail = " ".join(str(err).split())
+    return DataError(f"{source}: cannot read as JSON lines ({detail}); check the file or set data.format")
+
+
+def source_files(source: str | Path, config: DataConfig = _DEFAULTS) -> list[str]:
+    """The files :func:`scan_interactions` reads for ``source`` (sorted; one for a single file).
+
+    Raises DataError as :func:`scan_interactions` does for a missing path or an empty directory.
+    """
+    text = os.path.expanduser(str(source))
+    return _list_files(text, resolve_format(text, config))[0]
 
 
 def scan_interactions(source: str | Path, config: DataConfig = _DEFAULTS) -> pl.LazyFrame:

@@ -17,7 +17,8 @@ Checks, in the order they are applied (the reason strings are fixed):
 - ``null timestamp``: the log has timestamps but this row has none (it cannot be placed in a
   temporal split); ``unparsable timestamp``: not an epoch number (``data.timestamp_unit``), a
   datetime or an ISO-8601 string; ``timestamp outside 1900..2199``: parsed, but implausible,
-  which is what an epoch in the wrong unit looks like.
+  which is what an epoch in the wrong unit looks like (also an epoch number too large to convert,
+  such as 9.9e12 seconds).
 - Rating and event carry the feedback. With a rating column and no event column, a null rating is
   ``null rating``; with both, a row needs at least one of them (``null rating and event``); with
   only an event column, ``null or empty event``. ``unparsable rating``: not a finite number;
@@ -37,7 +38,14 @@ import numpy as np
 import polars as pl
 
 from recsys_metric.config import DataConfig
-from recsys_metric.data.readers import CANONICAL_COLUMNS, TEXT_FORMATS, resolve_format, scan_interactions
+from recsys_metric.data.readers import (
+    CANONICAL_COLUMNS,
+    TEXT_FORMATS,
+    resolve_format,
+    scan_interactions,
+    source_files,
+)
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import DataError, RejectLimitExceeded
 
 _RAW = "__raw_"
@@ -132,17 +140,29 @@ def _stripped(expr: pl.Expr) -> pl.Expr:
     return pl.when(s.str.len_bytes() > 0).then(s)
 
 
+def _beyond(x: pl.Expr) -> pl.Expr:
+    """``_MS_LIMIT`` with the sign of ``x``: an epoch number too large to convert still parsed, and
+    lands far outside 1900..2199 (so it is rejected as out of range, not as unparsable)."""
+    return pl.when(x < 0).then(pl.lit(-_MS_LIMIT, pl.Int64)).otherwise(pl.lit(_MS_LIMIT, pl.Int64))
+
+
 def _epoch_ms_int(x: pl.Expr, unit: str) -> pl.Expr:
     if unit == "s":
-        return pl.when(x.abs() < _MS_LIMIT // 1000).then(x * 1000)
+        return pl.when(x.abs() < _MS_LIMIT // 1000).then(x * 1000).when(x.is_not_null()).then(_beyond(x))
     if unit == "ms":
-        return pl.when(x.abs() < _MS_LIMIT).then(x)
+        return pl.when(x.abs() < _MS_LIMIT).then(x).when(x.is_not_null()).then(_beyond(x))
     return x // (1000 if unit == "us" else 1_000_000)
 
 
 def _epoch_ms_float(x: pl.Expr, unit: str) -> pl.Expr:
     ms = x * {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}[unit]
-    return pl.when(ms.is_finite() & (ms.abs() < _MS_LIMIT)).then(ms.floor().cast(pl.Int64))
+    # NaN and infinities stay unparsable; a finite number too large for Int64 ms is out of range.
+    return (
+        pl.when(ms.is_finite() & (ms.abs() < _MS_LIMIT))
+        .then(ms.floor().cast(pl.Int64))
+        .when(ms.is_finite())
+        .then(_beyond(ms))
+    )
 
 
 def _parse_id(name: str, dtype: pl.DataType, source: str) -> tuple[pl.Expr, bool, list[tuple[pl.Expr, str]]]:
@@ -559,13 +579,47 @@ def validate_interactions(
 def read_interactions(
     source: str | Path, config: DataConfig = _DEFAULTS, rejects_path: Path | str | None = None
 ) -> tuple[pl.DataFrame, ValidationReport]:
-    """:func:`scan_interactions` + :func:`validate_interactions` (ids typed for text sources)."""
-    lf = scan_interactions(source, config)
-    fmt = resolve_format(os.path.expanduser(str(source)), config)
-    if fmt == "movielens-csv" and "rating_scale" not in config.model_fields_set:
-        # MovieLens ratings.csv (ml-latest, ml-25m) rates in half stars from 0.5.
-        config = config.model_copy(update={"rating_scale": (0.5, 5.0)})
-    text = fmt in TEXT_FORMATS
-    return validate_interactions(
-        lf, config, source=str(source), rejects_path=rejects_path, infer_id_dtype=text
-    )
+    """:func:`scan_interactions` + :func:`validate_interactions` (ids typed for text sources).
+
+    A :class:`DataError` raised while any file of the log changed (size or modification time)
+    is marked transient and says so: the log was being written or replaced while it was read, and
+    a retry a little later may read it whole (:func:`recsys_metric.errors.is_transient`).
+
+    A database URI (``postgresql://``, ``duckdb://``) is read by :func:`recsys_metric.db.read_database`.
+    """
+    if is_database_uri(source):
+        from recsys_metric.db.source import describe_source, read_database
+
+        lf = read_database(str(source), config).lazy()
+        return validate_interactions(
+            lf, config, source=describe_source(str(source), config), rejects_path=rejects_path
+        )
+    before = _fingerprint(source, config)
+    try:
+        lf = scan_interactions(source, config)
+        fmt = resolve_format(os.path.expanduser(str(source)), config)
+        if fmt == "movielens-csv" and "rating_scale" not in config.model_fields_set:
+            # MovieLens ratings.csv (ml-latest, ml-25m) rates in half stars from 0.5.
+            config = config.model_copy(update={"rating_scale": (0.5, 5.0)})
+        text = fmt in TEXT_FORMATS
+        return validate_interactions(
+            lf, config, source=str(source), rejects_path=rejects_path, infer_id_dtype=text
+        )
+    except DataError as err:
+        if not err.transient and before is not None and _fingerprint(source, config) != before:
+            err.transient = True
+            err.args = (
+                f"{err.args[0]}; the log changed while it was read (still being written or replaced?): "
+                "try again once it is complete",
+                *err.args[1:],
+            )
+        raise
+
+
+def _fingerprint(source: str | Path, config: DataConfig) -> tuple[tuple[str, int, int], ...] | None:
+    """(path, size, mtime in ns) of every file of the log; None when they cannot be listed."""
+    try:
+        files = source_files(source, config)
+        return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)])
+    except (DataError, OSError):
+        return None
