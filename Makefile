@@ -45,7 +45,7 @@ data: setup
 
 ## The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails
 docs: setup
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 ## Re-execute notebooks/quickstart.ipynb and save it with its outputs (tables and plots)
 notebook: setup
