@@ -36,6 +36,7 @@ from recsys_metric.registry import resolve_run_dir
 from recsys_metric.serving.ranking import _block_users, _check_k, _Engine, _Exclusions
 from recsys_metric.serving.recommender import _id_numbers
 from recsys_metric.serving.run import _read_interactions, _read_run, _RunEmbeddings
+from recsys_metric.serving.verify import RunVerifier
 
 TABLE_MANIFEST = "_manifest.json"
 """Written last into a recommendation table directory (readers of ``*.parquet`` skip it)."""
@@ -206,7 +207,8 @@ def _plan(
         raise DataError(f"output directory {out_dir} already exists; pass overwrite=True to replace it")
     run_dir = resolve_run_dir(path)
     _check_device(device)
-    run = _read_run(run_dir)
+    # Verified like a query's load: a damaged file must not become a table other systems read.
+    run = _read_run(run_dir, RunVerifier(run_dir))
     if user_ids is None:
         users = np.arange(len(run.users), dtype=np.int64)
     else:
@@ -268,7 +270,7 @@ def write_partition(plan: TablePlan, number: int, *, progress: bool | None = Fal
             "process writing partitions must see the output directory (a shared file system), and "
             "the plan must not have been finished or discarded already"
         )
-    run = _read_run(Path(plan.run_dir))
+    run = _read_run(Path(plan.run_dir), RunVerifier(Path(plan.run_dir)))
     if run.run_id != plan.run_id:
         raise DataError(
             f"run directory {plan.run_dir} now holds run {run.run_id!r}, but the table was planned for "
