@@ -40,6 +40,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.artifact_keys import artifact_key, current_deployment_name
 from flows.run_states import failed_state
 from recsys_metric import recommend
+from recsys_metric.cli_errors import run_command
 from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.errors import ConfigError
 from recsys_metric.registry import resolve_run_dir
@@ -395,9 +396,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dask-address", help="a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--partitions", type=int, help="user partitions on Dask (default: one per thread)")
     args = parser.parse_args(argv)
-    stats = batch_recommendations(**vars(args))
-    print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
-    return 0
+
+    def run(_: argparse.Namespace) -> int:
+        stats = batch_recommendations(**vars(args))
+        print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
+        return 0
+
+    # A missing store or a bad option is one line and exit 2, as with recsys-metric batch.
+    return run_command(argparse.Namespace(func=run, prog=parser.prog, verbose=False))
 
 
 if __name__ == "__main__":
