@@ -497,6 +497,13 @@ CASES: list[Case] = [
         ("rating_scale low 5.0 is above high 1.0",),
     ),
     Case(
+        "one-column-two-fields",
+        "data.columns maps user_id and item_id to one column",
+        _config("c.yaml", "data: {columns: {user_id: id, item_id: id}}\n"),
+        (*INSPECT, "--config", "{dir}/c.yaml"),
+        ("data.columns: user_id and item_id are both mapped to the source column 'id'",),
+    ),
+    Case(
         "numba-with-adam",
         "train.kernel numba with the adam optimiser",
         _config("c.yaml", "train: {kernel: numba, optimizer: adam}\n"),
