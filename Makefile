@@ -8,14 +8,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,bench,scale
+
+EXTRAS ?= dev,bench,scale,db,docs
 # pip on this machine warns about an unused extra index for every package; keep real errors visible.
 QUIET_PIP := 2>&1 | { grep -v '^WARNING: Location' || true; }
 comma := ,
 # One stamp per set of extras, so `make test` after `make run EXTRAS=dev` installs what is missing.
 STAMP := $(VENV)/.installed-$(subst $(comma),_,$(EXTRAS))
 
-.PHONY: setup run test bench bench-quick data lint clean
+.PHONY: setup run test bench bench-quick data lint clean docs notebook
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +43,17 @@ bench: setup
 data: setup
 	$(VENV)/bin/recsys-metric generate-data --out data
 
+## The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+## Re-execute notebooks/quickstart.ipynb and save it with its outputs (tables and plots)
+notebook: setup
+	$(PY) notebooks/execute.py
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts .pytest_cache site

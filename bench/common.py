@@ -21,7 +21,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "bench" / "out"
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+# RECSYS_BENCH_DATASETS points elsewhere, e.g. from a git worktree whose parent has no shared/.
+SHARED_DATASETS = Path(os.environ.get("RECSYS_BENCH_DATASETS") or ROOT.parent / "shared" / "datasets")
 
 
 def machine() -> dict[str, Any]:

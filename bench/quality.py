@@ -76,7 +76,7 @@ REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
 
 
 def _ours(
-    data: BenchDataset, config: Config | None = None, *, refit: bool = True
+    data: BenchDataset, config: Config | None = None, *, refit: bool = True, features: Any = None
 ) -> tuple[ScoreFn | None, dict[str, Any]]:
     """Train the project's two-tower model with ``config`` (default: the default config).
 
@@ -125,6 +125,7 @@ def _ours(
             data.n_users,
             data.n_items,
             model_config,
+            item_features=features,  # ItemFeatureTensors for model.item_features (bench.cold_start)
             user_history=part.train_liked if pooled else None,
             seed=train_config.seed,
         )

@@ -23,6 +23,9 @@ SECTIONS = [
     ("orchestration", "Orchestration overhead: the nightly flow against the same library calls"),
     ("warm_start", "Warm start: tonight's run from yesterday's models against a cold run"),
     ("nightly_scale", "The nightly run on 20M interactions (1M users x 100k items) on one machine"),
+    ("eval_speed", "Full-ranking evaluation against the matmul rate"),
+    ("time_to_quality", "Time to quality: holdout Recall@20 against wall seconds, ours beside ALS and BPR"),
+    ("db_io", "Databases: logs from PostgreSQL against Parquet, tables into PostgreSQL"),
 ]
 
 

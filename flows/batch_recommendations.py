@@ -42,6 +42,8 @@ from flows.run_states import failed_state
 from recsys_metric import recommend
 from recsys_metric.cli_errors import run_command
 from recsys_metric.data.vocab import Vocabulary
+from recsys_metric.db import sink
+from recsys_metric.db.connection import DatabaseUnreachable
 from recsys_metric.errors import ConfigError
 from recsys_metric.registry import resolve_run_dir
 
@@ -98,6 +100,11 @@ def read_user_ids(users_path: str, run_dir: str) -> list[Any]:
     if Vocabulary.load(Path(run_dir) / "users.parquet").ids().dtype.is_integer():
         return [int(line) for line in lines]
     return lines
+
+
+def _retry_if_unreachable(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a database load only when the server could not be reached (not for a bad table name or login)."""
+    return isinstance(state.result(raise_on_failure=False), DatabaseUnreachable)
 
 
 def _log_table(stats: dict[str, Any]) -> None:
@@ -166,7 +173,26 @@ def scheduler_threads(address: str) -> int:
     return sum(threads.values())
 
 
-@task(cache_policy=NO_CACHE, persist_result=False)
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_unreachable)
+def load_table(
+    table_dir: str, to: str, table: str, password_env: str, password_secret: str | None
+) -> dict[str, Any]:
+    """Bulk-load the written Parquet table into PostgreSQL and swap it in (:mod:`recsys_metric.db.sink`)."""
+    loaded = sink.load_parquet_table(
+        table_dir, to, table, password_env=password_env, password_secret=password_secret
+    )
+    get_run_logger().info(
+        "loaded %d rows into %s at %s in %.1f s (previous table: %s)",
+        loaded["n_rows"],
+        loaded["table"],
+        loaded["to"],
+        loaded["seconds"],
+        loaded["previous_table"],
+    )
+    return loaded
+
+
+@task(cache_policy=NO_CACHE)
 def plan_table(
     run_dir: str,
     out: str,
@@ -305,6 +331,10 @@ def batch_recommendations(
     workers: int = 1,
     dask_address: str | None = None,
     partitions: int | None = None,
+    to: str | None = None,
+    table: str = "recommendations",
+    password_env: str = "PGPASSWORD",
+    password_secret: str | None = None,
 ) -> dict[str, Any]:
     """Top-``k`` recommendations of the published run for every user (or those in ``users_path``).
 
@@ -321,12 +351,21 @@ def batch_recommendations(
             instead; ``workers`` must then stay 1.
         partitions: user partitions (one task each) on Dask; None: one per worker thread. At most
             one per block of users.
+        to: also load the table into this PostgreSQL database (``postgresql://user@host/db``, no
+            password), swapped in atomically for ``table`` (docs/databases.md).
+        table: the PostgreSQL table (``table`` or ``schema.table``); the one it replaces is kept
+            as ``<table>_previous``.
+        password_env: environment variable holding the database password.
+        password_secret: Prefect Secret block holding the database password (wins over
+            ``password_env``).
 
     Returns:
         The writer's summary (``run_id``, ``out_dir``, ``n_users``, ``n_rows``, ``n_files``...),
         the same with or without Dask (but for the timings). The same figures and the time go
         to a markdown artifact ``batch-recommendations-report-<store>`` (its key names the store
-        and, for a scheduled run, the deployment).
+        and, for a scheduled run, the deployment);
+        with ``to``, also ``postgres``: the load's summary (``table``, ``previous_table``, ``n_rows``,
+        ``seconds``...).
 
     Raises:
         ConfigError: ``workers``/``partitions`` are not positive, ``partitions`` without Dask,
@@ -338,7 +377,19 @@ def batch_recommendations(
     """
     try:
         return _batch_recommendations(
-            artifacts, out, k, users_path, index, batch_users, workers, dask_address, partitions
+            artifacts,
+            out,
+            k,
+            users_path,
+            index,
+            batch_users,
+            workers,
+            dask_address,
+            partitions,
+            to,
+            table,
+            password_env,
+            password_secret,
         )
     except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
         return failed_state(exc)  # type: ignore[return-value]
@@ -354,6 +405,10 @@ def _batch_recommendations(
     workers: int,
     dask_address: str | None,
     partitions: int | None,
+    to: str | None,
+    table: str,
+    password_env: str,
+    password_secret: str | None,
 ) -> dict[str, Any]:
     if workers < 1 or (partitions is not None and partitions < 1):
         raise ConfigError(f"workers and partitions must be positive, got {workers} and {partitions}")
@@ -362,11 +417,14 @@ def _batch_recommendations(
             f"workers={workers} sizes a local cluster; with dask_address={dask_address!r} the "
             "cluster's own workers are used: leave workers at 1"
         )
+    if to is not None:  # a wrong URI, table name or login fails the flow before the scoring
+        sink.check_postgres(to, table, password_env=password_env, password_secret=password_secret)
     if dask_address is None and workers == 1:
         if partitions is not None:
             raise ConfigError(f"partitions={partitions} needs Dask: set workers > 1 or dask_address")
         run_dir = resolve_current(artifacts)
-        return _report(artifacts, write_table(run_dir, out, k, users_path, index, batch_users))
+        stats = write_table(run_dir, out, k, users_path, index, batch_users)
+        return _report(artifacts, _to_postgres(stats, to, table, password_env, password_secret))
 
     runner = dask_task_runner(workers, dask_address)
     threads = scheduler_threads(dask_address) if dask_address is not None else workers
@@ -381,7 +439,16 @@ def _batch_recommendations(
     except BaseException:
         recommend.discard_recommendations(plan)
         raise
-    return _report(artifacts, finish_table(plan, results))
+    stats = _to_postgres(finish_table(plan, results), to, table, password_env, password_secret)
+    return _report(artifacts, stats)
+
+
+def _to_postgres(
+    stats: dict[str, Any], to: str | None, table: str, password_env: str, password_secret: str | None
+) -> dict[str, Any]:
+    if to is None:
+        return stats
+    return {**stats, "postgres": load_table(stats["out_dir"], to, table, password_env, password_secret)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,11 +462,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="Dask LocalCluster worker processes")
     parser.add_argument("--dask-address", help="a running Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--partitions", type=int, help="user partitions on Dask (default: one per thread)")
+    parser.add_argument(
+        "--to", help="also load into PostgreSQL: postgresql://user@host:port/db (no password)"
+    )
+    parser.add_argument(
+        "--table", default="recommendations", help="PostgreSQL table (default: recommendations)"
+    )
+    parser.add_argument("--password-env", default="PGPASSWORD", help="variable with the database password")
+    parser.add_argument("--password-secret", help="Prefect Secret block with the database password")
     args = parser.parse_args(argv)
 
     def run(_: argparse.Namespace) -> int:
         stats = batch_recommendations(**vars(args))
         print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
+        if "postgres" in stats:
+            print(f"loaded them into {stats['postgres']['table']} at {stats['postgres']['to']}")
         return 0
 
     # A missing store or a bad option is one line and exit 2, as with recsys-metric batch.

@@ -43,9 +43,11 @@ flow (``flows.deployments``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -60,7 +62,7 @@ from prefect.settings import (
 
 from flows.artifact_keys import artifact_key, current_deployment_name
 from flows.run_states import failed_state
-from recsys_metric import pipeline, registry
+from recsys_metric import nightly, pipeline, registry
 from recsys_metric.cli_errors import run_command
 from recsys_metric.config import Config, load_config
 from recsys_metric.data import prepare as data_prepare
@@ -264,9 +266,9 @@ def finalize(artifacts: str, run_dir: str, config: Config, interactions: str, ex
     retry_delay_seconds=IO_RETRY_DELAYS,
     retry_condition_fn=_retry_transient,
 )
-def publish(artifacts: str, run_id: str, config: Config) -> str | None:
+def publish(artifacts: str, run_id: str, config: Config, force: bool = False) -> str | None:
     """Switch ``current`` to the run atomically; returns the previously published run id."""
-    previous = ArtifactStore(artifacts, config.publish).publish(run_id)
+    previous = ArtifactStore(artifacts, config.publish).publish(run_id, forced=force)
     get_run_logger().info("published %s (was %s)", run_id, previous)
     return previous
 
@@ -282,23 +284,33 @@ def prune(artifacts: str, config: Config) -> list[str]:
 
 @flow(name="nightly-retrain", persist_result=False)
 def nightly_retrain(
-    interactions: str = "data/interactions.parquet",
+    interactions: str | None = None,
     artifacts: str = "artifacts",
     config_path: str | None = None,
     force: bool = False,
     items: str | None = None,
     warm_start: bool | None = None,
+    lock_wait_s: float | None = 0.0,
 ) -> dict[str, Any]:
     """Train a new run, gate it against the published one, and publish it only when it passes.
 
+    The flow holds the store's one-writer lock (``ARTIFACTS/.lock``) from start to end, like
+    ``recsys-metric run``: another writer (a run, a train, a publish, another deployment) makes
+    it fail with the holder named, or wait with ``lock_wait_s``. Prefect's concurrency limits
+    may add to this, never replace it.
+
     Args:
-        interactions: the interaction log (file, Parquet directory or glob).
+        interactions: the interaction log (file, Parquet directory or glob, or a database URI:
+            ``postgresql://user@host/db``, ``duckdb:///path``; docs/databases.md); None: the
+            config's ``data.source``, else ``data/interactions.parquet``.
         artifacts: the artifact store root (``runs/`` and ``current``).
         config_path: YAML or TOML config; defaults when None.
         force: publish even when the gate refuses (the reason records the override).
         items: item feature table, when ``model.item_features`` is set.
         warm_start: start training from the published run's models (``train.warm_start``);
             None keeps the config's setting.
+        lock_wait_s: when another process writes to the store: 0 fails at once, a number of
+            seconds waits that long at most, None waits until it finishes.
 
     Returns:
         ``run_id``, ``run_dir``, ``published``, ``reason`` (the gate's), ``decision`` (all its
@@ -310,7 +322,7 @@ def nightly_retrain(
         to Prefect's result storage (:func:`flows.run_states.failed_state`).
     """
     try:
-        return _nightly_retrain(interactions, artifacts, config_path, force, items, warm_start)
+        return _nightly_retrain(interactions, artifacts, config_path, force, items, warm_start, lock_wait_s)
     except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
         return failed_state(exc)  # type: ignore[return-value]
 
@@ -322,36 +334,62 @@ def _nightly_retrain(
     force: bool,
     items: str | None,
     warm_start: bool | None,
+    lock_wait_s: float | None,
 ) -> dict[str, Any]:
     config = load_config(config_path)
+    interactions = interactions or config.data.source or "data/interactions.parquet"
     if warm_start is not None:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"warm_start": warm_start})}
         )
+    nightly.check_input_exists(interactions)
     store = ArtifactStore(artifacts, config.publish)
-    # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
-    pending = str(store.new_run())
-    run_id = store.run_id_of(pending)
-    # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
-    current = store.current()
-    current_dir = None if current is None else str(store.run_dir(current))
-    get_run_logger().info("new run directory %s (published run: %s)", pending, current)
-    prepare_seconds = prepare(interactions, pending, config)
-    trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
-    keys = report_keys(artifacts, current_deployment_name())
-    gated = gate(current_dir, pending, run_id, trained["holdout"], config, force, keys)
-    decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
-    run_dir = finalize(
-        artifacts,
-        pending,
-        config,
-        interactions,
-        {"gate": decision, "current_on_holdout": current_on_holdout},
-    )
-    previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
-    if decision["publish"]:
-        previous = publish(artifacts, run_id, config)
-    pruned = prune(artifacts, config)
+    with store.writer(wait=lock_wait_s, purpose="nightly-retrain flow") as cleaned:
+        logger = get_run_logger()
+        if cleaned:
+            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
+        needed = store.check_space(interactions)
+        # A mkdir: not worth a task of its own (a failure here fails the flow before any work).
+        pending = str(store.new_run())
+        run_id = store.run_id_of(pending)
+        # Read once, as run_nightly does: the run it warm-starts from is the one it is gated against.
+        current = store.current()
+        current_dir = None if current is None else str(store.run_dir(current))
+        logger.info("new run directory %s (published run: %s)", pending, current)
+        try:
+            prepare_seconds = prepare(interactions, pending, config)
+            trained = train(pending, config, items, run_id, prepare_seconds, current_dir)
+            keys = report_keys(artifacts, current_deployment_name())
+            gated = gate(current_dir, pending, run_id, trained["holdout"], config, force, keys)
+            decision, current_on_holdout = gated["decision"], gated["current_on_holdout"]
+            run_dir = finalize(
+                artifacts,
+                pending,
+                config,
+                interactions,
+                {"gate": decision, "current_on_holdout": current_on_holdout},
+            )
+        except BaseException as err:
+            # This run's own temporary directory goes (a crash leaves it to the next writer).
+            full = nightly._failed(store, Path(pending), err, run_id, needed)
+            if full is not None:
+                raise full from err
+            raise
+        previous = current_on_holdout["run_id"] if current_on_holdout is not None else None
+        if decision["publish"] and store.current() != current:
+            # Cannot happen while every writer takes the lock; one that bypassed it is caught here.
+            logger.warning(
+                "current moved from %s to %s during this run; gating again", current, store.current()
+            )
+            metrics = json.loads(Path(run_dir, "metrics.json").read_text())
+            _, redo = nightly.gate_against_current(
+                store, store.current(), Path(run_dir), metrics, config, force=force
+            )
+            decision, previous = redo.to_dict(), store.current()
+            logger.info("quality gate (again): %s", decision["reason"])
+        if decision["publish"]:
+            previous = publish(artifacts, run_id, config, force)
+        pruned = prune(artifacts, config)
     return {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -400,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.nightly_retrain", description=nightly_retrain.__doc__
     )
-    parser.add_argument("--interactions", default="data/interactions.parquet")
+    parser.add_argument(
+        "--interactions",
+        help="log path or database URI (default: data.source, else data/interactions.parquet)",
+    )
     parser.add_argument("--artifacts", default="artifacts")
     parser.add_argument("--config", dest="config_path")
     parser.add_argument("--items")

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
 from recsys_metric.config import Config, load_config
-from recsys_metric.errors import ConfigError, RejectLimitExceeded
+from recsys_metric.errors import ConfigError, RecsysMetricError, RejectLimitExceeded
+from recsys_metric.run_summary import TIME_BUDGET_HELP, time_budget_arg, time_budget_lines, with_time_budget
 
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
@@ -26,6 +27,12 @@ DEFAULT_DATA = Path("data") / "interactions.parquet"
 DEFAULT_ITEMS = Path("data") / "items.parquet"
 DEFAULT_ARTIFACTS = Path("artifacts")
 EXIT_USER_ERROR = 2
+EXIT_GATE_REFUSED = 3
+"""``run``/``publish``: the quality gate refused the run, ``current`` did not move (docs/operations.md)."""
+INTERACTIONS_HELP = (
+    f"interaction log: a path, or a database URI without password (postgresql://user@host:port/db, "
+    f"duckdb:///path/file.duckdb; docs/databases.md) (default: data.source of --config, else {DEFAULT_DATA})"
+)
 
 
 def _fmt_int(n: int | float) -> str:
@@ -115,7 +122,11 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_generate_data(args: argparse.Namespace) -> int:
     from recsys_metric.data import synthetic
 
-    argv = ["--out", str(args.out), "--seed", str(args.seed), "--id-type", args.id_type]
+    # Defaults filled here, not in the parser: reading them imports the generator (and pandas),
+    # which every other command, queries above all, would pay for at start.
+    seed = synthetic_defaults()["seed"] if args.seed is None else args.seed
+    id_type = args.id_type or synthetic_defaults()["id_type"]
+    argv = ["--out", str(args.out), "--seed", str(seed), "--id-type", id_type]
     for flag, value in (
         ("--users", args.n_users),
         ("--items", args.n_items),
@@ -144,7 +155,7 @@ def _items_path(args: argparse.Namespace) -> Path | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.distributed:
         from recsys_metric.distributed import run_distributed
 
@@ -155,17 +166,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, config: Config, distributed: DistributedTraining | None) -> int:
     from recsys_metric.pipeline import new_run_id, train_run
 
-    run_id = new_run_id()
-    run_dir = Path(args.out) if args.out else Path(args.artifacts) / "runs" / run_id
-    result = train_run(
-        args.interactions,
-        run_dir,
-        config,
-        items=_items_path(args),
-        run_id=run_id,
-        progress=args.progress,
-        distributed=distributed,
-    )
+    if args.out:
+        run_id = new_run_id()
+        run_dir = Path(args.out)
+        result = train_run(
+            args.interactions,
+            run_dir,
+            config,
+            items=_items_path(args),
+            run_id=run_id,
+            progress=args.progress,
+            distributed=distributed,
+        )
+    else:
+        # Into the store: a finalized, unpublished run (`recsys-metric publish RUN_ID` gates it).
+        from recsys_metric.nightly import train_into_store
+
+        result, run_dir = train_into_store(
+            args.interactions,
+            args.artifacts,
+            config,
+            items=_items_path(args),
+            progress=args.progress,
+            wait=_wait(args),
+            distributed=distributed,
+        )
     print(result.evaluation.to_table())
     es = result.metrics["early_stopping"]
     print(
@@ -173,13 +198,20 @@ def _train(args: argparse.Namespace, config: Config, distributed: DistributedTra
         f"exported the {result.metrics['published_model'].replace('_', ' ')} to {run_dir} "
         f"in {result.seconds['total']:.1f} s"
     )
+    for line in time_budget_lines(result.metrics):
+        print(line)
+    if not args.out:
+        print(
+            f"not published; to gate and publish it: recsys-metric publish {result.run_id} "
+            f"--artifacts {args.artifacts}"
+        )
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from recsys_metric.nightly import run_nightly
 
-    config = load_config(args.config)
+    config = with_time_budget(load_config(args.config), args.time_budget)
     if args.warm_start:
         config = config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True})})
     result = run_nightly(
@@ -189,6 +221,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         items=_items_path(args),
         force=args.force,
         progress=args.progress,
+        wait=_wait(args),
     )
     print(result.run.evaluation.to_table())
     index = result.run.metrics.get("index") or {}
@@ -203,6 +236,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{warm['reason']}; training took {result.run.metrics['seconds'].get('train_holdout', 0):.1f} s"
         )
+    for line in time_budget_lines(result.run.metrics):
+        print(line)
     print(f"\nrun {result.run_id} -> {result.run_dir}")
     print(f"quality gate: {result.decision.reason}")
     if result.published:
@@ -210,6 +245,55 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         kept = result.previous_run_id or "nothing"
         print(f"NOT published: current stays on {kept}")
+        return EXIT_GATE_REFUSED
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> float | None:
+    """``--wait``: absent 0 (fail at once), bare None (until the writer finishes), N seconds."""
+    return None if args.wait is not None and args.wait < 0 else (args.wait or 0.0)
+
+
+def _add_wait_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=-1.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another process writes to the store, wait for it (at most SECONDS; bare: until it "
+        "finishes) instead of exiting with code 2",
+    )
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from recsys_metric.nightly import publish_run
+
+    result = publish_run(args.artifacts, args.run_id, force=args.force, wait=_wait(args))
+    if result.decision is None:
+        print(f"run {args.run_id} is already current in {args.artifacts}")
+        return 0
+    print(f"quality gate: {result.decision.reason}")
+    if result.published:
+        print(
+            f"published: {Path(args.artifacts) / 'current'} -> runs/{args.run_id} (was {result.previous_run_id})"
+        )
+        return 0
+    print(f"NOT published: current stays on {result.previous_run_id or 'nothing'} (--force overrides)")
+    return EXIT_GATE_REFUSED
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from recsys_metric.nightly import rollback_run
+
+    result = rollback_run(args.artifacts, args.run_id, wait=_wait(args))
+    if not result.published:
+        print(f"run {result.run_id} is already current in {args.artifacts}")
+    else:
+        print(
+            f"rolled back: {Path(args.artifacts) / 'current'} -> runs/{result.run_id} (was {result.previous_run_id})"
+        )
     return 0
 
 
@@ -285,9 +369,11 @@ def _print_frame(frame) -> None:
 
 
 def _load_recommender(args: argparse.Namespace):
-    from recsys_metric.recommend import Recommender
+    from recsys_metric.serving import Recommender
 
-    return Recommender.load(args.artifacts, index="exact" if args.exact else "auto", output="polars")
+    return Recommender.load(
+        args.artifacts, index="exact" if args.exact else "auto", output="polars", verify=not args.no_verify
+    )
 
 
 def check_k(k: int, what: str = "results") -> int:
@@ -323,7 +409,32 @@ def _typed_id(text: str, ids) -> int | str:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from recsys_metric.recommend import write_recommendations
+    if args.to is not None:
+        from recsys_metric.db.sink import check_postgres
+
+        # Checked before the scoring, which can take minutes, rather than after it.
+        check_postgres(args.to, args.table, password_env=args.password_env)
+    elif args.out is None:
+        raise ConfigError(
+            "give --out DIR for a Parquet table, --to postgresql://... for a database table, or both"
+        )
+    with tempfile.TemporaryDirectory(prefix="recsys-batch-") as scratch:
+        out = args.out or str(Path(scratch) / "table")
+        code = _batch(args, out)
+        if args.to is not None:
+            from recsys_metric.db.sink import load_parquet_table
+
+            loaded = load_parquet_table(out, args.to, args.table, password_env=args.password_env)
+            kept = f"; the previous table is {loaded['previous_table']}" if loaded["previous_table"] else ""
+            print(
+                f"loaded {loaded['n_rows']:,} rows into {loaded['table']} at {loaded['to']} in {loaded['seconds']:.1f} s "
+                f"({loaded['rows_per_second']:,.0f} rows/s){kept}"
+            )
+    return code
+
+
+def _batch(args: argparse.Namespace, out: str) -> int:
+    from recsys_metric.serving import write_recommendations
 
     check_k(args.k, "items per user")
     user_ids = None
@@ -331,7 +442,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         user_ids = [line.strip() for line in Path(args.users).read_text().splitlines() if line.strip()]
     stats = write_recommendations(
         args.artifacts,
-        args.out,
+        out,
         k=args.k,
         user_ids=user_ids,
         index=args.index,
@@ -340,15 +451,24 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote top-{args.k} for {stats['n_users']:,} users ({stats['n_rows']:,} rows, {stats['n_files']} files) "
-        f"to {args.out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
+        f"to {out} in {stats['seconds']:.1f} s ({stats['users_per_second']:,.0f} users/s)"
     )
     return 0
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    from recsys_metric.serving.cli_api import run_api
+
+    return run_api(args)
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     from recsys_metric.registry import ArtifactStore
 
-    runs = ArtifactStore(args.artifacts).list_runs()
+    listed = ArtifactStore(args.artifacts).list_runs()
+    # A .tmp- directory is a run being written or a dead run's debris: never a run to choose.
+    runs = [r for r in listed if not r.path.name.startswith(".tmp-")]
+    unfinished = len(listed) - len(runs)
     if not runs:
         print(f"no runs under {args.artifacts}")
         return 0
@@ -359,14 +479,16 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         created = r.created.strftime("%Y-%m-%d %H:%M:%S")
         print(f"{mark}{r.run_id:<24}{'yes' if r.complete else 'no':<10}{created:<21}{recall}")
     print("\n* = current")
+    if unfinished:
+        print(
+            f"({unfinished} unfinished run directory(ies) not listed: being written, or left by a dead run)"
+        )
     return 0
 
 
 def _add_pipeline_arguments(p: argparse.ArgumentParser, *, progress: bool) -> None:
     """The options every command that runs the pipeline shares (run, serve)."""
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument("--items", help="item feature table (default: data/items.parquet with the bundled log)")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
     p.add_argument("--config", help="YAML or TOML config file")
@@ -411,9 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="write the prepared dataset (vocabularies, labelled split interactions, triplets, rejects)",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="YAML or TOML config file")
     p.set_defaults(func=_cmd_prepare)
@@ -424,9 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the two-tower model on a log and write a run directory: vocabularies, model.pt, "
         "user/item embedding Parquet files, metrics.json (holdout metrics beside popularity).",
     )
-    p.add_argument(
-        "--interactions", default=str(DEFAULT_DATA), help=f"interaction log (default: {DEFAULT_DATA})"
-    )
+    p.add_argument("--interactions", help=INTERACTIONS_HELP)
     p.add_argument(
         "--items",
         help="item feature table (Parquet with item_id; default: data/items.parquet with the bundled log)",
@@ -434,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--artifacts",
         default=str(DEFAULT_ARTIFACTS),
-        help="artifacts directory; the run goes to ARTIFACTS/runs/<run_id> (default: artifacts)",
+        help="artifact store; the run is finalized into ARTIFACTS/runs/<run_id>, not published (`publish` "
+        "gates it; default: artifacts)",
     )
     p.add_argument("--out", help="write the run directory here instead")
     p.add_argument("--config", help="YAML or TOML config file")
@@ -450,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on every process of a torchrun group (gloo on CPU, nccl on CUDA); only rank 0 "
         "reads the log and writes the run: torchrun --nproc_per_node 2 -m recsys_metric.distributed",
     )
+    _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -465,7 +586,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start training from the current run's models (train.warm_start; cold when it cannot serve)",
     )
+    _add_wait_argument(p)
+    p.add_argument("--time-budget", type=time_budget_arg, help=TIME_BUDGET_HELP)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "publish",
+        help="gate a complete run (e.g. from `train`) against the current one and publish it",
+        description="Score the current model on RUN_ID's holdout, apply the quality gate and switch "
+        "ARTIFACTS/current to RUN_ID when it passes (exit 3 when it refuses; --force overrides).",
+    )
+    p.add_argument("run_id", help="a complete run of the store (see `recsys-metric runs`)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    p.add_argument("--force", action="store_true", help="publish even if the quality gate refuses")
+    _add_wait_argument(p)
+    p.set_defaults(func=_cmd_publish)
+
+    p = sub.add_parser(
+        "rollback",
+        help="publish again the run that was current before this one (or RUN_ID, published before)",
+    )
+    p.add_argument("run_id", nargs="?", help="a run published before (default: the previous current run)")
+    p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
+    _add_wait_argument(p)
+    p.set_defaults(func=_cmd_rollback)
 
     for name, func, helptext in (
         ("recommend", _cmd_recommend, "top-K items for a user of the published run"),
@@ -480,6 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="artifact store (its current run) or a run directory (default: artifacts)",
         )
         p.add_argument("--exact", action="store_true", help="exact search instead of the Annoy index")
+        p.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip checking the run's files against its manifest (docs/serving.md: what it costs)",
+        )
         if name == "recommend":
             p.add_argument(
                 "--include-seen", action="store_true", help="allow items the user already interacted with"
@@ -489,7 +638,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "batch", help="write the top-K recommendation table (partitioned Parquet) for all users"
     )
-    p.add_argument("--out", required=True, help="output directory for part-*.parquet")
+    p.add_argument("--out", help="output directory for part-*.parquet (needed unless --to is given)")
+    p.add_argument(
+        "--to",
+        help="also load the table into PostgreSQL (postgresql://user@host:port/db, no password: PGPASSWORD or "
+        "--password-env); swapped in atomically, the old one kept as TABLE_previous (docs/databases.md)",
+    )
+    p.add_argument(
+        "--table", default="recommendations", help="table name with --to (default: recommendations)"
+    )
+    p.add_argument(
+        "--password-env",
+        default="PGPASSWORD",
+        help="environment variable with the password (default: PGPASSWORD)",
+    )
     p.add_argument("-k", type=int, default=100, help="items per user (default: 100)")
     p.add_argument("--users", help="text file with one user id per line (default: every user)")
     p.add_argument("--index", choices=["exact", "annoy"], default="exact", help="scoring (default: exact)")
@@ -539,6 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_serve)
 
+    from recsys_metric.serving.cli_api import add_api_parser
+
+    add_api_parser(sub, _cmd_api, default_artifacts=str(DEFAULT_ARTIFACTS))
+
     p = sub.add_parser("runs", help="list runs, their holdout recall, and which one is current")
     p.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="artifact store (default: artifacts)")
     p.set_defaults(func=_cmd_runs)
@@ -554,13 +720,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed",
         type=int,
-        default=synthetic_defaults()["seed"],
         help="random seed (default: the bundled data's)",
     )
     p.add_argument(
         "--id-type",
         choices=["int", "str"],
-        default=synthetic_defaults()["id_type"],
         help="external id type (default: the bundled data's)",
     )
     p.add_argument(
@@ -579,6 +743,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if getattr(args, "interactions", "") is None:
+        try:
+            args.interactions = load_config(getattr(args, "config", None)).data.source or str(DEFAULT_DATA)
+        except RecsysMetricError as err:
+            print(f"recsys-metric {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
     from recsys_metric.cli_errors import run_command
 
     return run_command(args)

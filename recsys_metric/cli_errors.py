@@ -8,6 +8,8 @@ code   meaning
 2      a mistake in the input, the config or the command line, or an I/O error (missing file,
        permission, full disk): one line on stderr that names the file, the key or the column and
        says what to do; ``-v`` adds the traceback
+3      ``run``/``publish``: the quality gate refused the run (``cli.EXIT_GATE_REFUSED``;
+       docs/operations.md)
 130    interrupted (Ctrl-C)
 141    stdout was closed early (``recsys-metric recommend u | head``): nothing more is printed, as
        for a command that SIGPIPE ends

@@ -5,7 +5,7 @@
 takes the options of ``recsys-metric train`` and writes the same run directory (the same as
 ``recsys-metric train --distributed`` under torchrun). Rank 0 runs the whole pipeline (prepare,
 evaluate, export, index) and is the only process that reads the log or writes a file; every
-:func:`~recsys_metric.train.fit` it makes is run by all ranks together: rank 0 sends the model,
+:func:`~recsys_metric.training.fit` it makes is run by all ranks together: rank 0 sends the model,
 the training pairs and the config to the others (:meth:`DistributedTraining.follow`), and the ranks
 then train as one.
 
@@ -73,13 +73,13 @@ from recsys_metric.config import TrainConfig
 from recsys_metric.epoch_order import EpochOrder
 from recsys_metric.errors import ConfigError
 from recsys_metric.model.towers import TwoTowerModel
-from recsys_metric.train import (
+from recsys_metric.training import (
+    AutogradStep,
     FusedTripletStep,
     TrainData,
-    _AutogradStep,
-    _lr_factor,
-    _project_rows_,
     fit,
+    lr_factor,
+    project_rows_,
 )
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class CommStats:
 class DistributedTraining:
     """This process's place in a ``torch.distributed`` group, for ``fit(..., distributed=...)``.
 
-    Every rank calls :func:`~recsys_metric.train.fit` with the same model shape, data and config
+    Every rank calls :func:`~recsys_metric.training.fit` with the same model shape, data and config
     (or rank 0 calls it under :meth:`leading` while the others :meth:`follow`). Made by
     :meth:`from_env` in a process torchrun started.
 
@@ -280,7 +280,7 @@ class DistributedTraining:
             )
             done += 1
 
-    # -- hooks called by recsys_metric.train ----------------------------------------------------
+    # -- hooks called by recsys_metric.training ----------------------------------------------------
 
     def setup(
         self,
@@ -341,7 +341,7 @@ class DistributedTraining:
 
     def wrap_step(
         self,
-        step: FusedTripletStep | _AutogradStep,
+        step: FusedTripletStep | AutogradStep,
         model: TwoTowerModel,
         config: TrainConfig,
         n_epochs: int,
@@ -400,7 +400,7 @@ class DistributedTraining:
         schedule it after the pairs the group has trained this epoch)."""
         run = self._current()
         progress = (run.epoch + run.pairs_done / max(run.n_pairs, 1)) / run.n_epochs
-        run.lr = run.config.lr * _lr_factor(run.config.lr_schedule, progress)
+        run.lr = run.config.lr * lr_factor(run.config.lr_schedule, progress)
         run.pairs_done += pairs
         return run.lr
 
@@ -620,7 +620,7 @@ class _SyncedFusedStep:
                 # Every rank read these rows from identical tables: their projections are the
                 # values each rank's gradient saw; the update starts from them (P(w) - lr * g).
                 values = tables[name].index_select(0, rows)
-                _project_rows_(values)
+                project_rows_(values)
             self.step.rows.step(name, rows, grads, lr, values)
         return False
 
@@ -642,7 +642,7 @@ class _SyncedAutogradStep:
 
     compiled = False
 
-    def __init__(self, step: _AutogradStep, ctx: DistributedTraining):
+    def __init__(self, step: AutogradStep, ctx: DistributedTraining):
         self.step = step
         self.ctx = ctx
         self.dense = [p for group in step.dense.param_groups for p in group["params"]] if step.dense else []

@@ -18,7 +18,7 @@ class RecsysMetricError(Exception):
     """Base class for errors caused by inputs or configuration, not by bugs.
 
     Args:
-        message: what is wrong, where, and what to do.
+        *args: the message (what is wrong, where, and what to do), as for ``Exception``.
         transient: the same call may succeed when tried again a little later (a file still being
             written, an I/O or connection error); False for anything in the data or the config.
     """

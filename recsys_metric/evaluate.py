@@ -24,10 +24,12 @@ Conventions, fixed here once:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,40 @@ def popularity_score_fn(train_seen: InteractionMatrix) -> ItemScores:
     return ItemScores(torch.from_numpy(counts))
 
 
+class ScoresInto:
+    """A scorer that writes each batch's scores into a tensor it is given.
+
+    Evaluation reuses one ``[batch, n_items]`` buffer for every batch and masks it in place;
+    a plain :data:`ScoreFn` returns a new tensor per batch, whose first touch of fresh memory can
+    cost as much as the score product itself, and must be copied before masking unless it is
+    known to be the caller's no longer. Called with users alone, it is a plain :data:`ScoreFn`
+    (it allocates the output).
+
+    Args:
+        into: ``into(users int64 [B], out [B, n_items])`` writes the scores (higher is better) into
+            ``out`` and returns nothing; it must write every entry.
+        n_items: catalog size.
+        dtype, device: of the scores ``into`` writes.
+    """
+
+    def __init__(
+        self,
+        into: Callable[[np.ndarray, torch.Tensor], None],
+        n_items: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
+        self.into = into
+        self.n_items = int(n_items)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __call__(self, users: np.ndarray) -> torch.Tensor:
+        out = torch.empty((len(users), self.n_items), dtype=self.dtype, device=self.device)
+        self.into(users, out)
+        return out
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """Relevant sets reduced to what a ranking can reach, and the users who have any."""
@@ -139,6 +175,13 @@ class _Prepared:
     users: np.ndarray
     candidate_mask: np.ndarray | None
     exclude_seen: bool
+
+    @property
+    def cut_items(self) -> np.ndarray | None:
+        """int64 item numbers outside the candidate mask (``None`` when there are none)."""
+        if self.candidate_mask is None or self.candidate_mask.all():
+            return None
+        return np.flatnonzero(~self.candidate_mask)
 
 
 def _prepare(
@@ -195,30 +238,99 @@ def _segments(matrix: InteractionMatrix, users: np.ndarray) -> tuple[np.ndarray,
     return rows, matrix.indices[np.repeat(starts, lengths) + offsets].astype(np.int64)
 
 
+class _NaNScores(ValueError):
+    """Raised by :func:`top_k` on NaN scores (callers count them for their own message)."""
+
+
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``k`` items per row with deterministic ties (equal scores: lower item number first).
 
     ``torch.topk`` may pick any of several items that tie at the k-th value. One ``topk`` of
     ``k + 1`` settles every row whose k-th and (k+1)-th values differ: its k items are then the
     only possible choice, and only their order needs the tie rule. The few rows with a tie across
-    that boundary go through :func:`_top_k_ties`.
+    that boundary go through :func:`_top_k_ties`. On wide rows the ``k + 1`` come from
+    :func:`_top_k_candidates` (the same values, about a fifth of the cost of a full ``topk``).
 
     Args:
         scores: float ``[B, N]``, no NaN; ``k <= N``.
 
     Returns:
         ``(items, values)``: int64 ``[B, k]`` item numbers and their scores, best first.
+
+    Raises:
+        ValueError: ``scores`` hold NaN (``torch.topk`` ranks NaN first, so the selected values
+            show any; no separate pass over ``[B, N]``).
     """
     n_items = scores.shape[1]
     if k >= n_items:
+        if bool(torch.isnan(scores).any()):
+            raise _NaNScores("scores hold NaN")
         return _top_k_ties(scores, k)
-    values, items = torch.topk(scores, k + 1, dim=1, sorted=True)
+    chunk = _chunk_size(n_items, k + 1)
+    if chunk > 1:
+        values, items = _top_k_candidates(scores, k + 1, chunk)
+    else:
+        values, items = torch.topk(scores, k + 1, dim=1, sorted=True)
+    if bool(torch.isnan(values[:, 0]).any()):
+        raise _NaNScores("scores hold NaN")
     tied = values[:, k - 1] == values[:, k]
     items, values = _order_ties(items[:, :k], values[:, :k])
     if bool(tied.any()):
         rows = tied.nonzero()[:, 0]
         items[rows], values[rows] = _top_k_ties(scores[rows], k)
     return items, values
+
+
+def _chunk_size(n_items: int, k: int) -> int:
+    """Columns per chunk for :func:`_top_k_candidates`; 1 where a plain ``topk`` is as cheap.
+
+    At least 8 chunks per wanted item keep the second ``topk`` (over ``k * chunk`` gathered scores)
+    small against the row; at most 64 columns a chunk keep the chunk maxima a cheap pass.
+    """
+    chunk = 64
+    while chunk > 4 and n_items < 8 * k * chunk:
+        chunk //= 2
+    return chunk if n_items >= 8 * k * chunk else 1
+
+
+def _top_k_candidates(scores: torch.Tensor, k: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row and items holding them, from the ``k`` best chunks.
+
+    Rows are cut into chunks of ``chunk`` columns; only the ``k`` chunks with the largest maxima
+    are searched. That loses nothing: the k-th largest value of a row is at least the k-th
+    largest chunk maximum ``M``, every value above ``M`` lies in a chosen chunk, and the chosen
+    chunks hold at least ``k`` values ``>= M``; so the ``k`` values returned equal the row's top
+    ``k`` values. Items are the row's own wherever a value is strictly above the k-th (where it
+    ties, :func:`top_k` redoes the row with the tie rule).
+
+    Args:
+        scores: float ``[B, N]``, no NaN, ``N >= k * chunk``.
+
+    Returns:
+        ``(values, items)``: ``[B, k]`` best first, and their int64 item numbers.
+    """
+    n_rows, n_items = scores.shape
+    n_full = n_items // chunk
+    # A view, no copy: rows keep their stride, chunks are contiguous runs of columns.
+    chunks = scores[:, : n_full * chunk].unflatten(1, (n_full, chunk))
+    maxima = chunks.amax(dim=2)
+    tail = n_items - n_full * chunk
+    if tail:
+        maxima = torch.cat([maxima, scores[:, n_full * chunk :].amax(dim=1, keepdim=True)], dim=1)
+    best = torch.topk(maxima, k, dim=1, sorted=False).indices
+    # Whole runs of columns copy faster than single gathered columns. The short last chunk (number
+    # n_full) is read as the window of ``chunk`` columns ending at the last item, its first
+    # columns (the previous chunk's) at -inf: each item appears at most once among the candidates.
+    starts = torch.where(best < n_full, best * chunk, n_items - chunk)
+    rows = torch.arange(n_rows, device=scores.device).unsqueeze(1)
+    candidates = scores.unfold(1, chunk, 1)[rows, starts]
+    if tail:
+        overlap = torch.arange(chunk, device=scores.device) < chunk - tail
+        candidates.masked_fill_((best == n_full).unsqueeze(2) & overlap, float("-inf"))
+    candidates = candidates.flatten(1)
+    values, picked = torch.topk(candidates, k, dim=1, sorted=True)
+    columns = starts.gather(1, picked // chunk) + picked % chunk
+    return values, columns
 
 
 def _order_ties(items: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,17 +354,54 @@ def _top_k_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return _order_ties(items, scores.gather(1, items))
 
 
+class _Workspace:
+    """One ``[batch, n_items]`` score buffer reused by every batch of an evaluation.
+
+    Masking needs a copy of scores the caller still holds; a fresh ``[B, N]`` tensor per batch
+    spends as long on first touching its pages as on the copy itself (about as long as the
+    score matmul, 1024 x 41k float32 here), a reused one does not.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, n_rows: int, n_items: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous ``[n_rows, n_items]`` tensor (contents undefined), the same memory each call."""
+        buf = self.buffer
+        if (
+            buf is None
+            or buf.shape[0] < n_rows
+            or buf.shape[1] != n_items
+            or buf.dtype != dtype
+            or buf.device != device
+        ):
+            buf = self.buffer = torch.empty((n_rows, n_items), dtype=dtype, device=device)
+        return buf[:n_rows]
+
+
 def _model_top_k(
-    score_fn: ScoreFn, prep: _Prepared, users: np.ndarray, k: int, device: torch.device | None
+    score_fn: ScoreFn,
+    prep: _Prepared,
+    users: np.ndarray,
+    k: int,
+    device: torch.device | None,
+    workspace: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score a batch of users, mask what they may not be shown, and take the top ``k``."""
     n_items = prep.relevant.n_items
-    with torch.no_grad():
-        raw = score_fn(users)
-    # The caller's tensor (possibly a cached table or an expanded view) must stay intact: the
-    # first write below goes to a copy unless the tensor was made here.
-    owned = isinstance(raw, np.ndarray)
-    scores = torch.tensor(raw) if owned else raw.detach()
+    if isinstance(score_fn, ScoresInto):
+        # Scores written straight into the workspace: no [B, N] allocation, masked in place.
+        target = workspace.get(users.shape[0], n_items, score_fn.dtype, score_fn.device)
+        with torch.no_grad():
+            score_fn.into(users, target)
+        scores, owned = target, True
+    else:
+        with torch.no_grad():
+            raw = score_fn(users)
+        # The caller's scores (possibly a cached table, an expanded view or a numpy array) stay
+        # intact: masks are written into the workspace copy unless the tensor was made here.
+        scores = torch.from_numpy(np.asarray(raw)) if isinstance(raw, np.ndarray) else raw.detach()
+        owned = False
     if device is not None:
         moved = scores.to(device)
         owned = owned or moved is not scores
@@ -263,27 +412,39 @@ def _model_top_k(
         raise ValueError(
             f"score_fn returned shape {tuple(scores.shape)}, expected [{users.shape[0]}, {n_items}]"
         )
-    # NaN propagates through a max: one reduction, no [B, N] temporary, finds any.
-    if torch.isnan(scores.amax()):
-        raise ValueError(
-            f"score_fn returned {int(torch.isnan(scores).sum())} NaN scores for {users.shape[0]} users"
-        )
     dev = scores.device
-    cut = None
-    if prep.candidate_mask is not None and not prep.candidate_mask.all():
-        cut = torch.from_numpy(~prep.candidate_mask).to(dev)
-    if cut is not None:
-        # Out of place, the copy and the mask are one pass.
-        if owned:
-            scores.masked_fill_(cut, float("-inf"))
-        else:
-            scores = torch.where(cut, float("-inf"), scores)
-    elif prep.exclude_seen and not owned:
-        scores = scores.clone()
+    cut = torch.from_numpy(prep.cut_items).to(dev) if prep.cut_items is not None else None
+    seen = None
     if prep.exclude_seen:
         rows, cols = _segments(prep.train_seen, users)
-        scores[torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)] = float("-inf")
-    return top_k(scores, k)
+        if prep.candidate_mask is not None:
+            # A seen item outside the candidates is masked (and NaN-checked) with its column.
+            keep = prep.candidate_mask[cols]
+            rows, cols = rows[keep], cols[keep]
+        seen = (torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev))
+    # NaN anywhere is an error. Masked entries are checked before masking overwrites them (few:
+    # some columns, the seen items); every other NaN reaches the top k (top_k raises on it).
+    n_nan = 0
+    if cut is not None:
+        n_nan += int(torch.isnan(scores.index_select(1, cut)).sum())
+    if seen is not None:
+        n_nan += int(torch.isnan(scores[seen]).sum())
+    if not owned and (cut is not None or seen is not None):
+        target = workspace.get(scores.shape[0], n_items, scores.dtype, dev)
+        target.copy_(scores)
+        scores = target
+    if cut is not None:
+        # Whole columns: far cheaper than a [B, N] boolean mask broadcast over the rows.
+        scores.index_fill_(1, cut, float("-inf"))
+    if seen is not None:
+        scores[seen] = float("-inf")
+    try:
+        if n_nan:
+            raise _NaNScores
+        return top_k(scores, k)
+    except _NaNScores:
+        n_nan += int(torch.isnan(scores).sum())
+        raise ValueError(f"score_fn returned {n_nan} NaN scores for {users.shape[0]} users") from None
 
 
 class _GlobalRanking:
@@ -334,7 +495,8 @@ class _GlobalRanking:
 
 def _evaluate_prepared(
     score_fn: ScoreFn, prep: _Prepared, ks: tuple[int, ...], batch_size: int, device: Any
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Metrics (as :func:`evaluate_scores` returns them) and the standard error of each per-user mean."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_items = prep.relevant.n_items
@@ -349,19 +511,22 @@ def _evaluate_prepared(
     n_candidates = int(prep.candidate_mask.sum()) if prep.candidate_mask is not None else n_items
     global_ranking = _GlobalRanking(score_fn, prep, device) if isinstance(score_fn, ItemScores) else None
     sums = {f"{name}@{k}": 0.0 for name in METRICS[:-1] for k in ks}
+    squares = dict.fromkeys(sums, 0.0)
+    n_relevant = prep.relevant.row_lengths()
+    workspace = _Workspace()
     best_rank: torch.Tensor | None = None
     for start in range(0, n_users, batch_size):
         users = prep.users[start : start + batch_size]
         if global_ranking is not None:
             items, values = global_ranking(users, k_max)
         else:
-            items, values = _model_top_k(score_fn, prep, users, k_max, device)
+            items, values = _model_top_k(score_fn, prep, users, k_max, device, workspace)
         dev = items.device
         finite = torch.isfinite(values)
         hit_np = prep.relevant.contains(users, items.cpu().numpy())
         hits = torch.from_numpy(hit_np).to(dev, torch.float64) * finite
-        n_rel = torch.from_numpy(prep.relevant.row_lengths()[users]).to(dev, torch.float64)
-        _accumulate(sums, hits, n_rel, ks)
+        n_rel = torch.from_numpy(n_relevant[users]).to(dev, torch.float64)
+        _accumulate(sums, squares, hits, n_rel, ks)
         if best_rank is None:
             best_rank = torch.full((n_items,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
         ranks = torch.arange(k_max, device=dev).expand_as(items)
@@ -373,11 +538,29 @@ def _evaluate_prepared(
         result[f"coverage@{k}"] = int((best_rank < k).sum()) / n_candidates if n_candidates else 0.0
     ordered = {f"{name}@{k}": float(result[f"{name}@{k}"]) for name in METRICS for k in ks}
     ordered["n_users"] = n_users
-    return ordered
+    errors = {key: _standard_error(sums[key], squares[key], n_users) for key in sums}
+    return ordered, errors
 
 
-def _accumulate(sums: dict[str, float], hits: torch.Tensor, n_rel: torch.Tensor, ks: tuple[int, ...]) -> None:
-    """Add per-user metrics of one batch. hits: float64 ``[B, k_max]`` 0/1, n_rel: ``[B]``."""
+def _standard_error(total: float, square_total: float, n: int) -> float:
+    """Standard error of a mean from the sum and the sum of squares of ``n`` values (0 for n < 2)."""
+    if n < 2:
+        return 0.0
+    mean = total / n
+    variance = max(square_total - n * mean * mean, 0.0) / (n - 1)
+    return math.sqrt(variance / n)
+
+
+def _accumulate(
+    sums: dict[str, float],
+    squares: dict[str, float],
+    hits: torch.Tensor,
+    n_rel: torch.Tensor,
+    ks: tuple[int, ...],
+) -> None:
+    """Add per-user metrics of one batch (and their squares, for standard errors).
+
+    hits: float64 ``[B, k_max]`` 0/1, n_rel: ``[B]``."""
     k_max = hits.shape[1]
     ranks = torch.arange(1, k_max + 1, device=hits.device, dtype=torch.float64)
     discount = 1.0 / torch.log2(ranks + 1.0)
@@ -390,11 +573,16 @@ def _accumulate(sums: dict[str, float], hits: torch.Tensor, n_rel: torch.Tensor,
         kk = min(k, k_max)
         denom = torch.clamp(n_rel, max=k)
         n_hits = hit_cum[:, kk - 1]
-        sums[f"recall@{k}"] += float((n_hits / denom).sum())
         ideal = ideal_prefix[torch.clamp(n_rel, max=kk).long()]
-        sums[f"ndcg@{k}"] += float((dcg_cum[:, kk - 1] / ideal).sum())
-        sums[f"map@{k}"] += float((ap_cum[:, kk - 1] / denom).sum())
-        sums[f"hitrate@{k}"] += float((n_hits > 0).sum())
+        per_user = {
+            "recall": n_hits / denom,
+            "ndcg": dcg_cum[:, kk - 1] / ideal,
+            "map": ap_cum[:, kk - 1] / denom,
+            "hitrate": (n_hits > 0).to(torch.float64),
+        }
+        for name, values in per_user.items():
+            sums[f"{name}@{k}"] += float(values.sum())
+            squares[f"{name}@{k}"] += float(values.square().sum())
 
 
 def evaluate_scores(
@@ -431,7 +619,47 @@ def evaluate_scores(
         DataError: no user has a reachable relevant item.
     """
     prep = _prepare(train_seen, test_relevant, exclude_seen, candidate_mask, users)
-    return _evaluate_prepared(score_fn, prep, _check_ks(ks), batch_size, device)
+    return _evaluate_prepared(score_fn, prep, _check_ks(ks), batch_size, device)[0]
+
+
+Z_95 = 1.959963984540054
+"""Two-sided 95% normal quantile: a confidence interval is the mean +- ``Z_95`` standard errors."""
+
+
+@dataclass(frozen=True)
+class UserSample:
+    """Which users an evaluation scored: all eligible users, or a seeded sample of them.
+
+    Attributes:
+        users: evaluated users.
+        population: eligible users (a reachable relevant item) the sample was drawn from.
+        seed: the sample's seed (``eval.seed``); ``None`` when every eligible user was evaluated.
+        fingerprint: first 16 hex digits of the SHA-256 of the sorted int64 user numbers: two
+            evaluations with the same fingerprint scored the same users.
+    """
+
+    users: int
+    population: int
+    seed: int | None
+    fingerprint: str
+
+    @classmethod
+    def of(cls, users: np.ndarray, population: int, seed: int | None) -> UserSample:
+        digest = hashlib.sha256(np.ascontiguousarray(users, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return cls(users=int(users.shape[0]), population=int(population), seed=seed, fingerprint=digest)
+
+    @property
+    def sampled(self) -> bool:
+        return self.users < self.population
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "users": self.users,
+            "population": self.population,
+            "sampled": self.sampled,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+        }
 
 
 @dataclass
@@ -442,11 +670,20 @@ class EvaluationResult:
         models: scorer name (``"model"``, ``"popularity"``, ...) -> ``{"recall@10": ..., ...}``.
         ks: the cut-offs.
         n_users: users evaluated (the same for every scorer).
+        standard_errors: scorer name -> ``{"recall@10": se, ...}``: the standard error of each
+            per-user mean (recall, NDCG, MAP, hit rate; coverage is not a mean over users and has
+            none), the sample standard deviation over the evaluated users divided by
+            ``sqrt(n_users)``. A 95% confidence interval is the metric +- ``Z_95`` standard errors.
+            No finite-population correction: the interval speaks for users like these, not only
+            for the holdout's, and so stays conservative for a sample of the holdout.
+        sample: which users were evaluated (``None`` in results saved before it was recorded).
     """
 
     models: dict[str, dict[str, float]]
     ks: tuple[int, ...]
     n_users: int
+    standard_errors: dict[str, dict[str, float]] = field(default_factory=dict)
+    sample: UserSample | None = None
 
     def __post_init__(self) -> None:
         self.ks = tuple(self.ks)
@@ -456,12 +693,29 @@ class EvaluationResult:
         """``metric@K`` names in report order."""
         return tuple(f"{name}@{k}" for name in METRICS for k in self.ks)
 
+    def confidence_interval(self, model: str, metric: str) -> tuple[float, float]:
+        """95% confidence interval ``(low, high)`` of one scorer's ``metric@K`` (a per-user mean).
+
+        Raises:
+            KeyError: no standard error for that scorer and metric (coverage has none).
+        """
+        value, se = self.models[model][metric], self.standard_errors[model][metric]
+        return value - Z_95 * se, value + Z_95 * se
+
     def to_table(self) -> str:
-        """Fixed-width text table: one row per scorer, one column per metric@K."""
-        name_width = max([len("model"), *(len(name) for name in self.models)])
+        """Fixed-width text table: one row per scorer, one column per metric@K; under each scorer
+        with standard errors, a ``+-95%`` row holds the confidence half-widths (``Z_95`` SE)."""
+        name_width = max([len("model"), len("  +-95%"), *(len(name) for name in self.models)])
         widths = [max(len(col), 6) for col in self.columns]
+        sample = self.sample
+        if sample is not None and sample.sampled:
+            head = f"{self.n_users} of {sample.population} users (seeded sample, seed {sample.seed}), full ranking"
+        else:
+            head = f"{self.n_users} users, full ranking"
+        if self.standard_errors:
+            head += "; +-95%: confidence half-width over users (1.96 standard errors)"
         lines = [
-            f"{self.n_users} users, full ranking",
+            head,
             "  ".join(
                 [
                     "model".ljust(name_width),
@@ -472,20 +726,52 @@ class EvaluationResult:
         for name, metrics in self.models.items():
             cells = [f"{metrics[col]:.4f}".rjust(w) for col, w in zip(self.columns, widths, strict=True)]
             lines.append("  ".join([name.ljust(name_width), *cells]))
+            errors = self.standard_errors.get(name)
+            if errors:
+                cells = [
+                    (f"{Z_95 * errors[col]:.4f}" if col in errors else "").rjust(w)
+                    for col, w in zip(self.columns, widths, strict=True)
+                ]
+                lines.append("  ".join(["  +-95%".ljust(name_width), *cells]))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"ks": [...], "n_users": n, "models": {name: {metric@K: value}}}``."""
-        return {
+        """JSON-ready ``{"ks", "n_users", "models": {name: {metric@K: value}}, "standard_errors":
+        {name: {metric@K: se}}, "sample": {"users", "population", "sampled", "seed", "fingerprint"}}``."""
+        out: dict[str, Any] = {
             "ks": list(self.ks),
             "n_users": self.n_users,
             "models": {name: {col: float(m[col]) for col in self.columns} for name, m in self.models.items()},
         }
+        if self.standard_errors:
+            out["standard_errors"] = {
+                name: {col: float(se[col]) for col in self.columns if col in se}
+                for name, se in self.standard_errors.items()
+            }
+        if self.sample is not None:
+            out["sample"] = self.sample.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
         """Inverse of :meth:`to_dict`."""
-        return cls(models=data["models"], ks=tuple(data["ks"]), n_users=int(data["n_users"]))
+        sample = data.get("sample")
+        return cls(
+            models=data["models"],
+            ks=tuple(data["ks"]),
+            n_users=int(data["n_users"]),
+            standard_errors=data.get("standard_errors", {}),
+            sample=(
+                UserSample(
+                    users=int(sample["users"]),
+                    population=int(sample["population"]),
+                    seed=sample["seed"],
+                    fingerprint=sample["fingerprint"],
+                )
+                if sample
+                else None
+            ),
+        )
 
     def save_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON (atomically: temporary file, then rename)."""
@@ -494,6 +780,24 @@ class EvaluationResult:
         tmp.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def sample_users(eligible: np.ndarray, max_users: int | None, seed: int) -> np.ndarray:
+    """The users an evaluation scores: all of ``eligible`` when they are at most ``max_users``,
+    else ``max_users`` of them drawn without replacement by ``numpy.random.default_rng(seed)``.
+
+    The draw depends only on (the sorted eligible users, ``max_users``, ``seed``), so a run's
+    evaluation and a later quality gate rebuilding the same holdout score the same users.
+
+    Args:
+        eligible: sorted unique int64 user numbers.
+
+    Returns:
+        Sorted int64 user numbers.
+    """
+    if max_users is None or eligible.shape[0] <= max_users:
+        return eligible
+    return np.sort(np.random.default_rng(seed).choice(eligible, size=max_users, replace=False))
 
 
 def evaluate_with_baselines(
@@ -509,8 +813,10 @@ def evaluate_with_baselines(
 ) -> EvaluationResult:
     """Evaluate the model, the popularity baseline and any ``extra`` scorers on the same users.
 
-    With ``config.max_users`` set, that many users are drawn (seeded by ``config.seed``) from the
-    users that have a reachable relevant item; every scorer sees exactly those users.
+    With more users that have a reachable relevant item than ``config.max_users``, that many are
+    drawn (:func:`sample_users`, seeded by ``config.seed``); every scorer sees exactly those users.
+    The result holds each metric's standard error over users and which users were scored
+    (:class:`UserSample`; its fingerprint identifies the sample).
     """
     scorers: dict[str, ScoreFn] = {"model": score_fn, "popularity": popularity_score_fn(train_seen)}
     for name, fn in (extra or {}).items():
@@ -518,12 +824,17 @@ def evaluate_with_baselines(
             raise ValueError(f"extra scorer name {name!r} is reserved; choose another")
         scorers[name] = fn
     prep = _prepare(train_seen, test_relevant, config.exclude_seen, candidate_mask, None)
-    if config.max_users is not None and prep.users.shape[0] > config.max_users:
-        rng = np.random.default_rng(config.seed)
-        sample = np.sort(rng.choice(prep.users, size=config.max_users, replace=False))
-        prep = _Prepared(prep.train_seen, prep.relevant, sample, prep.candidate_mask, prep.exclude_seen)
+    population = int(prep.users.shape[0])
+    users = sample_users(prep.users, config.max_users, config.seed)
+    if users.shape[0] < population:
+        prep = _Prepared(prep.train_seen, prep.relevant, users, prep.candidate_mask, prep.exclude_seen)
+    sample = UserSample.of(users, population, config.seed if users.shape[0] < population else None)
     ks = _check_ks(config.ks)
-    models = {name: _evaluate_prepared(fn, prep, ks, batch_size, device) for name, fn in scorers.items()}
-    for metrics in models.values():
-        metrics.pop("n_users")
-    return EvaluationResult(models=models, ks=ks, n_users=int(prep.users.shape[0]))
+    models: dict[str, dict[str, float]] = {}
+    errors: dict[str, dict[str, float]] = {}
+    for name, fn in scorers.items():
+        models[name], errors[name] = _evaluate_prepared(fn, prep, ks, batch_size, device)
+        models[name].pop("n_users")
+    return EvaluationResult(
+        models=models, ks=ks, n_users=int(prep.users.shape[0]), standard_errors=errors, sample=sample
+    )

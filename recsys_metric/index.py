@@ -43,16 +43,17 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import annoy
 import numpy as np
-import torch
 
 from recsys_metric.config import IndexConfig
-from recsys_metric.device import resolve_device
 from recsys_metric.errors import DataError
-from recsys_metric.model.distances import DISTANCE_NAMES, NORM_EPS, SQRT_EPS
+from recsys_metric.scoring import DISTANCE_NAMES, NORM_EPS, SQRT_EPS
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,8 @@ def _block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     ``torch.topk`` picks arbitrary members of a tie at the k-th value; rows with such a tie are
     redone with a stable sort (rare on real embeddings, so the full sort is paid only there).
     """
+    import torch
+
     kk = min(k, scores.shape[1])
     vals, idx = scores.topk(kk, dim=1, sorted=False)
     cut = vals.amin(dim=1)
@@ -385,6 +388,8 @@ def _merge_topk(
     Block candidates are put in item order first, so that the stable sort by score leaves every tie
     in item order.
     """
+    import torch
+
     i, perm = i.sort(dim=1)
     s = s.gather(1, perm)
     all_s = torch.cat([best_s, s], dim=1)
@@ -423,6 +428,11 @@ class ExactIndex(ItemIndex):
         device: str | torch.device = "auto",
         block_size: int = 1 << 22,
     ):
+        # torch only here: AnnoyIndex and everything serving loads stay importable without it.
+        import torch
+
+        from recsys_metric.device import resolve_device
+
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.distance = _check_distance(distance)
@@ -443,6 +453,8 @@ class ExactIndex(ItemIndex):
 
     def _keys(self, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """``[b, end - start]`` ranking keys: the score plus a per-query constant, monotone in it."""
+        import torch
+
         if self._neg_sq_norms is None:
             return q @ self._items[start:end].T
         return torch.addmm(self._neg_sq_norms[start:end], q, self._items[start:end].T, alpha=2.0)
@@ -450,6 +462,8 @@ class ExactIndex(ItemIndex):
     def _search(
         self, q: np.ndarray, k: int, keys: np.ndarray, counts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         n_queries, n = q.shape[0], self.n_items
         items = np.full((n_queries, k), -1, dtype=np.int64)
         scores = np.full((n_queries, k), -np.inf, dtype=np.float32)

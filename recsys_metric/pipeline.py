@@ -56,7 +56,9 @@ import polars as pl
 import torch
 
 from recsys_metric import __version__
+from recsys_metric.cold_items import COLD_ITEMS_KEY, N_TRAIN_COLUMN
 from recsys_metric.config import Config, SplitConfig
+from recsys_metric.data.item_table import read_item_table
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.prepare import PreparedData, PreparedPaths, prepare_dataset
 from recsys_metric.data.split import SplitInfo, split_interactions
@@ -66,16 +68,22 @@ from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
     ScoreFn,
+    ScoresInto,
     evaluate_scores,
     evaluate_with_baselines,
     training_items_mask,
 )
 from recsys_metric.export import write_embeddings
 from recsys_metric.index import build_index
+from recsys_metric.model.catalog import add_catalog_items, save_item_tower
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
-from recsys_metric.train import TrainData, TrainResult, fit
+from recsys_metric.store.faults import fault_point
+from recsys_metric.training import TrainData, TrainResult, fit
+from recsys_metric.training.budget import TimeBudget
+from recsys_metric.training.run_budget import RunPlan
+from recsys_metric.training.validation import SampledValidation
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
@@ -132,13 +140,14 @@ def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None)
         items = model.item_embeddings()
         folded = model.fold_in_rows(liked) if model.item_item and liked is not None else None
 
-    def score(user_nums: np.ndarray) -> torch.Tensor:
+    def score(user_nums: np.ndarray, out: torch.Tensor) -> None:
         with torch.no_grad():
             nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
             users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
-            return model.distance.score(users, items)
+            model.distance.score_into(users, items, out)
 
-    return score
+    # Written into the evaluator's reused buffer: no [B, n_items] allocation per batch.
+    return ScoresInto(score, items.shape[0], dtype=items.dtype, device=items.device)
 
 
 def _sample_users(test: InteractionMatrix, max_users: int | None, seed: int) -> np.ndarray | None:
@@ -295,7 +304,10 @@ def train_run(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    budget_s = config.train.time_budget_seconds()
+    budget = TimeBudget(budget_s) if budget_s is not None else None
     prepared = prepare_dataset(interactions, run_dir, config)
+    fault_point("prepare:after")
     result = train_and_evaluate(
         run_dir,
         config,
@@ -306,10 +318,12 @@ def train_run(
         prepare_seconds=time.perf_counter() - t0,
         warm_start_from=warm_start_from,
         distributed=distributed,
+        budget=budget,
     )
     if build_ann:
         result.metrics = index_run(run_dir, config)
         result.seconds = dict(result.metrics["seconds"])
+        fault_point("index:after")
     return result
 
 
@@ -324,6 +338,7 @@ def train_and_evaluate(
     prepare_seconds: float | None = None,
     warm_start_from: str | Path | None = None,
     distributed: DistributedTraining | None = None,
+    budget: TimeBudget | None = None,
 ) -> RunResult:
     """Train with early stopping, evaluate on the holdout, refit and export, in a prepared run directory.
 
@@ -344,6 +359,9 @@ def train_and_evaluate(
         distributed: rank 0 of a ``torch.distributed`` group, leading
             (:meth:`recsys_metric.distributed.DistributedTraining.leading`): both fits run on every
             rank; everything else (evaluation, files) stays in this process.
+        budget: the run's time budget, started when the run started; None starts
+            ``config.train.time_budget`` here, counting ``prepare_seconds`` as spent
+            (``docs/time-budget.md``).
 
     Returns:
         The run's metrics, evaluation, model (the exported one) and training histories.
@@ -357,11 +375,20 @@ def train_and_evaluate(
         data = RunData.of(prepared)
     else:
         data = prepared
+    if budget is None and config.train.time_budget_seconds() is not None:
+        budget = TimeBudget(float(config.train.time_budget_seconds()))
+        budget.started -= prepare_seconds or 0.0
     seconds: dict[str, float] = {}
     if prepare_seconds is not None:
         seconds["prepare"] = prepare_seconds
     n_users, n_items = len(data.users), len(data.items)
-    items_table = pl.read_parquet(items) if items is not None else None
+    items_table = (
+        read_item_table(
+            items, tag_columns=config.data.item_tag_columns, separator=config.data.item_tag_separator
+        )
+        if items is not None
+        else None
+    )
     full = data.interactions
     train = full.filter(pl.col("split") == "train")
     test_liked = full.filter((pl.col("split") == "test") & (pl.col("label") == 1))
@@ -375,18 +402,37 @@ def train_and_evaluate(
     fit_data = train_data(fit_rows, n_users, n_items, config)
     fit_liked = _matrix(fit_rows.filter(pl.col("label") == 1), n_users, n_items)
     k_stop = config.train.early_stopping_k
-    val_users = _sample_users(val_relevant, config.eval.validation_max_users, config.eval.seed)
     val_candidates = training_items_mask(fit_seen)
 
-    def validate(m: TwoTowerModel) -> dict[str, float]:
+    def validate_users(m: TwoTowerModel, users: np.ndarray) -> float:
         return evaluate_scores(
             model_score_fn(m, fit_liked),
             fit_seen,
             val_relevant,
             ks=(k_stop,),
             candidate_mask=val_candidates,
-            users=val_users,
-        )
+            users=users,
+        )[f"recall@{k_stop}"]
+
+    # Early stopping scores a seeded sample of validation users, shrunk to what its measured cost
+    # affords (recsys_metric.training.validation); the run's time plan reads its cost too.
+    validate = SampledValidation(
+        validate_users,
+        np.flatnonzero(val_relevant.row_lengths() > 0),
+        metric_key=f"recall@{k_stop}",
+        seed=config.eval.seed,
+        max_users=config.eval.validation_max_users,
+    )
+    test_users = int((test_relevant.row_lengths() > 0).sum())
+    run_plan = RunPlan(
+        budget,
+        validate,
+        eval_users=min(test_users, config.eval.max_users or test_users),
+        n_items=n_items,
+        refit_scale=full.filter(pl.col("label") == 1).height / max(fit_data.n_pairs, 1)
+        if config.train.refit
+        else 0.0,
+    )
 
     holdout_model = build_model(data, config, fit_liked, items_table)
     plan, warm_reason = None, "cold start: train.warm_start is off"
@@ -394,7 +440,11 @@ def train_and_evaluate(
         plan, warm_reason = plan_warm_start(
             warm_start_from, holdout_model, split_method=val_info.method, validation_cutoff=val_info.cutoff
         )
-    logger.info("%s", warm_reason)
+    if config.train.warm_start and plan is None and warm_start_from is not None:
+        # Asked for and not done (e.g. a damaged current model): say so where operators look.
+        logger.warning("train.warm_start is on, but this run trains from scratch: %s", warm_reason)
+    else:
+        logger.info("%s", warm_reason)
     warm = {"enabled": plan is not None, "reason": warm_reason, "source_run_id": None}
     if plan is not None:
         warm["source_run_id"] = plan.source_run_id
@@ -429,6 +479,9 @@ def train_and_evaluate(
         progress=progress,
         distributed=distributed,
         split_method=val_info.method,
+        # A warm start scores its starting point as epoch 0 and keeps it unless an epoch beats it.
+        evaluate_start=plan is not None,
+        planner=run_plan.holdout_planner,
     )
     seconds["train_holdout"] = time.perf_counter() - t
 
@@ -444,9 +497,25 @@ def train_and_evaluate(
     logger.info("holdout evaluation:\n%s", evaluation.to_table())
 
     final_model, refit, final_liked = holdout_model, None, train_liked
-    if config.train.refit:
+    epochs = run_plan.refit_epochs(holdout) if config.train.refit else 0
+    if epochs == 0 and config.train.refit and plan is not None and holdout.best_epoch == 0:
+        # The warm start's starting point beat every epoch: publish the source's model as it was.
         t = time.perf_counter()
-        epochs = holdout.best_epoch or holdout.epochs_run
+        final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+        final_model = build_model(data, config, final_liked, items_table)
+        warm["refit"] = warm_start_model(
+            final_model,
+            plan.final_state,
+            plan.users,
+            plan.items,
+            data.users,
+            data.items,
+            same_features=plan.same_features,
+        )
+        warm["kept_starting_point"] = True
+        seconds["train_refit"] = time.perf_counter() - t
+    elif epochs > 0:
+        t = time.perf_counter()
         final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
         final_model = build_model(data, config, final_liked, items_table)
         if plan is not None:
@@ -469,17 +538,45 @@ def train_and_evaluate(
             progress=progress,
             distributed=distributed,
             split_method=val_info.method,
+            planner=run_plan.refit_planner,
         )
         seconds["train_refit"] = time.perf_counter() - t
 
+    time_budget = run_plan.report(holdout, refit, epochs)
+    fault_point("train:after")
     t = time.perf_counter()
-    if refit is not None:
+    refitted = final_model is not holdout_model
+    # The item table's items without interactions join both models after training (docs/cold-start.md).
+    final_model, export_items, catalog = add_catalog_items(final_model, data.items, items_table)
+    cold = {"items": export_items, "cold_items": config.data.cold_items}
+    if catalog.n_added:
+        export_items.save(run_dir / "items.parquet")
+        if refitted:
+            holdout_model = add_catalog_items(holdout_model, data.items, items_table)[0]
+    if refitted:
         # A later run's quality gate scores this model, never the refit one (see registry).
         (run_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
-        export_embeddings(holdout_model, data, run_dir / HOLDOUT_DIR, run_id, liked=train_liked)
+        export_embeddings(
+            holdout_model,
+            data,
+            run_dir / HOLDOUT_DIR,
+            run_id,
+            liked=train_liked,
+            item_counts=item_counts(fit_rows, len(export_items)),
+            **cold,
+        )
         # What a later run's holdout model warm-starts from (recsys_metric.warm_start).
         _save_state(holdout_model, run_dir / HOLDOUT_DIR / MODEL_FILE)
-    export_model(final_model, data, run_dir, run_id, liked=final_liked)
+    trained_on = full if refitted else fit_rows
+    export_model(
+        final_model,
+        data,
+        run_dir,
+        run_id,
+        liked=final_liked,
+        item_counts=item_counts(trained_on, len(export_items)),
+        **cold,
+    )
     seconds["export"] = time.perf_counter() - t
     seconds["total"] = sum(seconds.values())
 
@@ -496,20 +593,30 @@ def train_and_evaluate(
             "stopped_early": holdout.stopped_early,
             "lr": holdout.lr,
             "lr_search": holdout.lr_search,
+            "start_metrics": holdout.start_metrics,
+            "validation_se": time_budget["validation"]["standard_error"],
+            "validation_users": time_budget["validation"]["users"],
             "validation_cutoff": val_info.cutoff.isoformat() if val_info.cutoff is not None else None,
         },
         "warm_start": warm,
-        "published_model": "refit_on_full_log" if refit is not None else "holdout_model",
+        "published_model": "refit_on_full_log"
+        if refit is not None
+        else "warm_start_source"
+        if final_model is not holdout_model
+        else "holdout_model",
+        "time_budget": time_budget,
         "training": {
             "holdout": holdout.to_dict(),
             "refit": refit.to_dict() if refit is not None else None,
         },
         "index": None,
+        "catalog": catalog.to_dict(),
         "data": data.report,
         "device": holdout.device,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     _write_json(run_dir / METRICS_FILE, metrics)
+    fault_point("export:after")
     return RunResult(
         run_id=run_id,
         run_dir=run_dir,
@@ -552,6 +659,11 @@ def index_run(run_dir: str | Path, config: Config | None = None) -> dict[str, An
     return metrics
 
 
+def item_counts(rows: pl.DataFrame, n_items: int) -> np.ndarray:
+    """int64 ``[n_items]``: interaction rows per ``item_num`` in ``rows`` (0 for appended catalog items)."""
+    return np.bincount(rows["item_num"].to_numpy(), minlength=n_items).astype(np.int64)
+
+
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -565,11 +677,17 @@ def export_embeddings(
     run_id: str,
     *,
     liked: InteractionMatrix | None = None,
+    items: Vocabulary | None = None,
+    item_counts: np.ndarray | None = None,
+    cold_items: str = "eligible",
 ) -> None:
     """Write ``user_embeddings.parquet`` and ``item_embeddings.parquet`` of ``model`` into ``out_dir``.
 
     In item-item mode the user vectors are the fold-in of ``liked`` (required there; see the module
-    docstring).
+    docstring). ``items``: the model's item vocabulary when it is longer than ``prepared.items``
+    (catalog items appended, :func:`~recsys_metric.model.catalog.add_catalog_items`);
+    ``item_counts``: int64 ``[n_items]`` training interactions per item, written as the column
+    ``n_train_interactions`` beside the policy ``cold_items`` (:mod:`recsys_metric.cold_items`).
     """
     if model.item_item and liked is None:
         raise ConfigError(
@@ -581,9 +699,14 @@ def export_embeddings(
             users = model.fold_in_rows(liked).contiguous().numpy()
         else:
             users = model.user_embeddings().contiguous().numpy()
-        items = model.item_embeddings().contiguous().numpy()
+        item_vectors = model.item_embeddings().contiguous().numpy()
+    items_vocab = items
     distance = model.config.distance
-    for kind, vocab, vectors in (("user", prepared.users, users), ("item", prepared.items, items)):
+    item_vocab = items_vocab if items_vocab is not None else prepared.items
+    for kind, vocab, vectors in (("user", prepared.users, users), ("item", item_vocab, item_vectors)):
+        extra = {}
+        if kind == "item" and item_counts is not None:
+            extra = {"columns": {N_TRAIN_COLUMN: item_counts}, "metadata": {COLD_ITEMS_KEY: cold_items}}
         write_embeddings(
             out_dir / f"{kind}_embeddings.parquet",
             vocab.ids(),
@@ -591,6 +714,7 @@ def export_embeddings(
             kind=kind,
             distance=distance,
             run_id=run_id,
+            **extra,
         )
 
 
@@ -601,13 +725,15 @@ def export_model(
     run_id: str,
     *,
     liked: InteractionMatrix | None = None,
+    **items: Any,
 ) -> None:
-    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model`` (``liked``: see
-    :func:`export_embeddings`)."""
-    export_embeddings(model, prepared, run_dir, run_id, liked=liked)
+    """Write ``model.pt``, ``model.json`` and both embedding tables for ``model`` (``liked`` and the
+    catalog arguments ``items``, ``item_counts``, ``cold_items``: see :func:`export_embeddings`)."""
+    export_embeddings(model, prepared, run_dir, run_id, liked=liked, **items)
     model = model.to("cpu").eval()
     _save_state(model, run_dir / MODEL_FILE)
     _write_json(run_dir / MODEL_JSON, {"run_id": run_id, "hparams": model.hparams()})
+    save_item_tower(model, run_dir)  # embed new items without torch (recsys_metric.item_embedder)
 
 
 def _save_state(model: TwoTowerModel, path: Path) -> None:

@@ -8,7 +8,8 @@ Layout under an artifacts root::
         <run_id>/              a finalized run: manifest.json + the pipeline's files, read-only
         .deleting-<run_id>-*/  a run being pruned (renamed first, so it leaves the listing at once)
       current -> runs/<run_id>    relative symlink: the published run
-      .lock                    flock taken by new_run, finalize, publish and prune
+      .lock                    the one-writer lock (recsys_metric.store.lock): held by a whole run
+      .history.jsonl           every switch of current (retention grace period, rollback)
 
 Lifecycle and why a crashed run can never pass for a complete one:
 
@@ -18,9 +19,10 @@ Lifecycle and why a crashed run can never pass for a complete one:
    the temporary directory, and only then ``os.rename``\\s it to ``runs/<run_id>/``, which is
    atomic. A run is complete exactly when its directory has its final name and a manifest; a
    crash at any earlier moment leaves a ``.tmp-`` directory, which nothing lists as complete,
-   nothing publishes, and :meth:`ArtifactStore.prune` removes once a newer run exists.
-   Afterwards the files are made read-only (``0o444``, directories ``0o555``): a run is
-   immutable, and :meth:`ArtifactStore.verify` re-hashes it against the manifest.
+   nothing publishes, and the next writer removes (:meth:`ArtifactStore.clean_debris`). The
+   files are made read-only (``0o444``, directories ``0o555``) before the rename, so a complete
+   run is never writable: it is immutable, and :meth:`ArtifactStore.verify` re-hashes it
+   against the manifest.
 3. :meth:`ArtifactStore.publish` verifies the run, makes a symlink ``current -> runs/<run_id>``
    under a temporary name and ``os.replace``\\s it over ``current`` (atomic on POSIX).
 4. Readers resolve ``current`` once (:func:`resolve_run_dir`) and open files by the run
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import fcntl
 import glob
 import hashlib
 import importlib.metadata
@@ -64,7 +65,14 @@ from recsys_metric import __version__
 from recsys_metric.config import Config, PublishConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.vocab import Vocabulary
+from recsys_metric.db.source import database_fingerprint
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import RecsysMetricError
+from recsys_metric.store.faults import fault_point
+from recsys_metric.store.lock import StoreLockedError as StoreLockedError  # re-exported
+from recsys_metric.store.lock import store_lock
+from recsys_metric.store.space import DiskSpaceError as DiskSpaceError  # re-exported
+from recsys_metric.store.space import check_free_space
 
 MANIFEST_FILE = "manifest.json"
 """Name of the manifest inside a run directory."""
@@ -76,6 +84,14 @@ DELETING_PREFIX = ".deleting-"
 STARTED_FILE = ".started"
 """JSON note written by ``new_run`` into the temporary directory (start time); removed by ``finalize``."""
 LOCK_FILE = ".lock"
+HISTORY_FILE = ".history.jsonl"
+"""One JSON line per switch of ``current`` (written just before the switch): time, run_id,
+previous, action, forced. Retention and ``rollback`` read it."""
+RUN_SIZE_MARGIN = 1.25
+"""A new run is expected to need this many times the size of the newest complete run."""
+FIRST_RUN_INPUT_FACTOR = 3
+"""Without a complete run to measure, a run is expected to need this many times its input's size."""
+MIN_RUN_BYTES = 4 * 1024 * 1024
 MANIFEST_FORMAT = 1
 CONTENT_HASH_LIMIT = 64 * 1024 * 1024
 """Inputs up to this many bytes in total are fingerprinted by content, larger ones by name, size
@@ -239,7 +255,8 @@ def input_fingerprint(
     inputs): sha256 over ``name\\tsize\\tmtime_ns\\n`` per file; it changes whenever a file is
     rewritten, even with the same bytes, and misses an in-place edit that keeps size and mtime.
     Names are relative to the input directory (or to the file's directory, or to the glob's
-    literal prefix), so moving the whole input does not change the fingerprint.
+    literal prefix), so moving the whole input does not change the fingerprint. A database URI
+    gets the fingerprint taken while its rows were read (:func:`recsys_metric.db.database_fingerprint`).
 
     Returns:
         ``{"path", "method", "sha256", "n_files", "bytes"}``.
@@ -247,6 +264,8 @@ def input_fingerprint(
     Raises:
         RegistryError: the path matches no file.
     """
+    if is_database_uri(path):
+        return database_fingerprint(path)  # taken while the rows were read (recsys_metric/db/source.py)
     base, files = _input_files(path)
     if not files:
         raise RegistryError(f"input {os.fspath(path)} matches no file; cannot fingerprint it")
@@ -469,14 +488,139 @@ class ArtifactStore:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Exclusive ``flock`` on ``root/.lock`` (not re-entrant: never nest)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """The writer lock for one short critical section (a no-op inside :meth:`writer`).
+
+        Waits for another process's writer: a library call made while a run holds the store
+        queues behind it, as the lock's contract asks.
+        """
+        with store_lock(self.root, wait=None, purpose="store operation"):
             yield
-        finally:
-            os.close(fd)
+
+    @contextmanager
+    def writer(self, *, wait: float | None = 0.0, purpose: str = "write") -> Iterator[list[str]]:
+        """Hold the store's one-writer lock (``root/.lock``) for a whole run or command.
+
+        On entry, the debris of dead writers is removed (:meth:`clean_debris`): nobody else can
+        be writing, so a ``.tmp-`` directory whose process is gone will never be finished. The
+        store's own methods called inside take the lock again without waiting.
+
+        Args:
+            wait: 0 (default) raises at once when another process writes; seconds to wait at
+                most; None waits until it finishes.
+            purpose: a word for the holder note another writer is shown.
+
+        Yields:
+            The names :meth:`clean_debris` removed.
+
+        Raises:
+            StoreLockedError: another process holds the lock (message: its pid, host, start
+                time and command).
+        """
+        with store_lock(self.root, wait=wait, purpose=purpose):
+            cleaned = self.clean_debris()
+            fault_point("lock:acquired")
+            yield cleaned
+
+    def clean_debris(self) -> list[str]:
+        """Remove what dead writers left: ``.tmp-`` runs whose process is gone, ``.deleting-``
+        leftovers of an interrupted prune, stray temporary ``current`` links.
+
+        A ``.tmp-`` run whose writer still runs on this host is kept (a library user may write a
+        run without holding :meth:`writer`). Takes the writer lock (waiting for it).
+
+        Returns:
+            Names of the removed entries under ``runs/`` and the root.
+        """
+        removed: list[str] = []
+        with self._locked():
+            if self.runs_dir.is_dir():
+                for path in sorted(self.runs_dir.iterdir()):
+                    if not path.is_dir() or path.is_symlink():
+                        continue
+                    if path.name.startswith(DELETING_PREFIX) or (
+                        path.name.startswith(PENDING_PREFIX) and not self._writer_alive(path)
+                    ):
+                        _remove_tree(path)
+                        removed.append(path.name)
+            for link in self.root.glob(f".{CURRENT_LINK}.tmp-*"):
+                link.unlink(missing_ok=True)
+                removed.append(link.name)
+        return removed
+
+    def history(self) -> list[dict[str, Any]]:
+        """Switches of ``current``, oldest first (``HISTORY_FILE``; unreadable lines skipped).
+
+        Each entry: ``time`` (ISO UTC), ``run_id``, ``previous``, ``action`` (publish or
+        rollback), ``forced``. An entry is written just before its switch, so the newest one may
+        name a switch a crash prevented: compare with :meth:`current`.
+        """
+        try:
+            lines = (self.root / HISTORY_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if isinstance(entry, dict) and "run_id" in entry and "time" in entry:
+                out.append(entry)
+        return out
+
+    def _append_history(self, entry: Mapping[str, Any]) -> None:
+        with open(self.root / HISTORY_FILE, "a") as f:
+            f.write(json.dumps(dict(entry), default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def previous_published(self) -> str | None:
+        """The run that was current before the current one (what ``rollback`` returns to), when it
+        is still a complete run; None otherwise."""
+        current = self.current()
+        history = self.history()
+        # The publish that made it current, not a rollback to it: rolling back twice goes two
+        # runs back instead of toggling between two.
+        publishes = [e for e in history if e.get("action") != "rollback"]
+        for entry in [*reversed(publishes), *reversed(history)]:
+            if entry.get("run_id") == current and entry.get("previous"):
+                previous = str(entry["previous"])
+                try:
+                    self.run_dir(previous)
+                except RegistryError:
+                    return None
+                return previous
+        return None
+
+    def run_bytes(self, run_id: str) -> int:
+        """Total size in bytes of a complete run's files (from its manifest)."""
+        return (
+            sum(entry.size for entry in self.manifest(run_id).files.values())
+            + (self.run_dir(run_id) / MANIFEST_FILE).stat().st_size
+        )
+
+    def estimate_run_bytes(self, input_path: str | os.PathLike[str] | None = None) -> int:
+        """Bytes a new run is expected to write: ``RUN_SIZE_MARGIN`` x the newest complete run's
+        size, else ``FIRST_RUN_INPUT_FACTOR`` x the input's size; at least ``MIN_RUN_BYTES``."""
+        complete = [r for r in self.list_runs() if r.complete]
+        if complete:
+            estimate = RUN_SIZE_MARGIN * self.run_bytes(complete[-1].run_id)
+        elif input_path is not None and "://" not in os.fspath(input_path):
+            _, files = _input_files(input_path)
+            estimate = FIRST_RUN_INPUT_FACTOR * sum(f.stat().st_size for f in files)
+        else:
+            estimate = 0
+        return max(int(estimate), MIN_RUN_BYTES)
+
+    def check_space(self, input_path: str | os.PathLike[str] | None = None) -> int:
+        """Raise :class:`DiskSpaceError` unless a new run fits (:meth:`estimate_run_bytes`).
+
+        Returns:
+            The estimate, in bytes.
+        """
+        needed = self.estimate_run_bytes(input_path)
+        check_free_space(self.runs_dir if self.runs_dir.exists() else self.root, needed, "a new run")
+        return needed
 
     def new_run(self, run_id: str | None = None) -> Path:
         """Create the temporary directory of a new run and return it.
@@ -521,8 +665,9 @@ class ArtifactStore:
     ) -> Manifest:
         """Write ``manifest.json`` into a pending run and make the run complete (atomic rename).
 
-        Every file is hashed (and fsynced) first, the manifest is written and fsynced, and only
-        then ``runs/.tmp-<id>`` is renamed to ``runs/<id>``; the files are then made read-only.
+        Every file is hashed (and fsynced) first, the manifest is written and fsynced, the files
+        and directories are made read-only, and only then ``runs/.tmp-<id>`` is renamed to
+        ``runs/<id>`` (under the writer lock).
 
         Args:
             run_dir: a directory returned by :meth:`new_run`.
@@ -588,14 +733,20 @@ class ArtifactStore:
             extra=dict(extra or {}),
         )
         _write_json(pending / MANIFEST_FILE, manifest.to_dict())
-        (pending / STARTED_FILE).unlink(missing_ok=True)
-        _fsync_dir(pending)
         with self._locked():
             if final.exists():
                 raise RegistryError(f"run {run_id} already exists in {self.runs_dir}; it is immutable")
+            # Under the lock: without its .started note the directory looks like a dead run's
+            # debris to clean_debris, which takes the same lock.
+            (pending / STARTED_FILE).unlink(missing_ok=True)
+            # Read-only BEFORE the rename: a crash right after it must not leave a complete run
+            # writable (a rename within runs/ needs no write permission on the directory itself).
+            _set_read_only(pending)
+            _fsync_dir(pending)
+            fault_point("finalize:before-rename")
             os.rename(pending, final)
             _fsync_dir(self.runs_dir)
-        _set_read_only(final)
+            fault_point("finalize:after-rename")
         return manifest
 
     @staticmethod
@@ -772,12 +923,20 @@ class ArtifactStore:
             return True
         return True
 
-    def publish(self, run_id: str) -> str | None:
+    def publish(self, run_id: str, *, action: str = "publish", forced: bool = False) -> str | None:
         """Verify a complete run and switch ``current`` to it atomically.
 
         The new link is created as ``root/.current.tmp-*`` and ``os.replace``\\d over ``current``:
         a reader resolving ``current`` sees the old run or the new one, never neither. Publishing
         an older complete run is a rollback.
+
+        Each switch is recorded in ``HISTORY_FILE`` just before it happens (for retention's grace
+        period and :meth:`previous_published`).
+
+        Args:
+            run_id: the complete run to publish.
+            action: recorded in the history (``publish`` or ``rollback``).
+            forced: recorded in the history (the quality gate was overridden).
 
         Returns:
             The previously published run id, or None.
@@ -793,8 +952,20 @@ class ArtifactStore:
             previous = self.current()
             tmp_link = self.root / f".{CURRENT_LINK}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
             os.symlink(f"{RUNS_DIR}/{run_id}", tmp_link)
+            self._append_history(
+                {
+                    "time": _now().isoformat(),
+                    "run_id": run_id,
+                    "previous": previous,
+                    "action": action,
+                    "forced": forced,
+                    "pid": os.getpid(),
+                }
+            )
             try:
+                fault_point("publish:before-swap")
                 os.replace(tmp_link, self.root / CURRENT_LINK)
+                fault_point("publish:after-swap")
             except OSError as err:
                 raise RegistryError(
                     f"cannot switch {self.root / CURRENT_LINK} to run {run_id}: {err}; it must be a symlink "
@@ -805,11 +976,27 @@ class ArtifactStore:
             _fsync_dir(self.root)
         return previous
 
+    def _recently_switched(self, grace_s: float) -> set[str]:
+        """Runs named (as new or previous) by a switch of ``current`` less than ``grace_s`` ago."""
+        if grace_s <= 0:
+            return set()
+        horizon = _now() - dt.timedelta(seconds=grace_s)
+        out: set[str] = set()
+        for entry in self.history():
+            try:
+                when = dt.datetime.fromisoformat(entry["time"])
+            except (TypeError, ValueError):
+                continue
+            if when >= horizon:
+                out.update(str(r) for r in (entry.get("run_id"), entry.get("previous")) if r)
+        return out
+
     def prune(self, keep: int | None = None) -> list[str]:
         """Delete old complete runs and crash debris; never the published run.
 
         Keeps the ``keep`` newest complete runs (by start time), the published one counting as one
-        of them however old it is. Deletes incomplete directories (pending or without a manifest)
+        of them however old it is, and besides them every run that was switched to or away from
+        less than ``config.replaced_grace_s`` seconds ago (see ``HISTORY_FILE``). Deletes incomplete directories (pending or without a manifest)
         that started before the newest complete run, unless the process that started them still
         runs on this host (a newer one, or a live one, may still be being written), leftovers of an interrupted prune, and stray temporary ``current`` links. A run is renamed
         to ``.deleting-*`` before its files are unlinked, so it leaves the listing atomically;
@@ -836,6 +1023,9 @@ class ArtifactStore:
                 if len(kept) >= keep:
                     break
                 kept.add(run.run_id)
+            # A run replaced less than replaced_grace_s ago stays, whatever keep says: a reader
+            # that resolved current just before the switch may still be opening its files.
+            kept |= self._recently_switched(self.config.replaced_grace_s)
             newest = complete[0].created if complete else None
             doomed = [
                 r
@@ -1185,7 +1375,9 @@ def score_current_on_holdout(
 
     cand_metrics_path = candidate / "metrics.json"
     cand_metrics = _read_json(cand_metrics_path) if cand_metrics_path.is_file() else {}
-    _check_same_holdout(cand_metrics, result.models["popularity"], result.n_users, cand_metrics_path)
+    _check_same_holdout(
+        cand_metrics, result.models["popularity"], result.n_users, cand_metrics_path, result.sample
+    )
     return {
         "run_id": user_table.run_id,
         "candidate_run_id": cand_metrics.get("run_id", candidate.name.removeprefix(PENDING_PREFIX)),
@@ -1193,6 +1385,8 @@ def score_current_on_holdout(
         "n_users": result.n_users,
         "metrics": result.models["model"],
         "popularity": result.models["popularity"],
+        "standard_errors": result.standard_errors.get("model", {}),
+        "sample": result.sample.to_dict() if result.sample is not None else None,
         "unknown": {
             "users": int((user_map < 0).sum()),
             "items": int((~known_item).sum()),
@@ -1204,9 +1398,14 @@ def score_current_on_holdout(
 
 
 def _check_same_holdout(
-    cand_metrics: Mapping[str, Any], popularity: Mapping[str, float], n_users: int, path: Path
+    cand_metrics: Mapping[str, Any],
+    popularity: Mapping[str, float],
+    n_users: int,
+    path: Path,
+    sample: Any = None,
 ) -> None:
-    """Raise unless the rebuilt holdout reproduces the candidate's recorded popularity figures."""
+    """Raise unless the rebuilt holdout reproduces the candidate's recorded popularity figures
+    and, where recorded, its user sample (``evaluate.UserSample`` fingerprint)."""
     holdout = cand_metrics.get("holdout")
     if not isinstance(holdout, Mapping):
         return
@@ -1218,6 +1417,10 @@ def _check_same_holdout(
     ]
     if "n_users" in holdout and int(holdout["n_users"]) != n_users:
         mismatches.insert(0, f"n_users {n_users} vs {holdout['n_users']}")
+    recorded_sample = holdout.get("sample")
+    if sample is not None and isinstance(recorded_sample, Mapping):
+        if recorded_sample.get("fingerprint") != sample.fingerprint:
+            mismatches.insert(0, f"user sample {sample.fingerprint} vs {recorded_sample.get('fingerprint')}")
     if mismatches:
         raise RegistryError(
             f"the rebuilt holdout differs from the one recorded in {path} (rebuilt vs recorded: "

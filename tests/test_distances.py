@@ -225,3 +225,16 @@ def test_score_numpy_edge_rows():
     assert np.all(np.isfinite(score_numpy(x, x, "cosine")))
     np.testing.assert_allclose(score_numpy(x, x, "cosine"), [[0.0, 0.0], [0.0, 1.0]], atol=1e-7)
     np.testing.assert_allclose(score_numpy(x, x, "euclidean"), [[-1e-6, -5.0], [-5.0, -1e-6]], atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dist", "name", "squared"), CASES)
+def test_score_into_gives_the_same_floats_as_score(dist, name, squared, device):
+    # Evaluation ranks score_into's output; any difference in the last bit could reorder ties.
+    q = _rand(37, 16, seed=5, dtype=torch.float32, device=device)
+    r = _rand(301, 16, seed=6, dtype=torch.float32, device=device)
+    out = torch.full((40, 301), float("nan"), device=device)
+    with torch.no_grad():
+        got = dist.score_into(q, r, out[:37])
+        assert torch.equal(got, dist.score(q, r))
+    assert got.data_ptr() == out.data_ptr() and torch.isnan(out[37:]).all()

@@ -14,10 +14,15 @@ from recsys_metric.errors import DataError
 from recsys_metric.evaluate import (
     EvaluationResult,
     ItemScores,
+    ScoresInto,
+    UserSample,
+    _chunk_size,
+    _top_k_candidates,
     evaluate_scores,
     evaluate_with_baselines,
     interaction_matrices,
     popularity_score_fn,
+    sample_users,
     top_k,
     training_items_mask,
 )
@@ -364,17 +369,34 @@ def test_evaluate_with_baselines(tmp_path):
     assert result.models["popularity"] == pytest.approx({k: v for k, v in direct.items() if k != "n_users"})
 
     table = result.to_table().splitlines()
-    assert table[0] == "25 users, full ranking"
+    assert table[0] == (
+        "25 of 42 users (seeded sample, seed 7), full ranking; "
+        "+-95%: confidence half-width over users (1.96 standard errors)"
+    )
     assert table[1].split() == ["model"] + [
         f"{m}@{k}" for m in ("recall", "ndcg", "map", "hitrate", "coverage") for k in (2, 5)
     ]
-    assert table[3].split()[0] == "popularity"
+    assert table[4].split()[0] == "popularity"
     assert table[2].split()[1] == f"{result.models['model']['recall@2']:.4f}"
+    # Under each scorer its CI half-widths; coverage (not a mean over users) has none.
+    half = table[3].split()
+    assert half[0] == "+-95%" and len(half) == 1 + 8
+    assert half[1] == f"{1.959963984540054 * result.standard_errors['model']['recall@2']:.4f}"
     assert len({len(line) for line in table[1:]}) == 1
 
     path = result.save_json(tmp_path / "metrics.json")
     loaded = json.loads(path.read_text())
     assert loaded["ks"] == [2, 5] and loaded["n_users"] == 25
+    assert loaded["sample"] == {
+        "users": 25,
+        "population": 42,
+        "sampled": True,
+        "seed": 7,
+        "fingerprint": result.sample.fingerprint,
+    }
+    assert set(loaded["standard_errors"]["model"]) == {
+        f"{m}@{k}" for m in ("recall", "ndcg", "map", "hitrate") for k in (2, 5)
+    }
     assert EvaluationResult.from_dict(loaded) == result
     with pytest.raises(ValueError, match="'popularity' is reserved"):
         evaluate_with_baselines(table_fn(scores), train, test, config, extra={"popularity": table_fn(scores)})
@@ -405,3 +427,159 @@ def test_interaction_matrices_from_frames():
         interaction_matrices(train, test.drop("item_num"), 2, 3)
     with pytest.raises(DataError, match=r"train frame \(3 rows\): item numbers must lie in \[0, 2\)"):
         interaction_matrices(train, test, 2, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_rows=st.integers(1, 5),
+    n_items=st.integers(40, 700),
+    levels=st.sampled_from([2, 5, 1000]),
+    k=st.integers(1, 12),
+    chunk=st.integers(1, 9),
+)
+def test_chunked_candidates_hold_the_top_values(seed, n_rows, n_items, levels, k, chunk):
+    # The k best chunks hold the row's k largest values (ties, -inf and a short last chunk included).
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (n_rows, n_items)).astype(np.float32)
+    scores[rng.random((n_rows, n_items)) < 0.3] = -np.inf
+    k = min(k, n_items // chunk)
+    values, items = _top_k_candidates(torch.from_numpy(scores), k, chunk)
+    expected = -np.sort(-scores, axis=1)[:, :k]
+    assert values.numpy().tolist() == expected.tolist()
+    finite = np.isfinite(values.numpy())
+    # Every returned item holds its value, and no item comes back twice with a finite value.
+    assert (np.take_along_axis(scores, items.numpy(), 1)[finite] == values.numpy()[finite]).all()
+    for row in range(n_rows):
+        picked = items[row].numpy()[finite[row]]
+        assert len(set(picked.tolist())) == picked.size
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_rows=st.integers(1, 6),
+    n_items=st.integers(300, 1500),
+    levels=st.sampled_from([2, 4, 50, 10**6]),
+    k=st.integers(1, 8),
+)
+def test_top_k_on_wide_rows_matches_a_sort(seed, n_rows, n_items, levels, k):
+    # Wide enough that top_k takes the chunked path (see _chunk_size).
+    assert _chunk_size(n_items, k + 1) > 1
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, levels, (n_rows, n_items)).astype(np.float32)
+    scores[rng.random((n_rows, n_items)) < 0.5] = -np.inf
+    items, values = top_k(torch.from_numpy(scores), k)
+    for row in range(n_rows):
+        expected = sorted(range(n_items), key=lambda i: (-scores[row, i], i))[:k]
+        assert items[row].tolist() == expected
+        assert values[row].tolist() == scores[row, expected].tolist()
+
+
+@pytest.mark.parametrize("exclude_seen", [True, False])
+def test_wide_catalog_matches_reference_loop_and_scores_into(exclude_seen):
+    # 2,000 items: the chunked top-k path, the column mask and the reused buffer all take part.
+    rng = np.random.default_rng(5)
+    n_users, n_items = 30, 2000
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 3000), rng.integers(0, n_items, 3000), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 300), rng.integers(0, n_items, 300), n_users, n_items
+    )
+    # Few levels, so ties cross the K-th place in many rows.
+    scores = rng.integers(0, 40, (n_users, n_items)).astype(np.float32)
+    ks = (1, 5, 20)
+    expected = reference_metrics(scores, train, test, ks, exclude_seen)
+    table = torch.from_numpy(scores)
+
+    def into(users, out):
+        out.copy_(table[torch.from_numpy(users)])
+
+    for batch_size in (7, 1024):
+        plain = evaluate_scores(
+            table_fn(table), train, test, ks=ks, exclude_seen=exclude_seen, batch_size=batch_size
+        )
+        written = evaluate_scores(
+            ScoresInto(into, n_items), train, test, ks=ks, exclude_seen=exclude_seen, batch_size=batch_size
+        )
+        assert plain == pytest.approx(expected, rel=1e-9)
+        assert written == plain
+    assert torch.equal(table, torch.from_numpy(scores))
+    assert torch.equal(ScoresInto(into, n_items)(np.array([3, 1])), table[[3, 1]])
+
+
+def test_nan_scores_are_found_wherever_they_are():
+    # Item 5 is outside the candidates, so u1 (test item 5 only) is not evaluated: users 0 and 2 are.
+    # u0 saw item 0; u2 saw item 5 (seen and outside: counted once); items 3 and 1 are candidates.
+    mask = np.array([True, True, True, True, True, False])
+    for positions, n in (([(0, 0)], 1), ([(2, 5)], 1), ([(0, 3)], 1), ([(0, 0), (2, 5), (0, 3), (2, 1)], 4)):
+        scores = SCORES.clone()
+        for user, item in positions:
+            scores[user, item] = float("nan")
+        with pytest.raises(ValueError, match=f"score_fn returned {n} NaN scores for 2 users"):
+            evaluate_scores(table_fn(scores), TRAIN, TEST, ks=(2,), candidate_mask=mask)
+    wide = torch.zeros(2, 3000)
+    wide[1, 2999] = float("nan")
+    with pytest.raises(ValueError, match="scores hold NaN"):
+        top_k(wide, 5)
+
+
+def test_standard_errors_are_those_of_the_per_user_values():
+    rng = np.random.default_rng(8)
+    n_users, n_items = 50, 30
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 300), rng.integers(0, n_items, 300), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 200), rng.integers(0, n_items, 200), n_users, n_items
+    )
+    scores = torch.from_numpy(rng.random((n_users, n_items)).astype(np.float32))
+    result = evaluate_with_baselines(table_fn(scores), train, test, EvalConfig(ks=(3, 10)))
+    assert result.sample.sampled is False and result.sample.seed is None
+    assert result.sample.population == result.n_users
+    # Each user alone, then the textbook standard error of the mean (ddof = 1).
+    users = np.flatnonzero(_reachable_counts(train, test) > 0)
+    per_user = [evaluate_scores(table_fn(scores), train, test, ks=(3, 10), users=[u]) for u in users]
+    for metric in ("recall@3", "ndcg@10", "map@10", "hitrate@3"):
+        values = np.array([m[metric] for m in per_user])
+        assert result.models["model"][metric] == pytest.approx(values.mean(), rel=1e-12)
+        se = values.std(ddof=1) / math.sqrt(values.size)
+        assert result.standard_errors["model"][metric] == pytest.approx(se, rel=1e-9)
+        low, high = result.confidence_interval("model", metric)
+        assert (low, high) == pytest.approx(
+            (values.mean() - 1.959963984540054 * se, values.mean() + 1.959963984540054 * se)
+        )
+    assert "coverage@3" not in result.standard_errors["model"]
+    assert EvaluationResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_user_sample_is_seeded_and_recorded():
+    rng = np.random.default_rng(9)
+    n_users, n_items = 400, 25
+    train = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 2000), rng.integers(0, n_items, 2000), n_users, n_items
+    )
+    test = InteractionMatrix.from_pairs(
+        rng.integers(0, n_users, 800), rng.integers(0, n_items, 800), n_users, n_items
+    )
+    scores = torch.from_numpy(rng.random((n_users, n_items)).astype(np.float32))
+    eligible = np.flatnonzero(_reachable_counts(train, test) > 0)
+    scored: list[np.ndarray] = []
+
+    def recording(users):
+        scored.append(users.copy())
+        return scores[torch.from_numpy(users)]
+
+    first = evaluate_with_baselines(recording, train, test, EvalConfig(ks=(5,), max_users=100, seed=3))
+    drawn = np.concatenate(scored)
+    expected = np.sort(np.random.default_rng(3).choice(eligible, size=100, replace=False))
+    assert drawn.tolist() == expected.tolist() == sample_users(eligible, 100, 3).tolist()
+    assert first.sample == UserSample.of(expected, eligible.size, 3)
+    again = evaluate_with_baselines(table_fn(scores), train, test, EvalConfig(ks=(5,), max_users=100, seed=3))
+    other = evaluate_with_baselines(table_fn(scores), train, test, EvalConfig(ks=(5,), max_users=100, seed=4))
+    assert again.sample == first.sample and again.models == first.models
+    assert other.sample.fingerprint != first.sample.fingerprint and other.sample.users == 100
+    # At or under the bound every eligible user is scored.
+    assert sample_users(eligible, eligible.size, 3) is eligible
+    assert sample_users(eligible, None, 3) is eligible

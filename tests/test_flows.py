@@ -122,7 +122,7 @@ def test_a_crash_in_a_task_leaves_current_and_a_rerun_succeeds(prefect_api, data
     store = ArtifactStore(tmp_path)
     assert store.current() == first["run_id"]
     assert [r.run_id for r in store.list_runs() if r.complete] == [first["run_id"]]
-    assert any(p.name.startswith(".tmp-") for p in store.runs_dir.iterdir()), "the crashed run stays pending"
+    assert not any(p.name.startswith(".tmp-") for p in store.runs_dir.iterdir()), "a failed run cleans up"
     assert Recommender.load(tmp_path).recommend(user, k=5).equals(before)
 
     monkeypatch.undo()
@@ -136,11 +136,11 @@ def test_publish_retries_a_transient_io_error(prefect_api, data, tmp_path, monke
     real_publish = ArtifactStore.publish
     calls = []
 
-    def flaky(self, run_id):
+    def flaky(self, run_id, **kwargs):
         calls.append(run_id)
         if len(calls) == 1:
             raise OSError("NFS hiccup")
-        return real_publish(self, run_id)
+        return real_publish(self, run_id, **kwargs)
 
     monkeypatch.setattr(ArtifactStore, "publish", flaky)
     monkeypatch.setattr(nightly_module, "publish", nightly_module.publish.with_options(retry_delay_seconds=0))
@@ -161,6 +161,34 @@ def test_bad_data_is_not_retried(prefect_api, data, tmp_path, monkeypatch):
         _retrain(data, tmp_path)
     assert calls == [1]
     assert ArtifactStore(tmp_path).current() is None
+
+
+def test_the_flow_respects_the_store_writer_lock(prefect_api, data, tmp_path):
+    """Another process writes to the store: the flow fails at once naming it, writing nothing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recsys_metric.store.lock import StoreLockedError
+
+    holder_code = (
+        "import sys, time\nfrom recsys_metric.store.lock import store_lock\n"
+        "with store_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match=rf"is being written by pid {holder.pid} on "):
+            _retrain(data, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "runs").exists()
 
 
 def test_gate_refusal_returns_the_reason_and_keeps_current(prefect_api, data, tmp_path):

@@ -50,6 +50,7 @@ def test_a_crash_leaves_current_unchanged_and_a_rerun_succeeds(log, tmp_path, mo
     store = ArtifactStore(tmp_path)
     assert store.current() == first.run_id
     assert [r.run_id for r in store.list_runs() if r.complete] == [first.run_id]
+    assert not list(store.runs_dir.glob(".tmp-*")), "a failed run removes its own temporary directory"
     assert rec.recommend(some_user, k=5).equals(before)
     assert Recommender.load(tmp_path).recommend(some_user, k=5).equals(before)
 

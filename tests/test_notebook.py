@@ -1,5 +1,10 @@
-"""notebooks/quickstart.ipynb executes top to bottom on the bundled data and shows what it claims."""
+"""notebooks/quickstart.ipynb executes top to bottom on the bundled data and shows what it claims.
 
+The notebook is committed with its outputs (``make notebook`` saves them); these tests execute an
+in-memory copy, never rewriting the file, and check that the saved outputs are the fresh ones.
+"""
+
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +31,9 @@ def _text(cell) -> str:
 def executed(tmp_path_factory):
     artifacts = tmp_path_factory.mktemp("notebook_artifacts")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":  # what the checks below see must come from this execution
+            cell.outputs, cell.execution_count = [], None
     n_cells = len(nb.cells)
     # Appended only to the in-memory copy: which interpreter the kernel really ran.
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
@@ -39,12 +47,27 @@ def executed(tmp_path_factory):
     return nb, n_cells, artifacts
 
 
-def test_the_saved_notebook_has_no_outputs():
+def _normalized(text: str, artifacts: Path | None = None) -> str:
+    """Text output with what differs between two executions replaced: run ids and the artifacts path."""
+    if artifacts is not None:
+        text = text.replace(str(artifacts), "artifacts/notebook")
+    return re.sub(r"\b\d{8}T\d{6}Z-[0-9a-f]{4}\b", "<run-id>", text)
+
+
+def test_the_saved_notebook_shows_every_output_in_order():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code
-    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run `make notebook`"
+    assert all(out["output_type"] != "error" for c in code for out in c.outputs)
+    assert all(c.outputs for c in code), "every code cell of the quickstart shows something"
+    plots = [c for c in code if "plot" in c.metadata.get("tags", [])]
+    assert len(plots) == 3 and all(any("image/png" in o.get("data", {}) for o in c.outputs) for c in plots)
+    tables = [o for c in code for o in c.outputs if "text/html" in o.get("data", {})]
+    assert len(tables) >= 4  # metrics, similar items, recommendations, explanation
+    text = "".join(_text(c) for c in code)
+    assert "artifacts:  artifacts/notebook" in text and "/tmp/" not in text and "/work/" not in text
 
 
 @pytest.mark.slow
@@ -95,3 +118,15 @@ def test_queries_answer_and_the_model_beats_popularity(executed):
         float(words[words.index("popularity") + 1]),
     )
     assert model > popularity > 0
+
+
+@pytest.mark.slow
+def test_the_saved_outputs_are_what_the_notebook_prints_today(executed):
+    nb, n_cells, artifacts = executed
+    fresh = [c for c in nb.cells[:n_cells] if c.cell_type == "code"]
+    saved = [c for c in nbformat.read(NOTEBOOK, as_version=4).cells if c.cell_type == "code"]
+    assert len(fresh) == len(saved)
+    for new, old in zip(fresh, saved, strict=True):
+        assert _normalized(_text(new), artifacts) == _normalized(_text(old)), (
+            f"the saved output of this cell is stale; run `make notebook`:\n{new.source[:200]}"
+        )

@@ -14,7 +14,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys_metric import recommend as rec_module
 from recsys_metric.config import IndexConfig, ModelConfig, config_from_dict
 from recsys_metric.data.synthetic import generate_log
 from recsys_metric.data.vocab import Vocabulary
@@ -33,6 +32,7 @@ from recsys_metric.recommend import (
     write_recommendations,
 )
 from recsys_metric.registry import RegistryError
+from recsys_metric.serving import batch, ranking
 
 INF = float("inf")
 
@@ -359,11 +359,11 @@ def test_select_top_keeps_the_top_values(b, n_groups, extra, m, seed, few_values
     m = min(m, n)
     rng = np.random.default_rng(seed)
     values = rng.integers(0, 5, (b, n)) if few_values else rng.standard_normal((b, n))
-    scores = torch.tensor(values, dtype=torch.float32)
-    scores[torch.tensor(rng.random((b, n)) < 0.3)] = -INF
+    scores = np.asarray(values, dtype=np.float32)
+    scores[rng.random((b, n)) < 0.3] = -INF
     columns = _select_top(scores, m)
     assert columns.shape[0] == b and columns.shape[1] >= m
-    dense = scores.numpy()
+    dense = scores
     for row, cols in zip(dense, columns, strict=True):
         got = cols[cols >= 0]
         assert len(set(got.tolist())) == got.size and np.isfinite(row[got]).all()
@@ -373,15 +373,17 @@ def test_select_top_keeps_the_top_values(b, n_groups, extra, m, seed, few_values
 
 def test_select_top_groups_rows_and_falls_back_on_sparse_ones(monkeypatch):
     calls = []
-    real = rec_module._topk_columns
-    monkeypatch.setattr(rec_module, "_topk_columns", lambda s, m: calls.append(s.shape[0]) or real(s, m))
+    real = ranking._topk_columns
+    monkeypatch.setattr(ranking, "_topk_columns", lambda s, m: calls.append(s.shape[0]) or real(s, m))
     rng = np.random.default_rng(5)
-    scores = torch.tensor(rng.standard_normal((4, 32 * 50)), dtype=torch.float32)
-    scores[3, 40:] = -INF  # only 40 finite values in two groups: fewer than m groups reach a threshold
+    scores = rng.standard_normal((4, 32 * 50)).astype(np.float32)
+    # Row 3 has finite values in 5 groups only (column c is in group c mod 50): fewer than m
+    # groups reach a threshold.
+    scores[3, np.arange(32 * 50) % 50 >= 5] = -INF
     columns = _select_top(scores, 10)
     assert calls == [1]
     assert columns.shape[1] < 2 * 10  # candidates are the top 10 plus a few, not whole groups
-    assert sorted(columns[3][columns[3] >= 0]) == sorted(np.argsort(-scores[3].numpy())[:10])
+    assert sorted(columns[3][columns[3] >= 0]) == sorted(np.argsort(-scores[3])[:10])
 
 
 @pytest.mark.parametrize("distance", ["euclidean", "cosine", "dot"])
@@ -391,7 +393,7 @@ def test_exact_ranker_pads_to_whole_groups(distance):
     queries = rng.standard_normal((5, 4)).astype(np.float32)
     # The best item of query 0 is the last one, in the padded group.
     items[-1] = queries[0] * (1.0 if distance == "euclidean" else 3.0)
-    ranker = _ExactRanker(items, distance, torch.device("cpu"))
+    ranker = _ExactRanker(items, distance)
     assert ranker.width == 32 * 61
     exclusions = _Exclusions.of_rows(
         [
@@ -577,7 +579,7 @@ def test_write_recommendations_is_atomic(trained, tmp_path, monkeypatch):
     def broken(table, path):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rec_module, "_write_part", broken)
+    monkeypatch.setattr(batch, "_write_part", broken)
     with pytest.raises(OSError, match="disk full"):
         write_recommendations(trained, out, k=3, overwrite=True, progress=False)
     assert pl.read_parquet(out / "*.parquet").equals(table)

@@ -241,6 +241,9 @@ def test_publish_switches_atomically_and_old_readers_keep_reading(store):
     np.testing.assert_array_equal(mapped, ANN_VALUES)
     assert head + handle.read() == (store.runs_dir / "a" / "model.pt").read_bytes()
 
+    # Replaced less than publish.replaced_grace_s ago: a reader may still be opening its files.
+    assert store.prune(keep=1) == []
+    store = ArtifactStore(store.root, PublishConfig(replaced_grace_s=0))
     assert store.prune(keep=1) == ["a"]
     assert not (store.runs_dir / "a").exists()
     # The pruned run's files are unlinked, not overwritten: the mapping keeps its data.

@@ -497,8 +497,10 @@ def _scripted_validation(scores: list[float]):
     return validate
 
 
-def _fit_at(lr, validate=None, **kwargs) -> tuple[TwoTowerModel, object]:
-    config = TrainConfig(**{**FAST, "epochs": 3, "patience": 5, "lr": lr})
+def _fit_at(lr, validate=None, lr_search="full", **kwargs) -> tuple[TwoTowerModel, object]:
+    # ``full``: the candidates train one after another, so a scripted validation's calls follow
+    # them in order (the race interleaves them; its own tests below).
+    config = TrainConfig(**{**FAST, "epochs": 3, "patience": 5, "lr": lr, "lr_search": lr_search})
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
     data = TrainData.from_matrices(_checkerboard()[0])
     return model, fit(model, data, config, validate=validate, progress=False, **kwargs)

@@ -45,6 +45,7 @@ from recsys_metric.data.readers import (
     scan_interactions,
     source_files,
 )
+from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import DataError, RejectLimitExceeded
 
 _RAW = "__raw_"
@@ -583,7 +584,16 @@ def read_interactions(
     A :class:`DataError` raised while any file of the log changed (size or modification time)
     is marked transient and says so: the log was being written or replaced while it was read, and
     a retry a little later may read it whole (:func:`recsys_metric.errors.is_transient`).
+
+    A database URI (``postgresql://``, ``duckdb://``) is read by :func:`recsys_metric.db.read_database`.
     """
+    if is_database_uri(source):
+        from recsys_metric.db.source import describe_source, read_database
+
+        lf = read_database(str(source), config).lazy()
+        return validate_interactions(
+            lf, config, source=describe_source(str(source), config), rejects_path=rejects_path
+        )
     before = _fingerprint(source, config)
     try:
         lf = scan_interactions(source, config)

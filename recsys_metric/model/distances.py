@@ -20,24 +20,24 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from recsys_metric.errors import ConfigError
+from recsys_metric.scoring import DISTANCE_NAMES, NORM_EPS, SQRT_EPS, score_numpy
+from recsys_metric.scoring import check_distance_name as _check_name
 
-SQRT_EPS = 1e-12
-"""Added to squared euclidean distances under the square root, so that the gradient at zero
-distance is finite (sqrt'(0) is infinite, and inf * 0 is NaN). Shifts a zero distance to 1e-6
-and any distance d by about 5e-13 / d: below float32 resolution for d > 1e-3."""
-
-NORM_EPS = 1e-12
-"""Lower bound on a norm before dividing by it (as ``F.normalize``): a zero vector stays zero
-and has cosine 0 with everything."""
-
-DISTANCE_NAMES: tuple[str, ...] = ("euclidean", "cosine", "dot")
-"""Names accepted by :func:`get_distance` and :func:`score_numpy`."""
+__all__ = [
+    "DISTANCE_NAMES",
+    "NORM_EPS",
+    "SQRT_EPS",
+    "CosineSimilarity",
+    "Distance",
+    "DotProduct",
+    "EuclideanDistance",
+    "get_distance",
+    "score_numpy",
+]
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -88,6 +88,11 @@ class Distance(ABC):
         """
         out = self.pairwise(q, r)
         return out if self.is_inverted else -out
+
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` written into ``out`` (``[B, N]``, contiguous; no gradients): the same
+        floats, without allocating the ``[B, N]`` result. Returns ``out``."""
+        return out.copy_(self.score(q, r))
 
     def normalize(self, emb: Tensor) -> Tensor:
         """What the model applies to ``[..., D]`` embeddings before scoring; identity by default."""
@@ -155,6 +160,13 @@ class EuclideanDistance(Distance):
             return -(d2 + SQRT_EPS).sqrt()
         return d2.add_(SQRT_EPS).sqrt_().neg_()
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out``: the same operations in the same order, so the same floats."""
+        qq = q.square().sum(-1, keepdim=True)
+        rr = r.square().sum(-1)
+        torch.addmm(rr, q, r.mT, alpha=-2.0, out=out)
+        return out.add_(qq).clamp_min_(0.0).add_(SQRT_EPS).sqrt_().neg_()
+
     def project(self, weight: Tensor, rows: Tensor | None = None) -> None:
         """Rescale rows of ``[n, D]`` ``weight`` with norm above 1 onto the unit sphere, in place.
 
@@ -183,6 +195,10 @@ class CosineSimilarity(Distance):
         """``[B, D] x [N, D] -> [B, N]`` cosine similarities."""
         return self.normalize(q) @ self.normalize(r).mT
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out`` (the same product)."""
+        return torch.mm(self.normalize(q), self.normalize(r).mT, out=out)
+
     def rowwise(self, a: Tensor, b: Tensor) -> Tensor:
         """``[..., D] x [..., D] -> [...]`` cosine similarities."""
         return (self.normalize(a) * self.normalize(b)).sum(-1)
@@ -203,14 +219,13 @@ class DotProduct(Distance):
         """``[B, D] x [N, D] -> [B, N]`` inner products."""
         return q @ r.mT
 
+    def score_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """:meth:`score` into ``out`` (the same product)."""
+        return torch.mm(q, r.mT, out=out)
+
     def rowwise(self, a: Tensor, b: Tensor) -> Tensor:
         """``[..., D] x [..., D] -> [...]`` inner products."""
         return (a * b).sum(-1)
-
-
-def _check_name(name: str) -> None:
-    if name not in DISTANCE_NAMES:
-        raise ConfigError(f"unknown distance {name!r}: use one of {', '.join(DISTANCE_NAMES)}")
 
 
 def get_distance(name: str) -> Distance:
@@ -225,39 +240,3 @@ def get_distance(name: str) -> Distance:
     if name == "cosine":
         return CosineSimilarity()
     return DotProduct()
-
-
-def score_numpy(q: np.ndarray, r: np.ndarray, name: str) -> np.ndarray:
-    """Numpy twin of :meth:`Distance.score`: ``[B, D] x [N, D] -> [B, N]``, higher is better.
-
-    Same formulas as the torch classes (euclidean: ``-sqrt(max(||q||^2 + ||r||^2 - 2 q.r, 0) +
-    1e-12)``; cosine: rows divided by ``max(||x||, 1e-12)``, then the product; dot: the product),
-    computed in float32 for float32 input (float64 for float64 input), so rankings match the model.
-
-    Args:
-        q: ``[B, D]`` query (user) embeddings.
-        r: ``[N, D]`` reference (item) embeddings.
-        name: the ``distance`` stored with the embeddings: ``euclidean``, ``cosine`` or ``dot``.
-
-    Raises:
-        ConfigError: for an unknown ``name``.
-    """
-    _check_name(name)
-    dtype = np.result_type(q.dtype, r.dtype, np.float32)
-    q = np.asarray(q, dtype=dtype)
-    r = np.asarray(r, dtype=dtype)
-    if name == "dot":
-        return q @ r.T
-    if name == "cosine":
-        qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), dtype.type(NORM_EPS))
-        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), dtype.type(NORM_EPS))
-        return qn @ rn.T
-    out = q @ r.T
-    out *= -2.0
-    out += np.einsum("ij,ij->i", q, q)[:, None]
-    out += np.einsum("ij,ij->i", r, r)[None, :]
-    np.maximum(out, 0.0, out=out)
-    out += dtype.type(SQRT_EPS)
-    np.sqrt(out, out=out)
-    np.negative(out, out=out)
-    return out

@@ -1,0 +1,424 @@
+"""Time to quality: holdout Recall@20 against wall-clock seconds, ours at time budgets beside the peers.
+
+For every dataset, one split and one evaluator (those of :mod:`bench.quality`: a seeded random 20%
+of each user's liked items held out, full ranking over the catalog, training items excluded,
+``recsys_metric.evaluate.evaluate_scores``):
+
+- **ours**: the default configuration run once per time budget (``--budgets``, default 1, 2, 5 and
+  15 minutes) by :func:`ours_at_budget`, which sets ``train.time_budget`` through the config. Where
+  the installed trainer has no ``train.time_budget`` yet, it falls back to a fixed epoch cap per
+  budget (:data:`FALLBACK_EPOCHS`) and every output row says so. The point's x is the measured
+  wall time of the whole fit (validation fit with early stopping and the refit, as
+  ``bench.quality`` trains ours); ``--default`` adds today's default run with no budget.
+- **peers**: implicit's ALS and BPR over a grid (:data:`GRIDS`; ``--quick``: :data:`QUICK_GRIDS`).
+  Each grid point is one full fit on the training set; its x is that fit's seconds (evaluation
+  excluded; a point with more iterations continues the same run, and its seconds are cumulative,
+  which is what fitting it from scratch costs). The line is each peer's frontier: the best test
+  Recall@20 any of its settings reached within that many seconds. That frontier picks settings
+  on the test set itself, so it is an upper bound of what a tuned peer reaches: a bar in the
+  peers' favour.
+
+Datasets: ``ml-latest-small`` and ``citeulike-a`` (read from ``../shared/datasets``, skipped
+when absent), ``gen-1m`` (a generated log of 1M interactions, 30,000 users x 40,000 items) and
+``gen-20m`` (the generated 20M log of ``bench.nightly_scale``: 1M users x 100,000 items). The
+generated logs are explicit ratings: liked = rating >= 4, as for MovieLens; they are written once
+under ``bench/out/`` and reused.
+
+    python -m bench.time_to_quality                                  # everything (hours, a quiet machine)
+    python -m bench.time_to_quality --datasets ml-latest-small citeulike-a gen-1m --budgets 1m 2m 5m --quick
+
+Results: ``bench/results/time_to_quality.json`` (every point) and ``time_to_quality.png`` (the
+plot); ``python -m bench.report`` puts the table into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from bench.baselines import _grid_points, implicit_path
+from bench.common import RESULTS, save_result
+from bench.datasets import LOADERS, BenchDataset, DatasetUnavailable, _labels, random_split_dataset
+
+logger = logging.getLogger("bench.time_to_quality")
+
+KS = (20,)
+DEFAULT_BUDGETS = ("1m", "2m", "5m", "15m")
+GENERATED: dict[str, tuple[int, int, int]] = {
+    "gen-1m": (1_000_000, 30_000, 40_000),
+    "gen-20m": (20_000_000, 1_000_000, 100_000),
+}
+"""Generated dataset -> (interactions, users, items); seed 0."""
+DATASETS = ("ml-latest-small", "citeulike-a", "gen-1m", "gen-20m")
+
+GRIDS: dict[str, dict[str, Sequence[Any]]] = {
+    "als": {
+        "factors": (64, 128, 256),
+        "regularization": (0.01, 0.1, 1.0),
+        "alpha": (5.0, 10.0, 20.0, 40.0),
+        "iterations": (5, 15, 30),
+    },
+    "bpr": {
+        "factors": (64, 128),
+        "learning_rate": (0.003, 0.01, 0.03),
+        "regularization": (0.001, 0.01),
+        "iterations": (50, 100, 300),
+    },
+}
+"""The quality benchmark's grids (``bench.baselines``), with alpha 40 (the best ALS on the 20M log)
+and shorter fits added: a time-to-quality curve needs its fast points too."""
+QUICK_GRIDS: dict[str, dict[str, Sequence[Any]]] = {
+    "als": {
+        "factors": (64, 256),
+        "regularization": (0.1,),
+        "alpha": (5.0, 20.0, 40.0),
+        "iterations": (5, 15),
+    },
+    "bpr": {
+        "factors": (128,),
+        "learning_rate": (0.01, 0.03),
+        "regularization": (0.01,),
+        "iterations": (50, 100),
+    },
+}
+PEER_NAMES = {"als": "implicit ALS", "bpr": "implicit BPR"}
+
+FALLBACK_EPOCHS: dict[str, int] = {"1m": 5, "2m": 10, "5m": 25, "15m": 75}
+"""Epoch cap (``train.epochs``) standing in for a budget where ``train.time_budget`` does not
+exist yet. Not a budget: the run is as long as those epochs take; the x axis says how long."""
+
+
+def parse_seconds(text: str) -> float:
+    """``"90s"``, ``"5m"``, ``"1.5h"`` or a bare number of seconds -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ValueError(f"budget {text!r}: expected a duration such as 90s, 5m or 1h") from None
+
+
+def has_time_budget() -> bool:
+    """Whether the installed trainer's config has ``train.time_budget``."""
+    from recsys_metric.config import TrainConfig
+
+    return "time_budget" in TrainConfig.model_fields
+
+
+def load_generated(name: str, seed: int = 0) -> BenchDataset:
+    """A generated log (:data:`GENERATED`) under the random per-user split of the real datasets."""
+    from bench.ingest import ensure_log
+
+    rows, n_users, n_items = GENERATED[name]
+    path = ensure_log(rows, n_users, n_items, 0)
+    log = pl.read_parquet(path / "**" / "*.parquet", columns=["user_id", "item_id", "rating"])
+    log = log.unique(["user_id", "item_id"], keep="last")
+    user_ids = log["user_id"].unique().sort()
+    item_ids = log["item_id"].unique().sort()
+    users = np.searchsorted(user_ids.to_numpy(), log["user_id"].to_numpy())
+    items = np.searchsorted(item_ids.to_numpy(), log["item_id"].to_numpy())
+    label = log.select(_labels(pl.col("rating")))["label"].to_numpy()
+    return random_split_dataset(name, user_ids.len(), item_ids.len(), users, items, label, None, seed=seed)
+
+
+def load(name: str) -> BenchDataset:
+    if name in GENERATED:
+        return load_generated(name)
+    return LOADERS[name]()
+
+
+def ours_at_budget(data: BenchDataset, budget: str | None) -> dict[str, Any]:
+    """Our default run with ``train.time_budget = budget`` (``None``: today's default, no budget).
+
+    Without ``train.time_budget`` in the trainer's config, the budget becomes a fixed epoch cap
+    (:data:`FALLBACK_EPOCHS`), said in ``mode``. Returns the point: ``mode``, ``seconds`` (wall,
+    whole fit), test ``recall@20`` / ``ndcg@20`` and what the trainer reported.
+    """
+    from bench.quality import _ours
+    from recsys_metric.config import config_from_dict
+
+    if budget is None:
+        raw: dict[str, Any] = {"train": {"time_budget": "none"}} if has_time_budget() else {}
+        mode = "default, no budget"
+    elif has_time_budget():
+        raw, mode = {"train": {"time_budget": budget}}, f"train.time_budget {budget}"
+    else:
+        cap = FALLBACK_EPOCHS.get(budget) or max(1, round(parse_seconds(budget) / 12))
+        raw, mode = {"train": {"epochs": cap}}, f"FALLBACK epoch cap {cap} (no train.time_budget yet)"
+    config = config_from_dict(raw, source="bench.time_to_quality")
+    t = time.perf_counter()
+    score_fn, info = _ours(data, config)
+    seconds = time.perf_counter() - t
+    metrics = _test_metrics(score_fn, data)
+    return {
+        "budget": budget,
+        "mode": mode,
+        "seconds": round(seconds, 2),
+        **metrics,
+        "params": info["params"],
+        "train_seconds": info["train_seconds"],
+    }
+
+
+def _test_metrics(score_fn: Callable[[np.ndarray], Any], data: BenchDataset) -> dict[str, float]:
+    from recsys_metric.evaluate import evaluate_scores
+
+    m = evaluate_scores(score_fn, data.train, data.test, ks=KS)
+    return {"recall@20": round(m["recall@20"], 5), "ndcg@20": round(m["ndcg@20"], 5)}
+
+
+def peer_points(kind: str, data: BenchDataset, grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """One point per grid setting: seconds of its fit on the training set, test metrics."""
+    points = []
+    for params in _grid_points(grid, "iterations"):
+        path = implicit_path(kind, data.train_liked, params, grid["iterations"])
+        fit_seconds = 0.0
+        while True:
+            t = time.perf_counter()
+            try:
+                n_iter, score_fn = next(path)
+            except StopIteration:
+                break
+            fit_seconds += time.perf_counter() - t
+            point = {"params": {**params, "iterations": n_iter}, "seconds": round(fit_seconds, 2)}
+            point.update(_test_metrics(score_fn, data))
+            logger.info("%s %s %s", data.name, kind, point)
+            points.append(point)
+    return points
+
+
+def frontier(points: list[dict[str, Any]], key: str = "recall@20") -> list[dict[str, Any]]:
+    """Points that no faster point beats: the best ``key`` reachable within each point's seconds."""
+    best, out = float("-inf"), []
+    for p in sorted(points, key=lambda p: (p["seconds"], -p[key])):
+        if p[key] > best:
+            best = p[key]
+            out.append(p)
+    return out
+
+
+def run_dataset(
+    data: BenchDataset,
+    budgets: Sequence[str],
+    grids: dict[str, Any],
+    default: bool,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Every point of one dataset; ``checkpoint(partial result)`` after each peer and each run of ours."""
+    out: dict[str, Any] = {"summary": data.summary(), "ours": [], "peers": {}}
+    for kind, grid in grids.items():
+        points = peer_points(kind, data, grid)
+        out["peers"][kind] = {"points": points, "frontier": frontier(points)}
+        if checkpoint:
+            checkpoint(out)
+    for budget in [*budgets, *([None] if default else [])]:
+        point = ours_at_budget(data, budget)
+        logger.info("%s ours %s", data.name, point)
+        out["ours"].append(point)
+        if checkpoint:
+            checkpoint(out)
+    return out
+
+
+def best_peer(res: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    best = None
+    for kind, peer in res["peers"].items():
+        for p in peer["points"]:
+            if best is None or p["recall@20"] > best[1]["recall@20"]:
+                best = (kind, p)
+    return best
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def to_markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "Holdout Recall@20 against the wall-clock seconds of one fit, every point a separate full fit, "
+        "same split and evaluator as the quality benchmark. Peers: each grid setting is one point; "
+        "the best is chosen on the test set (an upper bound for a tuned peer). Ours: the default "
+        "config at each budget"
+        + (
+            "."
+            if r["time_budget_available"]
+            else " — **this run predates `train.time_budget`: each budget stands for a fixed epoch "
+            "cap (FALLBACK rows), so these are not budgeted runs**."
+        ),
+        f"Grids: {'quick' if r['quick'] else 'full'} ({_grid_text(r['grids'])}). "
+        f"Load average (1/5/15 min) at start {r['load_at_start']}, at end {r['load_at_end']}.",
+        "",
+        "![time to quality](bench/results/time_to_quality.png)",
+    ]
+    for name, res in r["datasets"].items():
+        s = res["summary"]
+        lines += [
+            "",
+            f"### {name}",
+            "",
+            f"{s['n_users']:,} users x {s['n_items']:,} items, {s['n_train']:,} training interactions, "
+            f"{s['n_test']:,} test items for {s['n_test_users']:,} users.",
+            "",
+            "| run | setting | seconds | Recall@20 | NDCG@20 |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for p in res["ours"]:
+            lines.append(
+                f"| ours, {p['budget'] or 'no budget'} | {p['mode']} | {p['seconds']:.0f} | "
+                f"{p['recall@20']:.3f} | {p['ndcg@20']:.3f} |"
+            )
+        for kind, peer in res["peers"].items():
+            for p in peer["frontier"]:
+                lines.append(
+                    f"| {PEER_NAMES[kind]} (frontier) | {_params(p['params'])} | {p['seconds']:.1f} | "
+                    f"{p['recall@20']:.3f} | {p['ndcg@20']:.3f} |"
+                )
+        best = best_peer(res)
+        if best and res["ours"]:
+            ours_best = max(res["ours"], key=lambda p: p["recall@20"])
+            lines += [
+                "",
+                f"Best peer: {PEER_NAMES[best[0]]} {best[1]['recall@20']:.3f} in {best[1]['seconds']:.0f} s; "
+                f"our best: {ours_best['recall@20']:.3f} in {ours_best['seconds']:.0f} s "
+                f"({ours_best['recall@20'] / best[1]['recall@20']:.3f}x).",
+            ]
+    if not r.get("complete", True):
+        lines += [
+            "",
+            "**Incomplete: the run was stopped part-way; the rows above are what it had measured.**",
+        ]
+    if r["skipped"]:
+        lines += [
+            "",
+            "Not measured in this run: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + ".",
+        ]
+    return "\n".join(lines)
+
+
+def _grid_text(grids: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{PEER_NAMES[k]} " + " x ".join(f"{p} {list(v)}" for p, v in g.items()) for k, g in grids.items()
+    )
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """One panel per dataset: peers' points and frontiers, ours at each budget; log-scaled seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(r["datasets"])
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 4), squeeze=False)
+    colors = {"als": "tab:blue", "bpr": "tab:orange"}
+    for ax, name in zip(axes[0], names, strict=False):
+        res = r["datasets"][name]
+        for kind, peer in res["peers"].items():
+            xs = [p["seconds"] for p in peer["points"]]
+            ys = [p["recall@20"] for p in peer["points"]]
+            ax.scatter(xs, ys, s=10, alpha=0.35, color=colors[kind])
+            front = peer["frontier"]
+            ax.step(
+                [p["seconds"] for p in front],
+                [p["recall@20"] for p in front],
+                where="post",
+                color=colors[kind],
+                label=f"{PEER_NAMES[kind]} (best on test)",
+            )
+        ours = sorted(res["ours"], key=lambda p: p["seconds"])
+        if ours:
+            fallback = any(p["mode"].startswith("FALLBACK") for p in ours)
+            ax.plot(
+                [p["seconds"] for p in ours],
+                [p["recall@20"] for p in ours],
+                "o-",
+                color="tab:green",
+                label="ours, default" + (" (epoch caps, not budgets)" if fallback else " at budgets"),
+            )
+            for p in ours:
+                ax.annotate(p["budget"] or "no budget", (p["seconds"], p["recall@20"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds of one fit (wall)")
+        ax.set_ylabel("test Recall@20")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS), help="durations: 90s, 5m, 1h")
+    parser.add_argument("--quick", action="store_true", help="small peer grids (QUICK_GRIDS)")
+    parser.add_argument("--default", action="store_true", help="also run today's default with no budget")
+    parser.add_argument("--peers", nargs="*", default=["als", "bpr"], choices=["als", "bpr"])
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    for budget in args.budgets:
+        parse_seconds(budget)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    all_grids = QUICK_GRIDS if args.quick else GRIDS
+    grids = {k: all_grids[k] for k in args.peers}
+    result: dict[str, Any] = {
+        "time_budget_available": has_time_budget(),
+        "quick": args.quick,
+        "budgets": args.budgets,
+        "grids": grids,
+        "load_at_start": load_average(),
+        "datasets": {},
+        "skipped": {name: "not requested (--datasets)" for name in DATASETS if name not in args.datasets},
+    }
+    command = "python -m bench.time_to_quality " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(final: bool) -> None:
+        # Saved after every step: a long run stopped part-way keeps what it measured, marked so.
+        result["complete"] = final
+        result["load_at_end"] = load_average()
+        result["markdown"] = to_markdown(result)
+        if not args.no_save:
+            plot(result, RESULTS / "time_to_quality.png")
+            save_result("time_to_quality", result, command.strip())
+
+    for name in args.datasets:
+        try:
+            data = load(name)
+        except DatasetUnavailable as err:
+            result["skipped"][name] = str(err)
+            continue
+        t = time.perf_counter()
+
+        def checkpoint(partial: dict[str, Any], name: str = name) -> None:
+            result["datasets"][name] = partial
+            save(final=False)
+
+        result["datasets"][name] = run_dataset(data, args.budgets, grids, args.default, checkpoint)
+        result["datasets"][name]["wall_seconds"] = round(time.perf_counter() - t, 1)
+    save(final=True)
+    print(result["markdown"])
+    if not args.no_save:
+        print(f"saved {RESULTS / 'time_to_quality.json'} and {RESULTS / 'time_to_quality.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""A recommender that follows the artifact store's ``current``: each night's publish reaches it.
+
+:class:`FollowingRecommender` serves one :class:`~recsys_metric.serving.recommender.Recommender`
+at a time. A watcher thread looks at ``current`` every ``interval`` seconds (one ``readlink``
+and a ``realpath``: microseconds). When it names another run, the new run is loaded and verified
+completely in the watcher thread, while queries go on against the old one; then one attribute
+assignment swaps it in. A query reads that attribute once and runs to the end on the run it got,
+so a query in flight finishes on the old run, a query that starts after the swap sees the new run,
+and no query ever mixes the two.
+
+A new run that fails to load or verify (a damaged file, a broken contract) is refused: the reason
+is logged as a warning and kept in :attr:`FollowingRecommender.refusals`, the old run keeps
+serving, and the refused run is not tried again (finalized runs are immutable, so it would fail
+the same way); the next publish is.
+
+At most two runs are resident: the serving one and the one loading. Before loading a new run the
+watcher waits until the run it retired last is no longer referenced by a query in flight (it
+checks again at the next interval otherwise).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recsys_metric.errors import ConfigError, RecsysMetricError
+from recsys_metric.registry import CURRENT_LINK, resolve_run_dir
+from recsys_metric.serving.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A published run that was not swapped in.
+
+    Attributes:
+        run_dir: the refused run's directory.
+        reason: the error, as logged (names the damaged file for an integrity error).
+        at: when it was refused (UTC).
+    """
+
+    run_dir: str
+    reason: str
+    at: dt.datetime
+
+
+class FollowingRecommender:
+    """Queries over the run an artifacts directory's ``current`` names, following each publish.
+
+    Made by ``Recommender.load(artifacts, follow=True, interval=...)`` or directly. The query
+    methods are those of :class:`Recommender` with the same arguments and results; each runs
+    entirely on the run serving when it started. For several calls that must see the same run,
+    take :meth:`snapshot` once and query it.
+
+    Args:
+        artifacts: an artifacts directory (with ``current``).
+        interval: seconds between checks of ``current`` by the watcher thread; ``0`` starts no
+            thread (call :meth:`refresh` yourself).
+        index, device, search_k, output, verify: as :meth:`Recommender.load`, for every run.
+
+    Raises:
+        ConfigError: ``artifacts`` has no ``current`` link, or ``interval`` is negative.
+        IntegrityError, DataError, RegistryError: the run published now cannot be loaded (as
+            :meth:`Recommender.load`); later runs are refused instead.
+    """
+
+    def __init__(
+        self,
+        artifacts: str | os.PathLike[str],
+        *,
+        interval: float = 30.0,
+        index: str = "auto",
+        device: str = "cpu",
+        search_k: int | None = None,
+        output: str = "pandas",
+        verify: bool = True,
+    ):
+        self.artifacts = Path(artifacts)
+        link = self.artifacts / CURRENT_LINK
+        if not (link.is_symlink() or link.exists()):
+            raise ConfigError(
+                f"follow=True needs an artifacts directory whose {CURRENT_LINK!r} names the published run; "
+                f"{self.artifacts} has no {CURRENT_LINK!r} (load a run directory without follow)"
+            )
+        if not isinstance(interval, (int, float)) or interval < 0:
+            raise ConfigError(f"interval must be a number of seconds >= 0, got {interval!r}")
+        self.interval = float(interval)
+        self._options: dict[str, Any] = {
+            "index": index,
+            "device": device,
+            "search_k": search_k,
+            "output": output,
+            "verify": verify,
+        }
+        self._current: Recommender = self._load(resolve_run_dir(self.artifacts))
+        self.reloads = 0
+        """Runs swapped in since the first."""
+        self.refusals: list[Refusal] = []
+        """Published runs that failed to load or verify, oldest first."""
+        self.checked_at: dt.datetime | None = None
+        """When ``current`` was last looked at."""
+        self._refused: set[str] = set()
+        self._retired: weakref.ref[Recommender] | None = None
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.interval > 0:
+            self._thread = threading.Thread(target=self._watch, name="recsys-metric-follow", daemon=True)
+            self._thread.start()
+
+    def _load(self, run_dir: Path) -> Recommender:
+        return Recommender.load(run_dir, **self._options)
+
+    def __repr__(self) -> str:
+        return (
+            f"FollowingRecommender(artifacts={str(self.artifacts)!r}, run_id={self.run_id!r}, "
+            f"interval={self.interval}, reloads={self.reloads}, refused={len(self.refusals)})"
+        )
+
+    def __enter__(self) -> FollowingRecommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the watcher thread (queries keep working on the run serving now)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def snapshot(self) -> Recommender:
+        """The :class:`Recommender` serving now; it stays valid (and unchanged) after a swap."""
+        return self._current
+
+    @property
+    def run_id(self) -> str:
+        """The run serving now."""
+        return self._current.run_id
+
+    @property
+    def run_dir(self) -> Path:
+        return self._current.run_dir
+
+    def refresh(self) -> bool:
+        """Look at ``current`` now; load, verify and swap in the run it names if it is new.
+
+        Returns:
+            True when a new run was swapped in; False when ``current`` has not moved, the run was
+            refused (now or before), or the previously retired run is still in use.
+        """
+        with self._refresh_lock:
+            self.checked_at = dt.datetime.now(dt.UTC)
+            try:
+                run_dir = resolve_run_dir(self.artifacts)
+            except RecsysMetricError as err:
+                log.warning(
+                    "cannot resolve %s/%s, keep serving run %s: %s",
+                    self.artifacts,
+                    CURRENT_LINK,
+                    self.run_id,
+                    err,
+                )
+                return False
+            if run_dir == self._current.run_dir or str(run_dir) in self._refused:
+                return False
+            if self._retired is not None and self._retired() is not None:
+                gc.collect()  # a reference cycle, not a query, may still hold it
+                if self._retired() is not None:
+                    log.info(
+                        "run %s is still in use by queries; loading %s at the next check",
+                        self._retired().run_id,
+                        run_dir.name,
+                    )  # type: ignore[union-attr]
+                    return False
+            started = time.perf_counter()
+            try:
+                new = self._load(run_dir)
+            except Exception as err:  # noqa: BLE001 - any failure refuses the run, the old one serves
+                reason = f"{type(err).__name__}: {err}"
+                self._refused.add(str(run_dir))
+                self.refusals.append(Refusal(str(run_dir), reason, dt.datetime.now(dt.UTC)))
+                log.warning("refused run %s, keep serving run %s: %s", run_dir, self.run_id, reason)
+                return False
+            old = self._current
+            self._current = new  # the swap: one reference assignment, atomic for every reader
+            self._retired = weakref.ref(old)
+            self.reloads += 1
+            log.info(
+                "now serving run %s (was %s), loaded and verified in %.2f s",
+                new.run_id,
+                old.run_id,
+                time.perf_counter() - started,
+            )
+            del old
+            return True
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything and keep serving
+                log.exception("checking %s for a new run failed; will check again", self.artifacts)
+
+    def status(self) -> dict[str, Any]:
+        """What is serving and what happened: ``run_id``, ``run_dir``, ``loaded_at`` (ISO UTC),
+        ``verified``, ``n_users``, ``n_items``, ``reloads``, ``refused``, ``last_refusal``,
+        ``checked_at``, ``interval``."""
+        rec = self._current
+        last = self.refusals[-1] if self.refusals else None
+        return {
+            "run_id": rec.run_id,
+            "run_dir": str(rec.run_dir),
+            "loaded_at": rec.loaded_at.isoformat(timespec="seconds"),
+            "verified": rec.verified,
+            "n_users": rec.n_users,
+            "n_items": rec.n_items,
+            "reloads": self.reloads,
+            "refused": len(self.refusals),
+            "last_refusal": None
+            if last is None
+            else {
+                "run_dir": last.run_dir,
+                "reason": last.reason,
+                "at": last.at.isoformat(timespec="seconds"),
+            },
+            "checked_at": None if self.checked_at is None else self.checked_at.isoformat(timespec="seconds"),
+            "interval": self.interval,
+        }
+
+    # Queries: each reads self._current once, so it runs on one run from start to end.
+
+    def similar_items(
+        self, item_id: Any, k: int = 10, exclude: Sequence[Any] = (), exact: bool = False
+    ) -> Any:
+        """:meth:`Recommender.similar_items` on the run serving now."""
+        return self._current.similar_items(item_id, k=k, exclude=exclude, exact=exact)
+
+    def recommend(
+        self,
+        user_id: Any,
+        k: int = 10,
+        exclude_seen: bool = True,
+        candidates: Sequence[Any] | None = None,
+        exclude: Sequence[Any] = (),
+        exact: bool = False,
+    ) -> Any:
+        """:meth:`Recommender.recommend` on the run serving now."""
+        return self._current.recommend(
+            user_id, k=k, exclude_seen=exclude_seen, candidates=candidates, exclude=exclude, exact=exact
+        )
+
+    def recommend_batch(
+        self, user_ids: Sequence[Any], k: int = 10, exclude_seen: bool = True, exact: bool = False
+    ) -> Any:
+        """:meth:`Recommender.recommend_batch` on the run serving now."""
+        return self._current.recommend_batch(user_ids, k=k, exclude_seen=exclude_seen, exact=exact)
+
+    def recommend_for_history(
+        self, item_ids: Sequence[Any], k: int = 10, exclude_seen: bool = True, exact: bool = False
+    ) -> Any:
+        """:meth:`Recommender.recommend_for_history` on the run serving now."""
+        return self._current.recommend_for_history(item_ids, k=k, exclude_seen=exclude_seen, exact=exact)
+
+    def explain(self, user_id: Any, item_id: Any, k: int = 5) -> Any:
+        """:meth:`Recommender.explain` on the run serving now."""
+        return self._current.explain(user_id, item_id, k=k)

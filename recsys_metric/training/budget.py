@@ -1,0 +1,184 @@
+"""Time budget planning: a run, prepare to publish, finishes within ``train.time_budget``.
+
+Nothing is fitted to one log: every decision comes from seconds measured in this run. After each
+epoch the holdout fit asks :class:`HoldoutPlanner` whether one more epoch still fits, counting
+what must follow it: that epoch's evaluation, the refit on the full log (as many epochs as the
+holdout's best, each costing the measured holdout epoch scaled by the pair counts) and the stages
+after training (holdout evaluation, export, index, quality gate: :func:`after_training_seconds`).
+The refit asks :class:`RefitPlanner` the same without the holdout's terms. Epoch costs are the
+largest of the last three, times :data:`SAFETY`, so that a load spike on a shared machine does
+not overrun the budget; planning is redone after every epoch, so a machine that speeds up or
+slows down mid-run is followed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from recsys_metric.durations import parse_duration
+
+if TYPE_CHECKING:
+    from recsys_metric.training.loop import FitRun
+
+__all__ = [
+    "EpochPlanner",
+    "HoldoutPlanner",
+    "RefitPlanner",
+    "TimeBudget",
+    "after_training_seconds",
+    "parse_duration",
+]
+
+SAFETY = 1.25
+"""Planned costs are the measured ones times this (timings move with the load on a shared machine)."""
+
+INDEX_SECONDS_PER_ITEM = 2e-4
+"""Reserve for the Annoy build and its recall check, per item: 50 angular trees over 100k x 64
+took 4.8 s here (``docs/PLATFORM_NOTES``), the recall check as much again; doubled for safety."""
+
+FIXED_AFTER_SECONDS = 5.0
+"""Reserve for export, metrics and publication besides what scales with the data."""
+
+
+@dataclass
+class TimeBudget:
+    """A wall-clock allowance for a whole run, from when it was created.
+
+    Attributes:
+        seconds: the allowance.
+        clock: seconds now (monotonic); tests inject a fake one.
+        started: ``clock()`` at creation.
+    """
+
+    seconds: float
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=math.nan)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.started):
+            self.started = self.clock()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def remaining(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class EpochPlanner(Protocol):
+    """Asked by :class:`~recsys_metric.training.loop.FitRun` after every epoch."""
+
+    def after_epoch(self, run: FitRun) -> str | None:
+        """None to go on, or why the run must stop (the epoch just trained is then evaluated)."""
+        ...
+
+
+def epoch_cost(run: FitRun) -> float:
+    """Planned seconds of the run's next epoch: the largest of the last three, times :data:`SAFETY`."""
+    seconds = run.epoch_seconds()
+    return SAFETY * max(seconds[-3:]) if seconds else 0.0
+
+
+def eval_cost(run: FitRun) -> float:
+    """Planned seconds of the run's next evaluation (0 without validation or none measured yet)."""
+    if run.validate is None or not run.eval_seconds:
+        return 0.0
+    return SAFETY * max(run.eval_seconds[-3:])
+
+
+def after_training_seconds(
+    *, eval_users: int, eval_seconds_per_user: float, n_items: int, gate_evaluations: int = 2
+) -> float:
+    """Reserve for the stages after training: the holdout evaluation (the model and the
+    popularity baseline), the quality gate's (``gate_evaluations`` models on the same sample), the
+    Annoy index and its recall check, export.
+
+    Args:
+        eval_users: users the holdout evaluation scores.
+        eval_seconds_per_user: measured validation seconds per user (scoring and ranking).
+        n_items: catalogue size.
+        gate_evaluations: evaluations the quality gate makes after the run.
+    """
+    evaluations = 2 + gate_evaluations
+    return SAFETY * (
+        evaluations * eval_users * eval_seconds_per_user
+        + n_items * INDEX_SECONDS_PER_ITEM
+        + FIXED_AFTER_SECONDS
+    )
+
+
+@dataclass
+class HoldoutPlanner:
+    """Stops the holdout fit when one more epoch would leave too little for what follows.
+
+    One more epoch ``e + 1`` fits when ``remaining`` covers: epoch ``e``'s evaluation, the next
+    epoch and its evaluation; the
+    refit of up to ``e + 1`` epochs at ``refit_scale`` times the holdout epoch's cost (0 without a
+    refit); :attr:`reserve` seconds for the stages after training. ``cost_scale`` multiplies the
+    epoch cost while several rate candidates train side by side (the race sets it).
+
+    Attributes:
+        budget: the run's budget.
+        refit_scale: refit epoch seconds per holdout epoch second (full-log pairs / fit pairs), 0
+            without a refit.
+        reserve: callable giving the seconds to keep for the stages after training (recomputed
+            after each epoch from measured costs).
+        cost_scale: live candidates training in parallel (1 outside the race).
+    """
+
+    budget: TimeBudget
+    refit_scale: float
+    reserve: Callable[[], float]
+    cost_scale: float = 1.0
+    last_plan: dict[str, float] = field(default_factory=dict)
+
+    def after_epoch(self, run: FitRun) -> str | None:
+        epoch_s = epoch_cost(run)
+        evaluation = eval_cost(run)  # this epoch's own evaluation, which comes first
+        nxt = self.cost_scale * (epoch_s + evaluation)
+        refit = (run.epoch + 1) * epoch_s * self.refit_scale
+        reserve = self.reserve()
+        remaining = self.budget.remaining()
+        self.last_plan = {
+            "remaining_s": round(remaining, 3),
+            "evaluation_s": round(evaluation, 3),
+            "next_epoch_s": round(nxt, 3),
+            "refit_s": round(refit, 3),
+            "reserve_s": round(reserve, 3),
+        }
+        if remaining >= evaluation + nxt + refit + reserve:
+            return None
+        return (
+            f"time budget: {remaining:.0f} s left after epoch {run.epoch}, one more with its "
+            f"evaluation would need {evaluation + nxt:.0f} s, then the refit {refit:.0f} s and the "
+            f"stages after training {reserve:.0f} s"
+        )
+
+
+@dataclass
+class RefitPlanner:
+    """Stops the refit when one more epoch would leave less than :attr:`reserve` seconds."""
+
+    budget: TimeBudget
+    reserve: Callable[[], float]
+
+    def after_epoch(self, run: FitRun) -> str | None:
+        nxt = epoch_cost(run)
+        reserve = self.reserve()
+        remaining = self.budget.remaining()
+        if remaining >= nxt + reserve:
+            return None
+        return (
+            f"time budget: {remaining:.0f} s left after refit epoch {run.epoch}, one more would need "
+            f"{nxt:.0f} s and the stages after training {reserve:.0f} s"
+        )
+
+    def affordable_epochs(self, epoch_seconds: float) -> int:
+        """How many refit epochs of ``epoch_seconds`` (planned, safety included) fit now."""
+        if epoch_seconds <= 0:
+            return 1 << 30
+        return int(max(0.0, self.budget.remaining() - self.reserve()) // epoch_seconds)

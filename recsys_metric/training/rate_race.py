@@ -1,0 +1,179 @@
+"""The learning-rate race of ``train.lr: auto`` (``train.lr_search: race``): successive halving
+over ``train.lr_candidates``.
+
+Every candidate starts from the same weights with the same seed, each on its own copy of the
+model, and they train side by side, one epoch at a time (the candidate with the fewest
+evaluations goes next). At rung ``j`` (every live candidate has made ``patience * 2**j``
+validation evaluations, or finished) the live candidates are ranked by their best validation
+Recall@K so far and the worse half stops; the survivors go on to the next rung, the last one to
+its own early stop. A candidate that early-stops on its own before a rung simply finishes. The
+model ends with the best evaluated weights of the candidate with the highest best validation
+Recall@K (earlier candidates win ties), as in the full search, which trains every candidate to
+its end: with two candidates the race costs the loser's first ``patience`` evaluations instead of
+a whole fit.
+
+Halving compares candidates at equal evaluation counts, which favours the rate that climbs
+fastest early. The first rung is ``patience`` evaluations: as long as early stopping itself
+waits before it gives up on a flat stretch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from recsys_metric.config import TrainConfig
+from recsys_metric.device import resolve_device
+from recsys_metric.errors import ConfigError
+from recsys_metric.model.towers import TwoTowerModel
+from recsys_metric.training.data import TrainData, TrainResult
+from recsys_metric.training.loop import FitRun
+
+if TYPE_CHECKING:
+    from recsys_metric.training.budget import EpochPlanner
+
+logger = logging.getLogger(__name__)
+
+
+def evaluations(run: FitRun) -> int:
+    """Validation evaluations a run has made (epoch 0 not counted)."""
+    return sum(1 for record in run.result.history if record.get("metrics"))
+
+
+def race(
+    model: TwoTowerModel,
+    data: TrainData,
+    config: TrainConfig,
+    explicit_share: float,
+    validate: Callable[[TwoTowerModel], dict[str, float]],
+    epochs: int | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    progress: bool | None,
+    *,
+    evaluate_start: bool = False,
+    planner: EpochPlanner | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TrainResult:
+    """Race the rates of ``config.lr_candidates`` (``config`` resolved for the split) by successive
+    halving; the model ends with the winner's best weights.
+
+    With ``checkpoint_dir`` each candidate checkpoints into ``lr-<rate>`` (as the full search), so
+    ``resume`` continues each where it was. ``planner`` is asked after every epoch of every
+    candidate; its ``cost_scale`` attribute, when it has one, is set to the number of live
+    candidates (one more epoch costs one epoch of each).
+
+    Returns:
+        The winner's :class:`TrainResult`, ``lr_search`` holding one dict per candidate: ``lr``,
+        ``best_epoch``, ``best_metric``, ``epochs_run``, ``seconds`` (training) and ``outcome``
+        (``chosen``, ``dropped at rung N (after E evaluations)``, ``early stop`` or the planner's
+        reason).
+    """
+    device = resolve_device(config.device)
+    n_epochs = config.epochs if epochs is None else int(epochs)
+    if n_epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {n_epochs}")
+    metric_key = f"recall@{config.early_stopping_k}"
+    rates = [float(lr) for lr in config.lr_candidates]
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    runs: list[FitRun] = []
+    outcome: dict[int, str] = {}
+    try:
+        initial = copy.deepcopy(model.state_dict())
+        for i, lr in enumerate(rates):
+            own = model if i == 0 else copy.deepcopy(model)
+            if i > 0:
+                own.load_state_dict(initial)
+            runs.append(
+                FitRun(
+                    own,
+                    data,
+                    config.model_copy(update={"lr": lr}),
+                    device,
+                    n_epochs,
+                    metric_key,
+                    explicit_share,
+                    validate,
+                    None if checkpoint_dir is None else Path(checkpoint_dir) / f"lr-{lr:g}",
+                    resume,
+                    progress,
+                    evaluate_start=evaluate_start,
+                    planner=planner,
+                    clock=clock,
+                )
+            )
+        del initial
+        logger.info(
+            "train.lr auto: racing %s (successive halving from %d evaluations)", rates, config.patience
+        )
+        live = [i for i, run in enumerate(runs) if not run.done]
+        rung, target = 0, config.patience
+        while live:
+            behind = [i for i in live if evaluations(runs[i]) < target]
+            if not behind:
+                live = _halve(runs, live, rung, target, outcome, metric_key)
+                rung, target = rung + 1, target * 2
+                continue
+            i = min(behind, key=lambda j: (evaluations(runs[j]), runs[j].epoch, j))
+            if planner is not None and hasattr(planner, "cost_scale"):
+                planner.cost_scale = float(len(live))
+            runs[i].train_epoch()
+            if runs[i].done:
+                live.remove(i)
+                result = runs[i].result
+                outcome[i] = result.stopped_by or ("early stop" if result.stopped_early else "epoch cap")
+    finally:
+        results = [run.close() for run in runs]
+        torch.set_num_threads(threads_before)
+
+    scores = [-math.inf if r.best_metric is None else r.best_metric for r in results]
+    winner = max(range(len(runs)), key=lambda i: (scores[i], -i))
+    if winner != 0:
+        model.load_state_dict(runs[winner].model.state_dict())
+    trials: list[dict[str, Any]] = []
+    for i, (lr, result) in enumerate(zip(rates, results, strict=True)):
+        trials.append(
+            {
+                "lr": lr,
+                "best_epoch": result.best_epoch,
+                "best_metric": result.best_metric,
+                "epochs_run": result.epochs_run,
+                "seconds": round(sum(float(r["seconds"]) for r in result.history), 3),
+                "outcome": ("chosen, " if i == winner else "") + outcome.get(i, "not run"),
+            }
+        )
+    chosen = results[winner]
+    chosen.lr_search = trials
+    return chosen
+
+
+def _halve(
+    runs: list[FitRun], live: list[int], rung: int, target: int, outcome: dict[int, str], metric_key: str
+) -> list[int]:
+    """The live candidates that go on past rung ``rung``: the better half (rounded up) by best
+    validation metric so far, earlier candidates winning ties; the others stop."""
+    if len(live) < 2:
+        return live
+    ranked = sorted(live, key=lambda i: (-(runs[i].result.best_metric or -math.inf), i))
+    keep = sorted(ranked[: math.ceil(len(ranked) / 2)])
+    for i in ranked[len(keep) :]:
+        run = runs[i]
+        outcome[i] = f"dropped at rung {rung + 1} (after {target} evaluations, epoch {run.epoch})"
+        logger.info(
+            "train.lr auto: rate %g stops at rung %d (best %s %.4f against %.4f)",
+            run.config.lr,
+            rung + 1,
+            metric_key,
+            run.result.best_metric or 0.0,
+            runs[ranked[0]].result.best_metric or 0.0,
+        )
+    return keep

@@ -1,0 +1,143 @@
+"""How a pipeline run spends ``train.time_budget``: the plan for the holdout fit and the refit,
+and the record of what was traded (``metrics.json``'s ``time_budget``).
+
+:class:`RunPlan` is built once per run by :func:`recsys_metric.pipeline.train_and_evaluate`; it
+holds the budget (started when the run started, preparation included), the sampled validation
+and the measured costs, and hands out the planners of :mod:`recsys_metric.training.budget`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from recsys_metric.training.budget import (
+    SAFETY,
+    HoldoutPlanner,
+    RefitPlanner,
+    TimeBudget,
+    after_training_seconds,
+)
+from recsys_metric.training.data import TrainResult
+from recsys_metric.training.validation import SampledValidation
+
+UNMEASURED_SECONDS_PER_USER = 1e-3
+"""Scoring seconds per user assumed for the reserve until validation has measured it."""
+
+
+@dataclass
+class RunPlan:
+    """The time plan of one run.
+
+    Attributes:
+        budget: the run's budget, or None (``train.time_budget: none``).
+        validation: early stopping's sampled validation (its measured cost sizes the reserve).
+        eval_users: users the holdout evaluation after training scores.
+        n_items: catalogue size (the index's cost).
+        refit_scale: refit epoch seconds per holdout epoch second (full-log liked pairs over the
+            fit's), 0 without a refit.
+    """
+
+    budget: TimeBudget | None
+    validation: SampledValidation
+    eval_users: int
+    n_items: int
+    refit_scale: float
+    holdout_planner: HoldoutPlanner | None = field(init=False, default=None)
+    refit_planner: RefitPlanner | None = field(init=False, default=None)
+    refit_note: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            self.holdout_planner = HoldoutPlanner(self.budget, self.refit_scale, self.reserve)
+            self.refit_planner = RefitPlanner(self.budget, self.reserve)
+
+    def reserve(self) -> float:
+        """Seconds to keep for the stages after training (:func:`after_training_seconds`)."""
+        per_user = self.validation.seconds_per_user or UNMEASURED_SECONDS_PER_USER
+        return after_training_seconds(
+            eval_users=self.eval_users, eval_seconds_per_user=per_user, n_items=self.n_items
+        )
+
+    def refit_epochs(self, holdout: TrainResult) -> int:
+        """Epochs the refit trains: the holdout's best epoch, fewer when the budget cannot pay for
+        them (each planned at the holdout's slowest recent epoch times ``refit_scale`` and
+        :data:`~recsys_metric.training.budget.SAFETY`); 0 means no refit."""
+        wanted = holdout.best_epoch if holdout.best_epoch is not None else holdout.epochs_run
+        if self.refit_planner is None or wanted == 0:
+            return wanted
+        seconds = [float(r["seconds"]) for r in holdout.history[-3:]]
+        per_epoch = SAFETY * self.refit_scale * max(seconds) if seconds else 0.0
+        affordable = self.refit_planner.affordable_epochs(per_epoch)
+        if affordable < wanted:
+            self.refit_note = (
+                f"the refit trains {affordable} of the {wanted} epochs the holdout chose: "
+                f"{self.budget.remaining():.0f} s were left, each refit epoch planned at {per_epoch:.1f} s"
+                if self.budget is not None
+                else None
+            )
+            return affordable
+        return wanted
+
+    def report(self, holdout: TrainResult, refit: TrainResult | None, refit_epochs: int) -> dict[str, Any]:
+        """``metrics.json``'s ``time_budget``: the budget, what each fit ran and why it stopped,
+        the validation sample and cadence, and ``traded``: one sentence per thing given up."""
+        traded: list[str] = []
+        train_s = sum(float(r["seconds"]) for r in holdout.history)
+        validation = {
+            **self.validation.report(),
+            "seconds": holdout.validation_seconds,
+            "share_of_training": round(holdout.validation_seconds / train_s, 3) if train_s > 0 else None,
+            "evaluations": sum(1 for r in holdout.history if r.get("metrics")),
+            "epochs": holdout.epochs_run,
+        }
+        if self.validation.n_users < self.validation.eligible:
+            traded.append(
+                f"validation scored {self.validation.n_users} of {self.validation.eligible} users "
+                "(a seeded sample, sized so an evaluation costs about a fifth of an epoch)"
+            )
+        if validation["evaluations"] < holdout.epochs_run:
+            traded.append(
+                f"validation ran after {validation['evaluations']} of {holdout.epochs_run} epochs "
+                "(train.eval_every: auto keeps it near a fifth of the training time)"
+            )
+        dropped = [t for t in holdout.lr_search if "dropped" in str(t.get("outcome", ""))]
+        for trial in dropped:
+            traded.append(f"learning rate {trial['lr']:g} {trial['outcome']}")
+        if holdout.stopped_by:
+            traded.append(f"holdout fit: {holdout.stopped_by}")
+        if refit is not None and refit.stopped_by:
+            traded.append(f"refit: {refit.stopped_by}")
+        if self.refit_note:
+            traded.append(self.refit_note)
+        best = holdout.best_metric
+        last = next((r for r in reversed(holdout.history) if r.get("metrics")), None)
+        se = None if last is None else last["metrics"].get(f"{self.validation.metric_key}_se")
+        return {
+            "seconds": None if self.budget is None else self.budget.seconds,
+            "elapsed_at_training_end": None if self.budget is None else round(self.budget.elapsed(), 3),
+            "reserve_after_training_s": round(self.reserve(), 3),
+            "holdout": {
+                "epochs_run": holdout.epochs_run,
+                "best_epoch": holdout.best_epoch,
+                "stopped_by": holdout.stopped_by
+                or ("early stopping" if holdout.stopped_early else "epoch cap (train.epochs)"),
+                "last_plan": None if self.holdout_planner is None else self.holdout_planner.last_plan,
+            },
+            "refit": None
+            if self.refit_scale == 0
+            else {
+                "epochs_wanted": holdout.best_epoch if holdout.best_epoch is not None else holdout.epochs_run,
+                "epochs_planned": refit_epochs,
+                "epochs_run": 0 if refit is None else refit.epochs_run,
+                "stopped_by": None if refit is None else refit.stopped_by,
+            },
+            "validation": {
+                **validation,
+                "best": best,
+                "standard_error": None if se is None or math.isnan(se) else se,
+            },
+            "lr_candidates": holdout.lr_search,
+            "traded": traded,
+        }
