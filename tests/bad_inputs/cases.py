@@ -150,7 +150,7 @@ CASES: list[Case] = [
         "`run` on a log that does not exist",
         _nothing,
         ("run", "--interactions", "{dir}/nope.csv", "--artifacts", "{dir}/art"),
-        ("nope.csv: path does not exist",),
+        ("interaction log", "nope.csv does not exist", "nothing was written"),
     ),
     Case(
         "empty-csv",
