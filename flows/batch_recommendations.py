@@ -40,6 +40,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.artifact_keys import artifact_key, current_deployment_name
 from flows.run_states import failed_state
 from recsys_metric import recommend
+from recsys_metric.cli_errors import run_command
 from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.db import sink
 from recsys_metric.db.connection import DatabaseUnreachable
@@ -470,11 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--password-env", default="PGPASSWORD", help="variable with the database password")
     parser.add_argument("--password-secret", help="Prefect Secret block with the database password")
     args = parser.parse_args(argv)
-    stats = batch_recommendations(**vars(args))
-    print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
-    if "postgres" in stats:
-        print(f"loaded them into {stats['postgres']['table']} at {stats['postgres']['to']}")
-    return 0
+
+    def run(_: argparse.Namespace) -> int:
+        stats = batch_recommendations(**vars(args))
+        print(f"wrote {stats['n_rows']:,} rows for run {stats['run_id']} to {stats['out_dir']}")
+        if "postgres" in stats:
+            print(f"loaded them into {stats['postgres']['table']} at {stats['postgres']['to']}")
+        return 0
+
+    # A missing store or a bad option is one line and exit 2, as with recsys-metric batch.
+    return run_command(argparse.Namespace(func=run, prog=parser.prog, verbose=False))
 
 
 if __name__ == "__main__":

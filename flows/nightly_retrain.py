@@ -66,6 +66,7 @@ from prefect.settings import (
 from flows.artifact_keys import artifact_key, current_deployment_name
 from flows.run_states import failed_state
 from recsys_metric import nightly, pipeline, registry
+from recsys_metric.cli_errors import run_command
 from recsys_metric.config import Config, load_config
 from recsys_metric.data import prepare as data_prepare
 from recsys_metric.errors import is_transient
@@ -452,10 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--warm-start", action="store_true", default=None, help="start from the published run's models"
     )
     args = parser.parse_args(argv)
-    result = run_once(**vars(args))
-    print(f"run {result['run_id']}: {'published' if result['published'] else 'NOT published'}")
-    print(f"quality gate: {result['reason']}")
-    return 0
+
+    def run(_: argparse.Namespace) -> int:
+        load_config(args.config_path)  # a bad config fails here, before a Prefect API is started
+        result = run_once(**vars(args))
+        print(f"run {result['run_id']}: {'published' if result['published'] else 'NOT published'}")
+        print(f"quality gate: {result['reason']}")
+        return 0
+
+    # A bad config or log is one line and exit 2, as with recsys-metric run.
+    return run_command(argparse.Namespace(func=run, prog=parser.prog, verbose=False))
 
 
 if __name__ == "__main__":

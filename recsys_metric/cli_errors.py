@@ -47,10 +47,14 @@ def _os_error_text(err: OSError) -> str:
     return f"{where}: {err.strerror[:1].lower()}{err.strerror[1:]} (errno {err.errno})"
 
 
+def _prog(args: argparse.Namespace) -> str:
+    return getattr(args, "prog", None) or f"recsys-metric {args.command}"
+
+
 def _fail(args: argparse.Namespace, message: str) -> int:
     if getattr(args, "verbose", False):
         log.info("traceback", exc_info=True)
-    print(f"recsys-metric {args.command}: error: {message}", file=sys.stderr)
+    print(f"{_prog(args)}: error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 
@@ -64,7 +68,12 @@ def _silence_stdout() -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``args.func(args)`` and map what it raises to one line on stderr and an exit code."""
+    """Run ``args.func(args)`` and map what it raises to one line on stderr and an exit code.
+
+    ``args.command`` names the command in messages (``recsys-metric COMMAND: error: ...``), or
+    ``args.prog`` the whole program (``python -m flows.nightly_retrain``); ``args.verbose`` adds
+    the traceback to a reported error.
+    """
     try:
         code = int(args.func(args) or 0)
         # Flushed here, not at exit: a closed pipe must surface inside this try.
@@ -74,7 +83,7 @@ def run_command(args: argparse.Namespace) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        print(f"recsys-metric {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except RecsysMetricError as err:
         return _fail(args, one_line(err))

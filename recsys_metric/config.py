@@ -49,6 +49,22 @@ class ColumnMap(_Section):
     weight: str = "weight"
     """Source column with a per-row weight (float). Optional; kept, not used for labels."""
 
+    @model_validator(mode="after")
+    def _check_distinct(self) -> ColumnMap:
+        # One source column read as two fields (user_id and item_id both from "id") would read
+        # without error and train on nonsense.
+        by_source: dict[str, list[str]] = {}
+        for canonical, source in self.model_dump().items():
+            by_source.setdefault(source, []).append(canonical)
+        shared = {source: names for source, names in by_source.items() if len(names) > 1}
+        if shared:
+            source, names = next(iter(shared.items()))
+            raise ValueError(
+                f"{' and '.join(names)} are both mapped to the source column {source!r}; map each field "
+                "to its own column (an optional field that the log lacks can keep its default name)"
+            )
+        return self
+
 
 Format = Literal["auto", "parquet", "csv", "jsonl", "movielens-dat", "movielens-udata", "movielens-csv"]
 

@@ -170,6 +170,14 @@ def test_a_warm_start_caps_the_rate_or_scales_it():
             {"split": {"method": "user_holdout", "cutoff": "2024-01-01"}},
             "split.cutoff is set but split.method is 'user_holdout'",
         ),
+        (
+            {"data": {"columns": {"user_id": "id", "item_id": "id"}}},
+            "data.columns: user_id and item_id are both mapped to the source column 'id'",
+        ),
+        (
+            {"data": {"columns": {"rating": "user_id"}}},
+            "data.columns: user_id and rating are both mapped to the source column 'user_id'",
+        ),
     ],
 )
 def test_rules_across_keys_are_checked_when_the_config_loads(raw, message):

@@ -378,3 +378,15 @@ def test_a_transient_read_error_is_retried_and_a_failed_run_stores_nothing(
         _retrain(data, tmp_path / "b")
     assert calls == [1], "a schema error is never retried"
     assert _stored_results() == stored_before, "a failed run pickles nothing into Prefect's result storage"
+
+
+def test_the_flow_module_reports_a_bad_config_in_one_line_before_starting_prefect(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("eval: {ks: [10]}\npublish: {gate_k: 20}\n")
+    assert nightly_module.main(["--config", str(bad), "--artifacts", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"python -m flows.nightly_retrain: error: invalid config {bad}: publish.gate_k 20 is not one of "
+        "eval.ks [10]: the gate compares the holdout Recall@gate_k, so add 20 to eval.ks or set "
+        "publish.gate_k to one of them\n"
+    )

@@ -150,7 +150,7 @@ CASES: list[Case] = [
         "`run` on a log that does not exist",
         _nothing,
         ("run", "--interactions", "{dir}/nope.csv", "--artifacts", "{dir}/art"),
-        ("nope.csv: path does not exist",),
+        ("interaction log", "nope.csv does not exist", "nothing was written"),
     ),
     Case(
         "empty-csv",
@@ -495,6 +495,13 @@ CASES: list[Case] = [
         _config("c.yaml", "data: {rating_scale: [5, 1]}\n"),
         (*INSPECT, "--config", "{dir}/c.yaml"),
         ("rating_scale low 5.0 is above high 1.0",),
+    ),
+    Case(
+        "one-column-two-fields",
+        "data.columns maps user_id and item_id to one column",
+        _config("c.yaml", "data: {columns: {user_id: id, item_id: id}}\n"),
+        (*INSPECT, "--config", "{dir}/c.yaml"),
+        ("data.columns: user_id and item_id are both mapped to the source column 'id'",),
     ),
     Case(
         "numba-with-adam",
