@@ -472,3 +472,15 @@ def test_a_warm_run_that_cannot_improve_publishes_its_starting_point(tmp_path):
     assert np.array_equal(np.asarray(before.vectors), np.asarray(after.vectors)), (
         "the source's items, unchanged"
     )
+
+
+def test_cli_refuses_a_bad_budget_with_exit_2(capsys):
+    from recsys_metric.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--time-budget", "15minutes"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "recsys-metric run: error: argument --time-budget: time budget '15minutes': "
+        "use a duration such as 15m, 90s, 1h30m, or none"
+    )
