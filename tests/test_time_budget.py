@@ -272,6 +272,33 @@ def test_race_candidates_that_finish_before_a_rung_are_compared_on_their_best():
     assert [t["outcome"] for t in result.lr_search] == ["epoch cap", "chosen, epoch cap"]
 
 
+def test_race_resumes_from_its_checkpoints(tmp_path):
+    rising = [0.1 * i for i in range(1, 7)]
+    lower = [0.05 * i for i in range(1, 41)]
+    straight, expected, _ = _race([rising, lower], epochs=6, checkpoint_every=1)
+    config = TrainConfig(**{**FAST, "lr": "auto", "lr_candidates": (0.05, 0.01), "patience": 2, "epochs": 6})
+    first = _model()
+    fit(
+        first,
+        _data(),
+        config,
+        validate=_by_model_validation([rising, lower]),
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr-0.01", "lr-0.05"]
+    resumed = _model()
+    validate = _by_model_validation([rising, lower])
+    result = fit(
+        resumed, _data(), config, validate=validate, progress=False, checkpoint_dir=tmp_path, resume=True
+    )
+    assert validate.calls == {}, "both candidates resume where they ended: nothing is trained again"
+    assert _same_weights(resumed, straight)
+    assert [(t["lr"], t["outcome"], t["epochs_run"]) for t in result.lr_search] == [
+        (t["lr"], t["outcome"], t["epochs_run"]) for t in expected.lr_search
+    ]
+
+
 def test_full_search_is_still_available():
     """``lr_search: full`` trains the candidates one after the other, each to its end."""
     scores = iter([0.1, 0.2, 0.3, 0.4])
@@ -444,4 +471,16 @@ def test_a_warm_run_that_cannot_improve_publishes_its_starting_point(tmp_path):
     after = read_embeddings(second.run_dir / "item_embeddings.parquet")
     assert np.array_equal(np.asarray(before.vectors), np.asarray(after.vectors)), (
         "the source's items, unchanged"
+    )
+
+
+def test_cli_refuses_a_bad_budget_with_exit_2(capsys):
+    from recsys_metric.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--time-budget", "15minutes"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "recsys-metric run: error: argument --time-budget: time budget '15minutes': "
+        "use a duration such as 15m, 90s, 1h30m, or none"
     )

@@ -116,6 +116,9 @@ def race(
             "train.lr auto: racing %s (successive halving from %d evaluations)", rates, config.patience
         )
         live = [i for i, run in enumerate(runs) if not run.done]
+        for i, run in enumerate(runs):
+            if run.done:  # resumed from a checkpoint written after it had finished
+                outcome[i] = _finished(run.result)
         rung, target = 0, config.patience
         while live:
             behind = [i for i in live if evaluations(runs[i]) < target]
@@ -129,8 +132,7 @@ def race(
             runs[i].train_epoch()
             if runs[i].done:
                 live.remove(i)
-                result = runs[i].result
-                outcome[i] = result.stopped_by or ("early stop" if result.stopped_early else "epoch cap")
+                outcome[i] = _finished(runs[i].result)
     finally:
         results = [run.close() for run in runs]
         torch.set_num_threads(threads_before)
@@ -156,16 +158,28 @@ def race(
     return chosen
 
 
+def _finished(result: TrainResult) -> str:
+    """How a candidate that ran to its own end ended."""
+    return result.stopped_by or ("early stop" if result.stopped_early else "epoch cap")
+
+
 def _halve(
     runs: list[FitRun], live: list[int], rung: int, target: int, outcome: dict[int, str], metric_key: str
 ) -> list[int]:
-    """The live candidates that go on past rung ``rung``: the better half (rounded up) by best
-    validation metric so far, earlier candidates winning ties; the others stop."""
-    if len(live) < 2:
+    """The live candidates that go on past rung ``rung``: the better half (rounded up) of the
+    candidates that reached it (the live ones, and finished ones with ``target`` evaluations or
+    more: one resumed from a checkpoint), by best validation metric so far, earlier candidates
+    winning ties; the other live ones stop."""
+    contenders = sorted(
+        set(live) | {i for i, run in enumerate(runs) if run.done and evaluations(run) >= target}
+    )
+    if len(contenders) < 2:
         return live
-    ranked = sorted(live, key=lambda i: (-(runs[i].result.best_metric or -math.inf), i))
-    keep = sorted(ranked[: math.ceil(len(ranked) / 2)])
-    for i in ranked[len(keep) :]:
+    ranked = sorted(contenders, key=lambda i: (-(runs[i].result.best_metric or -math.inf), i))
+    keep = set(ranked[: math.ceil(len(ranked) / 2)])
+    for i in live:
+        if i in keep:
+            continue
         run = runs[i]
         outcome[i] = f"dropped at rung {rung + 1} (after {target} evaluations, epoch {run.epoch})"
         logger.info(
@@ -176,4 +190,4 @@ def _halve(
             run.result.best_metric or 0.0,
             runs[ranked[0]].result.best_metric or 0.0,
         )
-    return keep
+    return [i for i in live if i in keep]
