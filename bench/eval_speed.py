@@ -141,7 +141,7 @@ def to_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"`evaluate_scores` on {p['users']:,} users x {p['items']:,} items, D = {p['dim']}, dot scores, "
         f"{p['seen']} training items and {p['relevant']} test items per user, 2% of the items outside the "
-        f"candidate mask, K = 10/20/50, batches of {p['batch']} users, {r['torch_threads']} torch threads. "
+        f"candidate mask, K = 10/20/50, batches of {p['batch']} users, torch threads: {r['torch_threads']}. "
         "Matmul = plain `torch.mm` of the same shapes into a reused output, measured alternately with "
         "the evaluations in the same process. Evaluated two ways, the same metrics to the last digit: "
         + "; ".join(f"**{k}** = {SCORER_NAMES[k]}" for k in kinds)

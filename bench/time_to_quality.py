@@ -34,6 +34,7 @@ plot); ``python -m bench.report`` puts the table into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -122,7 +123,7 @@ def load_generated(name: str, seed: int = 0) -> BenchDataset:
 
     rows, n_users, n_items = GENERATED[name]
     path = ensure_log(rows, n_users, n_items, 0)
-    log = pl.read_parquet(path / "**" / "*.parquet", columns=["user_id", "item_id", "rating"])
+    log = pl.read_parquet(path / "interactions" / "*.parquet", columns=["user_id", "item_id", "rating"])
     log = log.unique(["user_id", "item_id"], keep="last")
     user_ids = log["user_id"].unique().sort()
     item_ids = log["item_id"].unique().sort()
@@ -318,6 +319,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = list(r["datasets"])
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 4), squeeze=False)
@@ -349,6 +351,8 @@ def plot(r: dict[str, Any], path: Path) -> Path:
             for p in ours:
                 ax.annotate(p["budget"] or "no budget", (p["seconds"], p["recall@20"]), fontsize=7)
         ax.set_xscale("log")
+        # Minor-tick labels of a log axis overlap on short ranges: majors only.
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("seconds of one fit (wall)")
         ax.set_ylabel("test Recall@20")
         ax.set_title(name)
@@ -359,6 +363,25 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def resumable(path: Path, result: dict[str, Any], default: bool) -> dict[str, Any]:
+    """Datasets of a saved result that hold every point this run would measure (same budgets,
+    grids, peers and ``--default``); a run stopped part-way can go on with the rest."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("budgets") != result["budgets"] or saved.get("grids") != json.loads(
+        json.dumps(result["grids"])
+    ):
+        return {}
+    wanted = [*result["budgets"], *([None] if default else [])]
+    return {
+        name: res
+        for name, res in saved.get("datasets", {}).items()
+        if [p["budget"] for p in res.get("ours", [])] == wanted
+        and set(res.get("peers", {})) == set(result["grids"])
+    }
 
 
 def load_average() -> str:
@@ -372,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small peer grids (QUICK_GRIDS)")
     parser.add_argument("--default", action="store_true", help="also run today's default with no budget")
     parser.add_argument("--peers", nargs="*", default=["als", "bpr"], choices=["als", "bpr"])
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the datasets of the saved result measured with the same budgets, grids and peers",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     for budget in args.budgets:
@@ -399,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             plot(result, RESULTS / "time_to_quality.png")
             save_result("time_to_quality", result, command.strip())
 
+    kept = resumable(RESULTS / "time_to_quality.json", result, args.default) if args.resume else {}
     for name in args.datasets:
+        if name in kept:
+            logger.info("%s: kept from the saved result (--resume)", name)
+            result["datasets"][name] = kept[name]
+            continue
         try:
             data = load(name)
         except DatasetUnavailable as err:

@@ -88,3 +88,18 @@ def test_budget_goes_through_the_config_when_the_trainer_has_it(monkeypatch):
     assert point["mode"] == f"FALLBACK epoch cap {ttq.FALLBACK_EPOCHS['2m']} (no train.time_budget yet)"
     assert seen["config"].train.epochs == ttq.FALLBACK_EPOCHS["2m"]
     assert ttq.ours_at_budget(_tiny(), None)["mode"] == "default, no budget"
+
+
+def test_resume_keeps_only_datasets_measured_the_same_way(tmp_path):
+    import json
+
+    grids = {"als": {"factors": [4], "iterations": [1]}}
+    done = {"ours": [{"budget": "1m"}, {"budget": "2m"}], "peers": {"als": {}}}
+    half = {"ours": [{"budget": "1m"}], "peers": {"als": {}}}
+    path = tmp_path / "ttq.json"
+    path.write_text(json.dumps({"budgets": ["1m", "2m"], "grids": grids, "datasets": {"a": done, "b": half}}))
+    now = {"budgets": ["1m", "2m"], "grids": grids}
+    assert list(ttq.resumable(path, now, default=False)) == ["a"]
+    assert ttq.resumable(path, now, default=True) == {}
+    assert ttq.resumable(path, {"budgets": ["5m"], "grids": grids}, default=False) == {}
+    assert ttq.resumable(tmp_path / "missing.json", now, default=False) == {}
