@@ -7,6 +7,11 @@ One file per tower, ``item_embeddings.parquet`` and ``user_embeddings.parquet``:
 - schema metadata (UTF-8 bytes): ``distance`` (``euclidean`` | ``cosine`` | ``dot``), ``dim``
   (decimal), ``run_id``.
 
+A run's ``item_embeddings.parquet`` also has the column ``n_train_interactions`` (Int64) and the
+metadata key ``cold_items`` (``eligible`` | ``excluded``): which items were placed by their features
+alone and whether queries may return them (:mod:`recsys_metric.cold_items`, docs/cold-start.md).
+Readers ignore columns they do not know.
+
 A consumer with the two files scores ``user x item`` with :func:`score_embeddings` (higher is
 better; euclidean scores are ``-distance``) and gets the model's rankings.
 """
