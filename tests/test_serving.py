@@ -55,6 +55,23 @@ def test_import_and_load_do_not_import_torch_prefect_or_the_trainer(store):
     assert json.loads(done.stdout.splitlines()[-1]) == {"heavy": [], "verified": True}
 
 
+def test_the_cli_query_path_imports_neither_fastapi_nor_torch(store):
+    # `recsys-metric similar` builds the whole parser (the `api` subcommand's too) before it runs.
+    code = (
+        "import sys, json\n"
+        "from recsys_metric import cli\n"
+        "code = cli.main(['similar', '--artifacts', sys.argv[1], '-k', '2', sys.argv[2]])\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'prefect', 'fastapi', 'uvicorn')]\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    from recsys_metric import Recommender as Rec
+
+    item = str(Rec.load(store).item_ids[0])
+    done = _python(code, str(store), item)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"code": 0, "heavy": []}
+
+
 def test_the_compatibility_path_and_the_top_level_export_are_the_same_class():
     from recsys_metric.recommend import Recommender as Old
     from recsys_metric.serving import Recommender as New

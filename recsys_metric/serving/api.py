@@ -48,16 +48,13 @@ from recsys_metric import __version__
 from recsys_metric.data.vocab import UnknownIdError
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK
+from recsys_metric.serving.cli_api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
 from recsys_metric.serving.follow import FollowingRecommender
 from recsys_metric.serving.recommender import Recommender
 
 MAX_K = 1000
 """Largest ``k`` a request may ask for."""
 
-ENV_ARTIFACTS = "RECSYS_METRIC_ARTIFACTS"
-ENV_INTERVAL = "RECSYS_METRIC_RELOAD_INTERVAL"
-ENV_INDEX = "RECSYS_METRIC_INDEX"
-ENV_VERIFY = "RECSYS_METRIC_VERIFY"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from recsys_metric.errors import ConfigError
-from recsys_metric.serving.api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
+
+# How `recsys-metric api` hands its options to the app factory in each uvicorn worker. Defined here,
+# not in serving.api, so that building the CLI's parser does not import FastAPI.
+ENV_ARTIFACTS = "RECSYS_METRIC_ARTIFACTS"
+ENV_INTERVAL = "RECSYS_METRIC_RELOAD_INTERVAL"
+ENV_INDEX = "RECSYS_METRIC_INDEX"
+ENV_VERIFY = "RECSYS_METRIC_VERIFY"
 
 
 def add_api_parser(sub: Any, func: Callable[[argparse.Namespace], int], *, default_artifacts: str) -> None:
