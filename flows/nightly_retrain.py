@@ -199,6 +199,8 @@ def gate(
         config.publish,
         force=force,
     ).to_dict()
+    if nightly.kept_warm_start_point(json.loads((Path(run_dir) / "metrics.json").read_text())):
+        decision["reason"] += nightly.NOTHING_CHANGED
     logger.info("quality gate: %s", decision["reason"])
     rows = metrics_rows(run_id, holdout, current_on_holdout)
     report_key, metrics_key = keys

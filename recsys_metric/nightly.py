@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,24 @@ def gate_against_current(
         config.publish,
         force=force,
     )
+    if kept_warm_start_point(candidate_metrics):
+        decision = replace(decision, reason=decision.reason + NOTHING_CHANGED)
     return current_on_holdout, decision
+
+
+NOTHING_CHANGED = (
+    "; nothing changed: no epoch of this warm run beat its starting point (the current run's model), "
+    "so it carries that model on unchanged"
+)
+"""Appended to the gate's reason when :func:`kept_warm_start_point` holds."""
+
+
+def kept_warm_start_point(metrics: dict[str, Any]) -> bool:
+    """True when a warm run's best epoch was epoch 0, its starting point: the log brought nothing that
+    training could use (e.g. an unchanged log), and the model it exports is the one it started from."""
+    warm = metrics.get("warm_start") or {}
+    best = (metrics.get("early_stopping") or {}).get("best_epoch")
+    return bool(warm.get("enabled")) and best == 0
 
 
 def _discard(store: ArtifactStore, pending: Path) -> None:

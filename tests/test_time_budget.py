@@ -460,7 +460,9 @@ def test_a_warm_run_that_cannot_improve_publishes_its_starting_point(tmp_path):
     warm_config = config.model_copy(
         update={"train": config.train.model_copy(update={"warm_start": True, "warm_start_lr_scale": 1e-9})}
     )
-    second = run_nightly(log, tmp_path / "artifacts", warm_config, progress=False, force=True)
+    second = run_nightly(log, tmp_path / "artifacts", warm_config, progress=False)
+    # Unforced: the same model scored on the same holdout passes the gate, which says nothing changed.
+    assert second.published and "nothing changed" in second.decision.reason
     metrics = second.run.metrics
     es = metrics["early_stopping"]
     assert metrics["warm_start"]["enabled"] and metrics["warm_start"]["kept_starting_point"]
