@@ -194,6 +194,21 @@ def test_excluded_policy_is_recorded_for_the_query_side(tmp_path):
     ids = read_embeddings(tmp_path / "run" / "item_embeddings.parquet").ids
     np.testing.assert_array_equal(ids.gather(excluded_item_nums(tmp_path / "run")).to_list(), cold_ids)
 
+    # The query side honours it: no answer holds a cold item, even when asked for every item.
+    from recsys_metric.serving import Recommender, write_recommendations
+
+    rec = Recommender.load(tmp_path / "run", output="polars")
+    n_warm = len(ids) - len(cold_ids)
+    every = rec.recommend(rec.user_ids[0], k=len(ids), exclude_seen=False, exact=True)
+    assert len(every) == n_warm and not set(every["item_id"].to_list()) & set(cold_ids)
+    similar = rec.similar_items(rec.item_ids[0], k=len(ids))
+    assert len(similar) == n_warm - 1 and not set(similar["item_id"].to_list()) & set(cold_ids)
+    history = rec.recommend_for_history(rec.item_ids[:2].to_list(), k=5)
+    assert not set(history["item_id"].to_list()) & set(cold_ids)
+    write_recommendations(tmp_path / "run", tmp_path / "table", k=len(ids), progress=False)
+    table = pl.read_parquet(tmp_path / "table" / "*.parquet")
+    assert table["item_id"].n_unique() <= n_warm and not set(table["item_id"].to_list()) & set(cold_ids)
+
 
 # --------------------------------------------------------------------------- numpy item embedder
 

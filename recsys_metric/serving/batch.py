@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recsys_metric.cold_items import excluded_item_nums
 from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.index import AnnoyIndex, ItemIndex
@@ -294,7 +295,9 @@ def _write_partition(
         ann = AnnoyIndex.load(
             run_dir, vectors=run.items.vectors, search_k=plan.search_k, distance=run.distance
         )
-    engine = _Engine(run.items.vectors, run.distance, plan.device, bulk=True)
+    engine = _Engine(
+        run.items.vectors, run.distance, plan.device, bulk=True, never=excluded_item_nums(plan.run_dir)
+    )
     block = plan.block_users
     users = part.user_nums
     buffer = engine.ranker.buffer(min(block, max(1, int(users.size))))

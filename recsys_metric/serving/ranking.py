@@ -121,6 +121,17 @@ class _Exclusions:
         pos = np.minimum(np.searchsorted(keys, query), keys.size - 1)
         return keys[pos] == query
 
+    def with_items(self, items: np.ndarray) -> _Exclusions:
+        """These exclusions plus ``items`` (int64 item numbers) for every query of the batch."""
+        if items.size == 0:
+            return self
+        items = np.asarray(items, dtype=np.int64)
+        width = int(max(items.max(), self.cols.max() if self.cols.size else 0)) + 1
+        rows = np.concatenate([self.rows, np.repeat(np.arange(self.n_rows, dtype=np.int64), items.size)])
+        cols = np.concatenate([self.cols, np.tile(items, self.n_rows)])
+        keys = np.unique(rows * width + cols)  # sorted: rows non-decreasing, items unique per row
+        return _Exclusions(keys // width, keys % width, self.n_rows)
+
     def subset(self, rows: np.ndarray) -> _Exclusions:
         """The exclusions of the queries ``rows`` (sorted positions), renumbered ``0..len(rows)-1``."""
         new_position = np.full(self.n_rows, -1, dtype=np.int64)
@@ -329,8 +340,18 @@ def make_ranker(item_vectors: np.ndarray, distance: str, device: str = "cpu", *,
 class _Engine:
     """Candidates -> masking -> canonical scores -> completeness (the module docstring's four steps)."""
 
-    def __init__(self, item_vectors: np.ndarray, distance: str, device: str = "cpu", *, bulk: bool = False):
+    def __init__(
+        self,
+        item_vectors: np.ndarray,
+        distance: str,
+        device: str = "cpu",
+        *,
+        bulk: bool = False,
+        never: np.ndarray | None = None,
+    ):
         self.n_items = int(item_vectors.shape[0])
+        # Items no answer may hold (a run's cold items under ``cold_items: excluded``).
+        self.never = np.empty(0, dtype=np.int64) if never is None else np.asarray(never, dtype=np.int64)
         self.pair = _PairScorer(item_vectors, distance)
         self.ranker = make_ranker(item_vectors, distance, device, bulk=bulk)
 
@@ -346,6 +367,7 @@ class _Engine:
         padding), best first. ``index=None`` scores exactly with the blocked ranker; ``out`` is its
         score buffer (see :meth:`_ExactRanker.top`)."""
         m = _fetch_size(k, self.n_items)
+        exclusions = exclusions.with_items(self.never)
         if index is None:
             found = self.ranker.top(queries, m, exclusions, out)
         else:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
+from recsys_metric.cold_items import excluded_item_nums
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.vocab import UnknownIdError, Vocabulary
 from recsys_metric.errors import ConfigError, DataError
@@ -125,7 +126,9 @@ class Recommender:
         self._item_id_values = _read_only(self.item_ids.to_numpy())
         self._seen = seen
         self._liked = liked
-        self._engine = _Engine(self._item_vectors, self.distance, self._device)
+        self._engine = _Engine(
+            self._item_vectors, self.distance, self._device, never=excluded_item_nums(run.run_dir)
+        )
         self._model_lock = threading.Lock()
         self._model: Any = None
         self._meta: dict[str, Any] | None = None
