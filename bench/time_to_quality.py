@@ -331,9 +331,12 @@ def plot(r: dict[str, Any], path: Path) -> Path:
             ys = [p["recall@20"] for p in peer["points"]]
             ax.scatter(xs, ys, s=10, alpha=0.35, color=colors[kind])
             front = peer["frontier"]
+            # Held level to the panel's slowest point: the best reached stays reachable.
+            right = max(p["seconds"] for q in res["peers"].values() for p in q["points"]) if front else 0
+            right = max([right, *(p["seconds"] for p in res["ours"])])
             ax.step(
-                [p["seconds"] for p in front],
-                [p["recall@20"] for p in front],
+                [p["seconds"] for p in front] + ([right] if front else []),
+                [p["recall@20"] for p in front] + ([front[-1]["recall@20"]] if front else []),
                 where="post",
                 color=colors[kind],
                 label=f"{PEER_NAMES[kind]} (best on test)",
