@@ -55,8 +55,13 @@ def _tree_rss_gib(pid: int) -> float:
     return total_kib / 2**20
 
 
-def run_once(log: Path, artifacts: Path, config: Path) -> dict[str, Any]:
-    """One ``recsys-metric run`` in a child process; wall time, peak RSS, the run's metrics."""
+def run_once(
+    log: Path, artifacts: Path, config: Path | None, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """One ``recsys-metric run`` in a child process; wall time, peak RSS, the run's metrics.
+
+    ``config`` None runs with no config file (the defaults); ``extra`` are more ``run`` flags
+    (e.g. ``["--time-budget", "15m"]``)."""
     cmd = [
         sys.executable,
         "-m",
@@ -67,9 +72,9 @@ def run_once(log: Path, artifacts: Path, config: Path) -> dict[str, Any]:
         str(log / "interactions"),
         "--artifacts",
         str(artifacts),
-        "--config",
-        str(config),
+        *(["--config", str(config)] if config is not None else []),
         "--no-progress",
+        *(extra or []),
     ]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -112,7 +117,10 @@ def summarise(run_dir: Path, artifacts: Path) -> dict[str, Any]:
     holdout = metrics["holdout"]
     refit = metrics["training"].get("refit") or {}
     index = metrics.get("index") or {}
+    budget = metrics.get("time_budget") or {}
     return {
+        "time_budget_s": budget.get("seconds"),
+        "traded": budget.get("traded", []),
         "run_id": run_dir.name,
         "published": (artifacts / "current").resolve() == run_dir.resolve(),
         "stage_seconds": {name: round(value, 1) for name, value in metrics["seconds"].items()},

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from bench.baselines import (
     ALS_GRID,
     BPR_GRID,
@@ -76,22 +78,38 @@ REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
 
 
 def _ours(
-    data: BenchDataset, config: Config | None = None, *, refit: bool = True, features: Any = None
+    data: BenchDataset,
+    config: Config | None = None,
+    *,
+    refit: bool = True,
+    features: Any = None,
+    eval_users: np.ndarray | None = None,
 ) -> tuple[ScoreFn | None, dict[str, Any]]:
-    """Train the project's two-tower model with ``config`` (default: the default config).
+    """Train the project's two-tower model with ``config`` (default: the default config), as the
+    pipeline's run trains it.
 
     Early stopping runs on a validation split of the training data (the peers' split), never on the
-    test set. As for the peers, the setting chosen there (the best epoch) is then refitted on the
-    whole training set when ``train.refit`` is on (the default) and ``refit`` is True. The trainer's
-    input is built as the pipeline builds it: pairs from the liked training items, every training
-    interaction seen, ``triplets.sampling: popularity`` weights from the training interactions,
-    ``train.user_balance: auto`` resolved for the test split's method (``data.split_method``), as
-    the pipeline resolves it for the split it applies.
+    test set, through the pipeline's seeded sampled validation
+    (:class:`~recsys_metric.training.validation.SampledValidation`, ``eval.validation_max_users``).
+    As for the peers, the setting chosen there (the best epoch) is then refitted on the whole
+    training set when ``train.refit`` is on (the default) and ``refit`` is True. The run's time
+    plan is the pipeline's (:class:`~recsys_metric.training.run_budget.RunPlan`): under
+    ``train.time_budget`` (the default config has one) both fits stop where the pipeline's would,
+    keeping the same reserve for the stages after training, with the clock started when this
+    function is called. The trainer's input is built as the pipeline builds it: pairs from the
+    liked training items, every training interaction seen, ``triplets.sampling: popularity``
+    weights from the training interactions, ``train.user_balance: auto`` resolved for the test
+    split's method (``data.split_method``), as the pipeline resolves it for the split it applies.
+
+    Args:
+        eval_users: the test users the caller will score (sizes the reserve for the holdout
+            evaluation; None: every user with test items).
 
     Returns:
         ``(score_fn, info)``; ``score_fn`` is None when ``refit`` is False (only the validation
         figures are wanted). ``info`` holds the chosen epoch, the validation Recall@20 of every
-        evaluated epoch and the seconds of each fit.
+        evaluated epoch, the seconds of each fit and ``time_budget`` (the run plan's report:
+        what each fit ran, why it stopped, what was traded).
 
     Raises:
         SkipBaseline: the trainer modules are not importable.
@@ -101,12 +119,17 @@ def _ours(
         from recsys_metric.model.towers import TwoTowerModel
         from recsys_metric.pipeline import model_score_fn
         from recsys_metric.train import TrainData, fit
+        from recsys_metric.training.budget import TimeBudget
+        from recsys_metric.training.run_budget import RunPlan
+        from recsys_metric.training.validation import SampledValidation
         from recsys_metric.triplets import popularity_probs
     except ImportError as err:
         raise SkipBaseline(f"recsys-metric trainer not available ({err})") from None
 
     config = config or Config()
     model_config, train_config = config.model, config.train
+    budget_s = train_config.time_budget_seconds()
+    budget = TimeBudget(float(budget_s)) if budget_s is not None else None
 
     def train_data(part: BenchDataset) -> TrainData:
         item_probs = None
@@ -134,21 +157,41 @@ def _ours(
         # An item-item model (model.mode: item_item) scores a user from their liked items.
         return model_score_fn(model, part.train_liked if model.item_item else None)
 
-    def validate(model: TwoTowerModel) -> dict[str, float]:
-        return evaluate_scores(scores(model, val), val.train, val.test, ks=KS)
+    key = f"recall@{train_config.early_stopping_k}"
+
+    def validate_users(model: TwoTowerModel, users: np.ndarray) -> float:
+        ks = (train_config.early_stopping_k,)
+        return evaluate_scores(scores(model, val), val.train, val.test, ks=ks, users=users)[key]
+
+    validate = SampledValidation(
+        validate_users,
+        np.flatnonzero(val.test.row_lengths() > 0),
+        metric_key=key,
+        seed=config.eval.seed,
+        max_users=config.eval.validation_max_users,
+    )
+    fit_data = train_data(val)
+    n_test_users = int((data.test.row_lengths() > 0).sum()) if eval_users is None else len(eval_users)
+    plan = RunPlan(
+        budget,
+        validate,
+        eval_users=min(n_test_users, config.eval.max_users or n_test_users),
+        n_items=data.n_items,
+        refit_scale=data.train_liked.nnz / max(fit_data.n_pairs, 1) if train_config.refit and refit else 0.0,
+    )
 
     t = time.perf_counter()
     model = new_model(val)
     result = fit(
         model,
-        train_data(val),
+        fit_data,
         train_config,
         explicit_share=train_config.explicit_share,
         validate=validate,
         progress=False,
         split_method=data.split_method,
+        planner=plan.holdout_planner,
     )
-    key = f"recall@{train_config.early_stopping_k}"
     info: dict[str, Any] = {
         "params": (
             f"defaults (user_balance {result.user_balance:g}, item_centric_weight "
@@ -164,21 +207,26 @@ def _ours(
         "train_seconds": {"validation_fit": round(time.perf_counter() - t, 2)},
     }
     if not refit:
+        info["time_budget"] = plan.report(result, None, 0)
         return None, info
-    if train_config.refit and result.best_epoch:
+    epochs = plan.refit_epochs(result) if train_config.refit else 0
+    refitted = None
+    if epochs:
         t = time.perf_counter()
         model = new_model(data)
-        fit(
+        refitted = fit(
             model,
             train_data(data),
             train_config.model_copy(update={"lr": result.lr}),
             explicit_share=train_config.explicit_share,
-            epochs=result.best_epoch,
+            epochs=epochs,
             progress=False,
             split_method=data.split_method,
+            planner=plan.refit_planner,
         )
-        info["params"] += ", refitted on all training data"
+        info["params"] += f", refitted on all training data ({refitted.epochs_run} epochs)"
         info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
+    info["time_budget"] = plan.report(result, refitted, epochs)
     return scores(model, data), info
 
 

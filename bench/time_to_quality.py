@@ -5,11 +5,15 @@ of each user's liked items held out, full ranking over the catalog, training ite
 ``recsys_metric.evaluate.evaluate_scores``):
 
 - **ours**: the default configuration run once per time budget (``--budgets``, default 1, 2, 5 and
-  15 minutes) by :func:`ours_at_budget`, which sets ``train.time_budget`` through the config. Where
-  the installed trainer has no ``train.time_budget`` yet, it falls back to a fixed epoch cap per
-  budget (:data:`FALLBACK_EPOCHS`) and every output row says so. The point's x is the measured
-  wall time of the whole fit (validation fit with early stopping and the refit, as
-  ``bench.quality`` trains ours); ``--default`` adds today's default run with no budget.
+  15 minutes) by :func:`ours_at_budget`, which sets ``train.time_budget`` through the config and
+  trains through :func:`bench.quality._ours`, whose holdout fit and refit are planned by the
+  pipeline's own :class:`~recsys_metric.training.run_budget.RunPlan` (the reserve for the stages
+  after training kept). The point's x is the measured wall time of the whole fit (validation fit
+  with early stopping and the refit); a budget whose run ended before the budget stopped anything
+  is recorded as the same run as the smaller budget, not trained again; ``--default`` adds a run
+  with no budget (``train.time_budget: none``).
+- **pipeline**: on the generated logs, ``recsys-metric run`` itself (:data:`PIPELINE_RUNS`, no
+  config file) in a fresh process: wall time and peak RSS of the whole run, prepare to publish.
 - **peers**: implicit's ALS and BPR over a grid (:data:`GRIDS`; ``--quick``: :data:`QUICK_GRIDS`).
   Each grid point is one full fit on the training set; its x is that fit's seconds (evaluation
   excluded; a point with more iterations continues the same run, and its seconds are cumulative,
@@ -91,11 +95,39 @@ QUICK_GRIDS: dict[str, dict[str, Sequence[Any]]] = {
         "iterations": (50, 100),
     },
 }
+DATASET_GRIDS: dict[str, dict[str, dict[str, Sequence[Any]]]] = {
+    "gen-20m": {
+        "als": {
+            "factors": (64, 128),
+            "regularization": (0.1,),
+            "alpha": (10.0, 40.0),
+            "iterations": (5, 15),
+        },
+        "bpr": {
+            "factors": (128,),
+            "learning_rate": (0.01, 0.03),
+            "regularization": (0.01,),
+            "iterations": (25, 50),
+        },
+    },
+}
+"""Smaller grids where a full grid would take hours: on the 20M log one ALS fit of 15 iterations
+at 64 factors takes about two minutes here; the grid keeps the settings that were best there
+(alpha 40, 64 factors; ``bench.nightly_scale``) and their neighbours. Used unless ``--quick``."""
+PIPELINE_RUNS: dict[str, list[list[str]]] = {
+    "gen-1m": [[]],
+    "gen-20m": [["--time-budget", "15m"]],
+}
+"""``recsys-metric run`` flags run once on the dataset's whole log (no config file), for issue 16's
+goals: (b) the default run on the 1M log under 5 min, (a) ``--time-budget 15m`` on the 20M log
+under 15 min and 8 GB. Their holdout is the pipeline's own split, so their Recall@20 is reported
+beside, not in, the comparison (the ``ours`` rows are the comparison)."""
 PEER_NAMES = {"als": "implicit ALS", "bpr": "implicit BPR"}
 
-FALLBACK_EPOCHS: dict[str, int] = {"1m": 5, "2m": 10, "5m": 25, "15m": 75}
-"""Epoch cap (``train.epochs``) standing in for a budget where ``train.time_budget`` does not
-exist yet. Not a budget: the run is as long as those epochs take; the x axis says how long."""
+EVAL_USERS = 20_000
+"""Test users every evaluation of a dataset scores at most (a seeded sample, the same for ours and
+the peers): the 20M log has about a million test users, whose full ranking over 100,000 items
+would cost more than the fits. The pipeline's holdout samples the same way (``eval.max_users``)."""
 
 
 def parse_seconds(text: str) -> float:
@@ -108,13 +140,6 @@ def parse_seconds(text: str) -> float:
         return float(text)
     except ValueError:
         raise ValueError(f"budget {text!r}: expected a duration such as 90s, 5m or 1h") from None
-
-
-def has_time_budget() -> bool:
-    """Whether the installed trainer's config has ``train.time_budget``."""
-    from recsys_metric.config import TrainConfig
-
-    return "time_budget" in TrainConfig.model_fields
 
 
 def load_generated(name: str, seed: int = 0) -> BenchDataset:
@@ -139,29 +164,34 @@ def load(name: str) -> BenchDataset:
     return LOADERS[name]()
 
 
-def ours_at_budget(data: BenchDataset, budget: str | None) -> dict[str, Any]:
-    """Our default run with ``train.time_budget = budget`` (``None``: today's default, no budget).
+def eval_users(data: BenchDataset, limit: int = EVAL_USERS, seed: int = 0) -> np.ndarray | None:
+    """The test users every evaluation of ``data`` scores: all (None) up to ``limit``, else a
+    seeded sample of ``limit`` of them, sorted."""
+    users = np.flatnonzero(data.test.row_lengths() > 0)
+    if users.shape[0] <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(users, size=limit, replace=False))
 
-    Without ``train.time_budget`` in the trainer's config, the budget becomes a fixed epoch cap
-    (:data:`FALLBACK_EPOCHS`), said in ``mode``. Returns the point: ``mode``, ``seconds`` (wall,
-    whole fit), test ``recall@20`` / ``ndcg@20`` and what the trainer reported.
+
+def ours_at_budget(data: BenchDataset, budget: str | None, users: np.ndarray | None = None) -> dict[str, Any]:
+    """Our default run with ``train.time_budget = budget`` (``None``: ``none``, no budget).
+
+    The fit is :func:`bench.quality._ours`, which plans the holdout fit and the refit as the
+    pipeline does (its reserve for the stages after training included). Returns the point:
+    ``mode``, ``seconds`` (wall, whole fit), test ``recall@20`` / ``ndcg@20`` on ``users``
+    (None: every test user), what the budget traded and whether it stopped anything.
     """
     from bench.quality import _ours
     from recsys_metric.config import config_from_dict
 
-    if budget is None:
-        raw: dict[str, Any] = {"train": {"time_budget": "none"}} if has_time_budget() else {}
-        mode = "default, no budget"
-    elif has_time_budget():
-        raw, mode = {"train": {"time_budget": budget}}, f"train.time_budget {budget}"
-    else:
-        cap = FALLBACK_EPOCHS.get(budget) or max(1, round(parse_seconds(budget) / 12))
-        raw, mode = {"train": {"epochs": cap}}, f"FALLBACK epoch cap {cap} (no train.time_budget yet)"
+    raw = {"train": {"time_budget": budget or "none"}}
+    mode = f"train.time_budget {budget}" if budget else "train.time_budget none"
     config = config_from_dict(raw, source="bench.time_to_quality")
     t = time.perf_counter()
-    score_fn, info = _ours(data, config)
+    score_fn, info = _ours(data, config, eval_users=users)
     seconds = time.perf_counter() - t
-    metrics = _test_metrics(score_fn, data)
+    metrics = _test_metrics(score_fn, data, users)
+    traded = info.get("time_budget", {}).get("traded", [])
     return {
         "budget": budget,
         "mode": mode,
@@ -169,17 +199,23 @@ def ours_at_budget(data: BenchDataset, budget: str | None) -> dict[str, Any]:
         **metrics,
         "params": info["params"],
         "train_seconds": info["train_seconds"],
+        "traded": traded,
+        "budget_bound": any("time budget" in t for t in traded),
     }
 
 
-def _test_metrics(score_fn: Callable[[np.ndarray], Any], data: BenchDataset) -> dict[str, float]:
+def _test_metrics(
+    score_fn: Callable[[np.ndarray], Any], data: BenchDataset, users: np.ndarray | None = None
+) -> dict[str, float]:
     from recsys_metric.evaluate import evaluate_scores
 
-    m = evaluate_scores(score_fn, data.train, data.test, ks=KS)
+    m = evaluate_scores(score_fn, data.train, data.test, ks=KS, users=users)
     return {"recall@20": round(m["recall@20"], 5), "ndcg@20": round(m["ndcg@20"], 5)}
 
 
-def peer_points(kind: str, data: BenchDataset, grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+def peer_points(
+    kind: str, data: BenchDataset, grid: dict[str, Sequence[Any]], users: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """One point per grid setting: seconds of its fit on the training set, test metrics."""
     points = []
     for params in _grid_points(grid, "iterations"):
@@ -193,7 +229,7 @@ def peer_points(kind: str, data: BenchDataset, grid: dict[str, Sequence[Any]]) -
                 break
             fit_seconds += time.perf_counter() - t
             point = {"params": {**params, "iterations": n_iter}, "seconds": round(fit_seconds, 2)}
-            point.update(_test_metrics(score_fn, data))
+            point.update(_test_metrics(score_fn, data, users))
             logger.info("%s %s %s", data.name, kind, point)
             points.append(point)
     return points
@@ -216,15 +252,31 @@ def run_dataset(
     default: bool,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every point of one dataset; ``checkpoint(partial result)`` after each peer and each run of ours."""
-    out: dict[str, Any] = {"summary": data.summary(), "ours": [], "peers": {}}
+    """Every point of one dataset; ``checkpoint(partial result)`` after each peer and each run of ours.
+
+    Budgets are run from the smallest; once a run ends without its budget stopping anything (early
+    stopping or the epoch cap ended both fits), every larger budget is that same run, recorded as
+    such (``same_as``) instead of being trained again."""
+    users = eval_users(data)
+    out: dict[str, Any] = {
+        "summary": {**data.summary(), "eval_users": None if users is None else int(users.shape[0])},
+        "ours": [],
+        "peers": {},
+    }
     for kind, grid in grids.items():
-        points = peer_points(kind, data, grid)
+        points = peer_points(kind, data, grid, users)
         out["peers"][kind] = {"points": points, "frontier": frontier(points)}
         if checkpoint:
             checkpoint(out)
-    for budget in [*budgets, *([None] if default else [])]:
-        point = ours_at_budget(data, budget)
+    unbound: dict[str, Any] | None = None
+    for budget in [*sorted(budgets, key=parse_seconds), *([None] if default else [])]:
+        if unbound is not None:
+            mode = f"train.time_budget {budget}" if budget else "train.time_budget none"
+            point = {**unbound, "budget": budget, "mode": mode, "same_as": unbound["budget"]}
+        else:
+            point = ours_at_budget(data, budget, users)
+            if budget is not None and not point["budget_bound"]:
+                unbound = point
         logger.info("%s ours %s", data.name, point)
         out["ours"].append(point)
         if checkpoint:
@@ -250,13 +302,10 @@ def to_markdown(r: dict[str, Any]) -> str:
         "Holdout Recall@20 against the wall-clock seconds of one fit, every point a separate full fit, "
         "same split and evaluator as the quality benchmark. Peers: each grid setting is one point; "
         "the best is chosen on the test set (an upper bound for a tuned peer). Ours: the default "
-        "config at each budget"
-        + (
-            "."
-            if r["time_budget_available"]
-            else " — **this run predates `train.time_budget`: each budget stands for a fixed epoch "
-            "cap (FALLBACK rows), so these are not budgeted runs**."
-        ),
+        "config at each budget (`train.time_budget`; the fit planned as the pipeline plans it, the "
+        "reserve for the stages after training kept). A budget whose run ended before the budget "
+        'stopped anything is the same run as the smaller one ("same run as"). Evaluations score at '
+        f"most {EVAL_USERS:,} seeded test users per dataset, the same for every row.",
         f"Grids: {'quick' if r['quick'] else 'full'} ({_grid_text(r['grids'])}). "
         f"Load average (1/5/15 min) at start {r['load_at_start']}, at end {r['load_at_end']}.",
         "",
@@ -269,14 +318,23 @@ def to_markdown(r: dict[str, Any]) -> str:
             f"### {name}",
             "",
             f"{s['n_users']:,} users x {s['n_items']:,} items, {s['n_train']:,} training interactions, "
-            f"{s['n_test']:,} test items for {s['n_test_users']:,} users.",
+            f"{s['n_test']:,} test items for {s['n_test_users']:,} users"
+            + (f" ({s['eval_users']:,} of them scored)." if s.get("eval_users") else ".")
+            + (
+                f" Peer grids for this dataset: {_grid_text(res['grids'])}."
+                if res.get("grids") and json.dumps(res["grids"]) != json.dumps(r["grids"])
+                else ""
+            ),
             "",
             "| run | setting | seconds | Recall@20 | NDCG@20 |",
             "|---|---|---:|---:|---:|",
         ]
         for p in res["ours"]:
+            setting = p["mode"] + (f" (same run as {p['same_as']})" if p.get("same_as") else "")
+            if p.get("budget_bound"):
+                setting += ": " + "; ".join(t for t in p["traded"] if "time budget" in t)
             lines.append(
-                f"| ours, {p['budget'] or 'no budget'} | {p['mode']} | {p['seconds']:.0f} | "
+                f"| ours, {p['budget'] or 'no budget'} | {setting} | {p['seconds']:.0f} | "
                 f"{p['recall@20']:.3f} | {p['ndcg@20']:.3f} |"
             )
         for kind, peer in res["peers"].items():
@@ -286,6 +344,8 @@ def to_markdown(r: dict[str, Any]) -> str:
                     f"{p['recall@20']:.3f} | {p['ndcg@20']:.3f} |"
                 )
         best = best_peer(res)
+        for run in res.get("pipeline", []):
+            lines += ["", _pipeline_line(run)]
         if best and res["ours"]:
             ours_best = max(res["ours"], key=lambda p: p["recall@20"])
             lines += [
@@ -305,6 +365,21 @@ def to_markdown(r: dict[str, Any]) -> str:
             "Not measured in this run: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + ".",
         ]
     return "\n".join(lines)
+
+
+def _pipeline_line(run: dict[str, Any]) -> str:
+    """One ``recsys-metric run`` of the dataset's log (goals (a) and (b) of issue 16)."""
+    rec = run["recall_at_20"]
+    return (
+        f"`recsys-metric run {' '.join(run['flags'])}` (no config file) on the whole log: "
+        f"**{run['wall_seconds'] / 60:.1f} min wall**, **peak RSS {run['peak_rss_gib']:.2f} GiB**, "
+        f"holdout Recall@20 {rec.get('model', float('nan')):.4f} (popularity "
+        f"{rec.get('popularity', float('nan')):.4f}) on the pipeline's own split "
+        f"({run['n_eval_users']:,} users), epochs {run['epochs']['holdout']} + {run['epochs']['refit']} "
+        f"(holdout + refit), stages {run['stage_seconds']}"
+        + (f"; traded: {'; '.join(run['traded'])}" if run.get("traded") else "")
+        + "."
+    )
 
 
 def _grid_text(grids: dict[str, Any]) -> str:
@@ -341,15 +416,14 @@ def plot(r: dict[str, Any], path: Path) -> Path:
                 color=colors[kind],
                 label=f"{PEER_NAMES[kind]} (best on test)",
             )
-        ours = sorted(res["ours"], key=lambda p: p["seconds"])
+        ours = sorted((p for p in res["ours"] if not p.get("same_as")), key=lambda p: p["seconds"])
         if ours:
-            fallback = any(p["mode"].startswith("FALLBACK") for p in ours)
             ax.plot(
                 [p["seconds"] for p in ours],
                 [p["recall@20"] for p in ours],
                 "o-",
                 color="tab:green",
-                label="ours, default" + (" (epoch caps, not budgets)" if fallback else " at budgets"),
+                label="ours, default at budgets",
             )
             for p in ours:
                 ax.annotate(p["budget"] or "no budget", (p["seconds"], p["recall@20"]), fontsize=7)
@@ -387,6 +461,32 @@ def resumable(path: Path, result: dict[str, Any], default: bool) -> dict[str, An
     }
 
 
+def pipeline_run(name: str, flags: list[str]) -> dict[str, Any]:
+    """``recsys-metric run FLAGS`` on the generated log ``name`` in a fresh process, into a fresh
+    store under ``bench/out/``: wall, peak RSS and the run's own figures
+    (:func:`bench.nightly_scale.run_once`)."""
+    import shutil
+    import subprocess
+
+    from bench.common import OUT
+    from bench.ingest import ensure_log
+    from bench.nightly_scale import run_once
+
+    rows, n_users, n_items = GENERATED[name]
+    log = ensure_log(rows, n_users, n_items, 0)
+    artifacts = OUT / f"ttq_pipeline_{name}"
+    if artifacts.exists():
+        subprocess.run(["chmod", "-R", "u+w", str(artifacts)], check=False)  # runs are read-only
+        shutil.rmtree(artifacts)
+    run = run_once(log, artifacts, None, flags)
+    run["flags"] = flags
+    run.pop("log_tail", None)
+    logger.info("%s pipeline %s: %s", name, flags, run)
+    subprocess.run(["chmod", "-R", "u+w", str(artifacts)], check=False)
+    shutil.rmtree(artifacts, ignore_errors=True)
+    return run
+
+
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -404,14 +504,17 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the datasets of the saved result measured with the same budgets, grids and peers",
     )
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument(
+        "--no-pipeline", action="store_true", help="skip the `recsys-metric run` rows (PIPELINE_RUNS)"
+    )
     args = parser.parse_args(argv)
     for budget in args.budgets:
         parse_seconds(budget)
+    args.budgets = sorted(args.budgets, key=parse_seconds)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     all_grids = QUICK_GRIDS if args.quick else GRIDS
     grids = {k: all_grids[k] for k in args.peers}
     result: dict[str, Any] = {
-        "time_budget_available": has_time_budget(),
         "quick": args.quick,
         "budgets": args.budgets,
         "grids": grids,
@@ -447,8 +550,16 @@ def main(argv: list[str] | None = None) -> int:
             result["datasets"][name] = partial
             save(final=False)
 
-        result["datasets"][name] = run_dataset(data, args.budgets, grids, args.default, checkpoint)
-        result["datasets"][name]["wall_seconds"] = round(time.perf_counter() - t, 1)
+        data_grids = grids if args.quick else {k: DATASET_GRIDS.get(name, grids)[k] for k in grids}
+        result["datasets"][name] = res = run_dataset(data, args.budgets, data_grids, args.default, checkpoint)
+        res["grids"] = data_grids
+        del data
+        if not args.no_pipeline and name in PIPELINE_RUNS:
+            res["pipeline"] = []
+            for flags in PIPELINE_RUNS[name]:
+                res["pipeline"].append(pipeline_run(name, flags))
+                checkpoint(res)
+        res["wall_seconds"] = round(time.perf_counter() - t, 1)
     save(final=True)
     print(result["markdown"])
     if not args.no_save:

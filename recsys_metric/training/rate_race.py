@@ -4,7 +4,8 @@ over ``train.lr_candidates``.
 Every candidate starts from the same weights with the same seed, each on its own copy of the
 model, and they train side by side, one epoch at a time (the candidate with the fewest
 evaluations goes next). At rung ``j`` (every live candidate has made ``patience * 2**j``
-validation evaluations, or finished) the live candidates are ranked by their best validation
+validation evaluations, or finished; under ``eval_every: auto``, whose cadence follows measured costs,
+``patience * 2**j`` epochs, each candidate evaluated at that epoch) the live candidates are ranked by their best validation
 Recall@K so far and the worse half stops; the survivors go on to the next rung, the last one to
 its own early stop. A candidate that early-stops on its own before a rung simply finishes. The
 model ends with the best evaluated weights of the candidate with the highest best validation
@@ -45,6 +46,13 @@ logger = logging.getLogger(__name__)
 def evaluations(run: FitRun) -> int:
     """Validation evaluations a run has made (epoch 0 not counted)."""
     return sum(1 for record in run.result.history if record.get("metrics"))
+
+
+def race_progress(run: FitRun) -> int:
+    """How far a candidate is in the race's units: epochs under ``eval_every: auto`` (whose
+    cadence follows measured costs, so evaluation counts would differ between candidates and
+    machines; each candidate is evaluated at every rung's epoch), evaluations otherwise."""
+    return run.epoch if run.config.eval_every == "auto" else evaluations(run)
 
 
 def race(
@@ -113,7 +121,10 @@ def race(
             )
         del initial
         logger.info(
-            "train.lr auto: racing %s (successive halving from %d evaluations)", rates, config.patience
+            "train.lr auto: racing %s (successive halving from %d %s)",
+            rates,
+            config.patience,
+            "epochs" if config.eval_every == "auto" else "evaluations",
         )
         live = [i for i, run in enumerate(runs) if not run.done]
         for i, run in enumerate(runs):
@@ -121,15 +132,17 @@ def race(
                 outcome[i] = _finished(run.result)
         rung, target = 0, config.patience
         while live:
-            behind = [i for i in live if evaluations(runs[i]) < target]
+            behind = [i for i in live if race_progress(runs[i]) < target]
             if not behind:
                 live = _halve(runs, live, rung, target, outcome, metric_key)
                 rung, target = rung + 1, target * 2
                 continue
-            i = min(behind, key=lambda j: (evaluations(runs[j]), runs[j].epoch, j))
+            i = min(behind, key=lambda j: (race_progress(runs[j]), runs[j].epoch, j))
             if planner is not None and hasattr(planner, "cost_scale"):
                 planner.cost_scale = float(len(live))
-            runs[i].train_epoch()
+            # Under eval_every: auto the rung is an epoch, at which every candidate is scored.
+            at_rung = runs[i].config.eval_every == "auto" and runs[i].epoch + 1 == target
+            runs[i].train_epoch(evaluate=at_rung)
             if runs[i].done:
                 live.remove(i)
                 outcome[i] = _finished(runs[i].result)
@@ -171,7 +184,7 @@ def _halve(
     more: one resumed from a checkpoint), by best validation metric so far, earlier candidates
     winning ties; the other live ones stop."""
     contenders = sorted(
-        set(live) | {i for i, run in enumerate(runs) if run.done and evaluations(run) >= target}
+        set(live) | {i for i, run in enumerate(runs) if run.done and race_progress(run) >= target}
     )
     if len(contenders) < 2:
         return live
@@ -181,7 +194,8 @@ def _halve(
         if i in keep:
             continue
         run = runs[i]
-        outcome[i] = f"dropped at rung {rung + 1} (after {target} evaluations, epoch {run.epoch})"
+        unit = "epochs" if run.config.eval_every == "auto" else "evaluations"
+        outcome[i] = f"dropped at rung {rung + 1} (after {target} {unit}, epoch {run.epoch})"
         logger.info(
             "train.lr auto: rate %g stops at rung %d (best %s %.4f against %.4f)",
             run.config.lr,

@@ -81,7 +81,8 @@ class SampledValidation:
         self.first: list[float] | None = None
         """The first evaluation's Recall@K of each group."""
         self.seconds_per_user: float | None = None
-        """Measured scoring seconds per user (the first full evaluation)."""
+        """Measured scoring seconds per user: the first evaluation after an epoch, then the least
+        of every evaluation since."""
         self.calibrated = False
         self.resampled = False
         """True right after the sample shrank; the loop re-scores earlier calls and clears it."""
@@ -120,6 +121,11 @@ class SampledValidation:
         else:
             mean = float(self.evaluate(model, np.concatenate(self.groups[: self.active])))
         seconds = self.clock() - t
+        if self.calibrated and self.seconds_per_user is not None:
+            # The least per-user cost seen so far: the first evaluation carries one-off costs (a
+            # GPU's warm-up, allocations) and load on a shared machine only ever adds to a timing;
+            # the run's time plan reads this (training/run_budget.py).
+            self.seconds_per_user = min(self.seconds_per_user, seconds / max(self.n_users, 1))
         if not self.calibrated and self.epoch_seconds:
             self._calibrate(seconds / max(self.n_users, 1))
             if self.resampled:
