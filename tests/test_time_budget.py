@@ -21,6 +21,7 @@ from recsys_metric.training import TrainData, fit
 from recsys_metric.training import loop as loop_module
 from recsys_metric.training.budget import HoldoutPlanner, RefitPlanner, TimeBudget
 from recsys_metric.training.loop import auto_eval_interval
+from recsys_metric.training.rate_race import first_rung
 from recsys_metric.training.validation import SampledValidation
 
 N_USERS, N_ITEMS = 40, 20
@@ -279,6 +280,31 @@ def test_race_drops_the_worse_candidate_after_patience_evaluations():
     assert second["outcome"] == "dropped at rung 1 (after 2 epochs, epoch 2)"
     assert second["epochs_run"] == 2 and validate.calls == {0: 6, 1: 2}
     assert _same_weights(model, _plain(0.05, rising, 6)), "the winner trains as it would alone"
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "rung"),
+    [(200.0, 2), (1e6, 5)],
+    ids=["tight budget: the first rung comes early", "ample budget: after patience epochs"],
+)
+def test_race_sizes_its_first_rung_from_the_budget(slow_epochs, budget_s, rung):
+    """10 s epochs, a patience of 5. With 200 s, after each candidate's first epoch 180 s are left:
+    14 epochs of 12.5 s (planned), a quarter of them over 2 candidates is 1, raised to MIN_RUNG 2.
+    With an ample budget the rung stays at the patience."""
+    clock = slow_epochs
+    budget = TimeBudget(budget_s, clock=clock)
+    planner = HoldoutPlanner(budget, refit_scale=0.0, reserve=lambda: 0.0)
+    config = TrainConfig(**{**FAST, "lr": "auto", "lr_candidates": (0.05, 0.01), "patience": 5, "epochs": 8})
+    rising = [0.1 * i for i in range(1, 41)]
+    lower = [0.05 * i for i in range(1, 41)]
+    result = fit(
+        _model(), _data(), config, validate=_by_model_validation([rising, lower]), progress=False,
+        planner=planner, clock=clock,
+    )  # fmt: skip
+    assert result.lr_search[1]["outcome"] == f"dropped at rung 1 (after {rung} epochs, epoch {rung})"
+    assert first_rung(5, 14, 2) == 2 and first_rung(5, 100, 2) == 5 and first_rung(5, 30, 2) == 3
+    assert first_rung(1, 0, 2) == 1, "never past the patience"
+    assert first_rung(5, None, 2) == 5 and first_rung(5, 0, 1) == 5
 
 
 def test_race_keeps_the_later_candidate_when_it_leads():

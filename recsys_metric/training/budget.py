@@ -158,6 +158,16 @@ class HoldoutPlanner:
             f"stages after training {reserve:.0f} s"
         )
 
+    def affordable_epochs(self, run: FitRun) -> int:
+        """Epochs one fit like ``run`` could still train alone, each with its evaluation and its
+        share of the refit, leaving the reserve: ``(remaining - reserve) / (epoch + evaluation +
+        refit_scale * epoch)`` at the planned (measured, :data:`SAFETY`-scaled) costs."""
+        epoch_s = epoch_cost(run)
+        per_epoch = epoch_s + eval_cost(run) + epoch_s * self.refit_scale
+        if per_epoch <= 0:
+            return 1 << 30
+        return int(max(0.0, self.budget.remaining() - self.reserve()) // per_epoch)
+
 
 @dataclass
 class RefitPlanner:

@@ -48,6 +48,27 @@ def evaluations(run: FitRun) -> int:
     return sum(1 for record in run.result.history if record.get("metrics"))
 
 
+RACE_SHARE = 0.25
+"""Under a time budget the losers of the race may cost at most about this share of the epochs the
+budget affords: the first rung comes after ``RACE_SHARE * affordable / candidates`` epochs when
+that is fewer than ``patience`` (:func:`first_rung`)."""
+
+MIN_RUNG = 2
+"""The first rung never comes before this many epochs: after one epoch the rate that moves most
+in its first steps leads, and on the 20M log that was the rate that fell after (validation
+Recall@20 at lr 0.05: .079, .065; at 0.01: .059, .090; ``bench/configs/nightly_20m.toml``)."""
+
+
+def first_rung(patience: int, affordable: int | None, candidates: int) -> int:
+    """Epochs (or evaluations) before the first halving: ``patience``, or under a budget that
+    affords ``affordable`` epochs of one fit, ``RACE_SHARE * affordable / candidates`` when that is
+    fewer, never fewer than :data:`MIN_RUNG` (nor more than ``patience``)."""
+    if affordable is None or candidates < 2:
+        return patience
+    share = math.floor(RACE_SHARE * affordable / candidates)
+    return max(min(MIN_RUNG, patience), min(patience, share))
+
+
 def race_progress(run: FitRun) -> int:
     """How far a candidate is in the race's units: epochs under ``eval_every: auto`` (whose
     cadence follows measured costs, so evaluation counts would differ between candidates and
@@ -76,7 +97,8 @@ def race(
     With ``checkpoint_dir`` each candidate checkpoints into ``lr-<rate>`` (as the full search), so
     ``resume`` continues each where it was. ``planner`` is asked after every epoch of every
     candidate; its ``cost_scale`` attribute, when it has one, is set to the number of live
-    candidates (one more epoch costs one epoch of each).
+    candidates (one more epoch costs one epoch of each), and its ``affordable_epochs(run)``, when
+    it has one, sizes the first rung once every candidate has trained an epoch (:func:`first_rung`).
 
     Returns:
         The winner's :class:`TrainResult`, ``lr_search`` holding one dict per candidate: ``lr``,
@@ -131,7 +153,20 @@ def race(
             if run.done:  # resumed from a checkpoint written after it had finished
                 outcome[i] = _finished(run.result)
         rung, target = 0, config.patience
+        sized = not hasattr(planner, "affordable_epochs")
         while live:
+            if not sized and all(runs[i].epoch >= 1 for i in live):
+                # Every candidate has trained an epoch: the budget's room is known, and with it how
+                # early the first halving must come (first_rung).
+                sized = True
+                affordable = min(planner.affordable_epochs(runs[i]) for i in live)  # type: ignore[union-attr]
+                target = first_rung(config.patience, affordable, len(live))
+                if target < config.patience:
+                    logger.info(
+                        "train.lr auto: the budget affords about %d epochs of one fit; first rung after %d",
+                        affordable,
+                        target,
+                    )
             behind = [i for i in live if race_progress(runs[i]) < target]
             if not behind:
                 live = _halve(runs, live, rung, target, outcome, metric_key)
