@@ -98,7 +98,7 @@ def fit_at_rate(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return fit_epochs(
+        return FitRun(
             model,
             data,
             config,
@@ -114,13 +114,13 @@ def fit_at_rate(
             evaluate_start=evaluate_start,
             planner=planner,
             clock=clock,
-        )
+        ).run_to_end()
     finally:
         torch.set_num_threads(threads_before)
 
 
 class FitRun:
-    """One fit at a fixed rate, an epoch at a time (:func:`fit_epochs` runs it to the end; the
+    """One fit at a fixed rate, an epoch at a time (:meth:`run_to_end` runs it to the end; the
     learning-rate race interleaves several).
 
     Setup (step, negative source, checkpoint resume) happens here; :meth:`train_epoch` trains one
@@ -383,6 +383,15 @@ class FitRun:
             )
         return record
 
+    def run_to_end(self) -> TrainResult:
+        """Train epoch after epoch until :attr:`done`, then :meth:`close`."""
+        try:
+            while not self.done:
+                self.train_epoch()
+        finally:
+            result = self.close()
+        return result
+
     def _patience_spent(self) -> bool:
         """Early stopping's test after an evaluation that did not beat the best.
 
@@ -454,50 +463,6 @@ def auto_eval_interval(
         return 1
     interval = max(1, math.ceil(eval_s / (VALIDATION_SHARE * max(epoch_s, 1e-9))))
     return interval if max_interval is None else max(1, min(interval, max_interval))
-
-
-def fit_epochs(
-    model: TwoTowerModel,
-    data: TrainData,
-    config: TrainConfig,
-    device: torch.device,
-    n_epochs: int,
-    metric_key: str,
-    explicit_share: float,
-    validate: Callable[[TwoTowerModel], dict[str, float]] | None,
-    checkpoint_dir: Path | None,
-    resume: bool,
-    progress: bool | None,
-    distributed: DistributedTraining | None = None,
-    *,
-    evaluate_start: bool = False,
-    planner: EpochPlanner | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> TrainResult:
-    """A :class:`FitRun` trained to its end."""
-    run = FitRun(
-        model,
-        data,
-        config,
-        device,
-        n_epochs,
-        metric_key,
-        explicit_share,
-        validate,
-        checkpoint_dir,
-        resume,
-        progress,
-        distributed,
-        evaluate_start=evaluate_start,
-        planner=planner,
-        clock=clock,
-    )
-    try:
-        while not run.done:
-            run.train_epoch()
-    finally:
-        result = run.close()
-    return result
 
 
 def run_epoch(
