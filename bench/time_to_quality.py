@@ -333,9 +333,11 @@ def to_markdown(r: dict[str, Any]) -> str:
             "",
             f"### {name}",
             "",
-            f"{s['n_users']:,} users x {s['n_items']:,} items, {s['n_train']:,} training interactions, "
+            (f"Measured {res['measured']} (kept with `--resume`). " if res.get("measured") else "")
+            + f"{s['n_users']:,} users x {s['n_items']:,} items, {s['n_train']:,} training interactions, "
             f"{s['n_test']:,} test items for {s['n_test_users']:,} users"
             + (f" ({s['eval_users']:,} of them scored)." if s.get("eval_users") else ".")
+            + (f" Load average (1/5/15 min): {res['load']}." if res.get("load") else "")
             + (
                 f" Peer grids for this dataset: {_grid_text(res['grids'])}."
                 if res.get("grids") and json.dumps(res["grids"]) != json.dumps(r["grids"])
@@ -519,6 +521,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the datasets of the saved result measured with the same budgets, grids and peers",
     )
+    parser.add_argument(
+        "--resume-from",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="with --resume: read these saved results instead of the default one (e.g. two "
+        "invocations saved under --name, assembled into one table)",
+    )
+    parser.add_argument(
+        "--name",
+        default="time_to_quality",
+        help="save as bench/results/NAME.json and NAME.png (default time_to_quality)",
+    )
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument(
         "--no-pipeline", action="store_true", help="skip the `recsys-metric run` rows (PIPELINE_RUNS)"
@@ -546,10 +562,14 @@ def main(argv: list[str] | None = None) -> int:
         result["load_at_end"] = load_average()
         result["markdown"] = to_markdown(result)
         if not args.no_save:
-            plot(result, RESULTS / "time_to_quality.png")
-            save_result("time_to_quality", result, command.strip())
+            plot(result, RESULTS / f"{args.name}.png")
+            save_result(args.name, result, command.strip())
 
-    kept = resumable(RESULTS / "time_to_quality.json", result, args.default) if args.resume else {}
+    kept: dict[str, Any] = {}
+    if args.resume:
+        for path in args.resume_from or [RESULTS / "time_to_quality.json"]:
+            for name, res in resumable(path, result, args.default).items():
+                kept.setdefault(name, {"measured": json.loads(path.read_text()).get("date"), **res})
     for name in args.datasets:
         if name in kept:
             logger.info("%s: kept from the saved result (--resume)", name)
@@ -560,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         except DatasetUnavailable as err:
             result["skipped"][name] = str(err)
             continue
-        t = time.perf_counter()
+        t, load_before = time.perf_counter(), load_average()
 
         def checkpoint(partial: dict[str, Any], name: str = name) -> None:
             result["datasets"][name] = partial
@@ -576,10 +596,11 @@ def main(argv: list[str] | None = None) -> int:
                 res["pipeline"].append(pipeline_run(name, flags))
                 checkpoint(res)
         res["wall_seconds"] = round(time.perf_counter() - t, 1)
+        res["load"] = f"{load_before} at start, {load_average()} at end"
     save(final=True)
     print(result["markdown"])
     if not args.no_save:
-        print(f"saved {RESULTS / 'time_to_quality.json'} and {RESULTS / 'time_to_quality.png'}")
+        print(f"saved {RESULTS / (args.name + '.json')} and {RESULTS / (args.name + '.png')}")
     return 0
 
 
