@@ -624,8 +624,10 @@ def test_nightly_and_batch_flows_from_a_database_log_to_a_database_table(
         to=reader,
         table="flow_recs",
         password_secret="recsys-db-password",
+        unlogged=True,
     )
-    assert second["postgres"]["previous_table"] == "flow_recs_previous"
+    assert second["postgres"]["previous_table"] == "flow_recs_previous" and second["postgres"]["unlogged"]
+    assert _sql(pg, "SELECT relpersistence FROM pg_class WHERE oid = 'flow_recs'::regclass") == [("u",)]
     assert _read_table(pg, "flow_recs").height == 300 * 3
     assert _read_table(pg, "flow_recs_previous").equals(table)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

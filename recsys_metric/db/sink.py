@@ -20,7 +20,7 @@ is left behind. A reader holding a transaction open on the table delays the swap
 readers should run in autocommit mode or keep transactions short.
 
 ``unlogged=True`` creates the staging table ``UNLOGGED``: its rows skip PostgreSQL's write-ahead
-log, which makes the load faster (1.2-1.6x measured, BENCHMARKS.md) and it stays unlogged after
+log, which makes the load faster (1.1-1.6x measured, BENCHMARKS.md) and it stays unlogged after
 the swap (``ALTER TABLE ... SET LOGGED`` would write the whole table to the WAL afterwards, slower
 than a logged load). The swap stays atomic, but the table is not crash-safe: after a server
 crash (not a clean shutdown) PostgreSQL empties every unlogged table, so the served table reads
