@@ -4,7 +4,8 @@ recommendation table written into PostgreSQL against Parquet.
 Goals (issue 20): reading from PostgreSQL at least 1M rows/s end to end into validation
 (``read_interactions``: ADBC binary COPY -> Arrow batches -> fingerprint -> validation and
 quarantine); writing at least 500k rows/s (``write_postgres_table``: binary COPY into a staging
-table, the ``(user_id, rank)`` index, ANALYZE and the rename swap, all in one transaction).
+table, the ``(user_id, rank)`` index, ANALYZE and the rename swap, all in one transaction), as a
+logged table (the default) and as an UNLOGGED one (``--unlogged``: no WAL, not crash-safe).
 
 Setup (not timed): the generated log (``recsys_metric.data.synthetic``, as ``bench.ingest``) is
 written into ``bench/out/`` once; a PostgreSQL 16 server (pgserver, default settings) starts in a
@@ -78,6 +79,12 @@ def child_read(source: str, work: str) -> None:
     cpu0, t = _cpu(), time.perf_counter()
     frame, report = read_interactions(source, config, rejects_path=Path(work) / "rejects.parquet")
     seconds = time.perf_counter() - t
+    extra: dict = {}
+    if "://" in source:
+        from recsys_metric.db.source import database_fingerprint
+
+        # the fetch alone (ADBC COPY -> Arrow batches -> fingerprint); the rest is validation
+        extra["fetch_seconds"] = database_fingerprint(source)["read_seconds"]
     print(
         json.dumps(
             {
@@ -87,6 +94,7 @@ def child_read(source: str, work: str) -> None:
                 "rows_per_second": round(report.n_input_rows / seconds),
                 "peak_rss_gib": round(peak_rss_gib(), 2),
                 "cpu_seconds": round(_cpu() - cpu0, 2),
+                **extra,
             }
         )
     )
@@ -129,7 +137,7 @@ def _table_batches(n_users: int, k: int):
     return schema, gen()
 
 
-def child_write(target: str, n_users: int, k: int) -> None:
+def child_write(target: str, n_users: int, k: int, mode: str) -> None:
     import adbc_driver_postgresql.dbapi  # noqa: F401 - imported before the clock starts
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -140,7 +148,9 @@ def child_write(target: str, n_users: int, k: int) -> None:
     cpu0, t = _cpu(), time.perf_counter()
     extra: dict = {}
     if target.startswith("postgresql://"):
-        out = write_postgres_table(target, "recommendations", batches, schema, comment={"bench": True})
+        unlogged = mode == "unlogged"
+        name = "recommendations_unlogged" if unlogged else "recommendations"
+        out = write_postgres_table(target, name, batches, schema, comment={"bench": True}, unlogged=unlogged)
         rows = out["n_rows"]
         extra = {
             "load_seconds": round(out["load_seconds"], 2),
@@ -176,14 +186,16 @@ def _pg_sizes(uri: str) -> dict:
     with pgdb.connect(uri, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(
             "SELECT pg_total_relation_size('interactions'), pg_total_relation_size('recommendations'), "
-            "current_setting('shared_buffers'), current_setting('wal_level'), version()"
+            "current_setting('shared_buffers'), current_setting('wal_level'), version(), "
+            "current_setting('max_wal_size')"
         )
-        log_bytes, table_bytes, shared_buffers, wal_level, version = cur.fetchall()[0]
+        log_bytes, table_bytes, shared_buffers, wal_level, version, max_wal = cur.fetchall()[0]
     return {
         "pg_log_gib": round(log_bytes / 2**30, 2),
         "pg_table_gib": round(table_bytes / 2**30, 2),
         "shared_buffers": shared_buffers,
         "wal_level": wal_level,
+        "max_wal_size": max_wal,
         "version": version.split(" on ")[0],
     }
 
@@ -230,7 +242,8 @@ def to_markdown(r: dict) -> str:
         "",
         "| read the log | rows | wall | rows/s | peak RSS | CPU s: reader + server | rows per CPU s |",
         "|---|---|---|---|---|---|---|",
-        f"| PostgreSQL (`postgresql://.../postgres`, table interactions) | {rd['postgres']['rows']:,} | "
+        f"| PostgreSQL (`postgresql://.../postgres`, table interactions; fetch alone "
+        f"{rd['postgres']['fetch_seconds']:.1f} s) | {rd['postgres']['rows']:,} | "
         f"{rd['postgres']['seconds']:.1f} s | {rd['postgres']['rows_per_second'] / 1e6:.2f} M "
         f"({goal(rd['postgres']['rows_per_second'], READ_GOAL)}) | {rd['postgres']['peak_rss_gib']:.2f} GiB | {_cpu_cell(rd['postgres'])} |",
         f"| Parquet (`bench/out/.../interactions/`) | {rd['parquet']['rows']:,} | {rd['parquet']['seconds']:.1f} s | "
@@ -245,21 +258,25 @@ def to_markdown(r: dict) -> str:
         f"{wr['postgres']['seconds']:.1f} s | {wr['postgres']['rows_per_second'] / 1e3:,.0f} k "
         f"({goal(wr['postgres']['rows_per_second'], WRITE_GOAL)}) | {wr['postgres']['load_seconds']:.1f} s "
         f"({wr['postgres']['load_rows_per_second'] / 1e3:,.0f} k rows/s) | {wr['postgres']['peak_rss_gib']:.2f} GiB | {_cpu_cell(wr['postgres'])} |",
+        f"| PostgreSQL, `--unlogged` (no WAL; emptied by a crash, not on replicas) | "
+        f"{wr['unlogged']['seconds']:.1f} s | {wr['unlogged']['rows_per_second'] / 1e3:,.0f} k "
+        f"({goal(wr['unlogged']['rows_per_second'], WRITE_GOAL)}) | {wr['unlogged']['load_seconds']:.1f} s "
+        f"({wr['unlogged']['load_rows_per_second'] / 1e3:,.0f} k rows/s) | {wr['unlogged']['peak_rss_gib']:.2f} GiB | {_cpu_cell(wr['unlogged'])} |",
         f"| Parquet: one zstd file per 10,000 users | {wr['parquet']['seconds']:.1f} s | "
         f"{wr['parquet']['rows_per_second'] / 1e3:,.0f} k | - | {wr['parquet']['peak_rss_gib']:.2f} GiB | {_cpu_cell(wr['parquet'])} |",
         "",
         f"Server: {r['pg']['version']} from pgserver on the same machine, default settings (shared_buffers "
-        f"{r['pg']['shared_buffers']}, wal_level {r['pg']['wal_level']}), Unix socket; log table "
+        f"{r['pg']['shared_buffers']}, wal_level {r['pg']['wal_level']}, max_wal_size {r['pg']['max_wal_size']}), Unix socket; log table "
         f"{r['pg']['pg_log_gib']} GiB, recommendation table with index {r['pg']['pg_table_gib']} GiB. Setup, not "
         f"timed: loading the log into PostgreSQL took {r['setup_load_seconds']:.0f} s. Load average before the "
         f"run: {r['load_before']}, after: {r['load_after']} (shared 2-core machine).",
         "",
-        _bound_note(rd["postgres"], wr["postgres"]),
+        _bound_note(rd["postgres"], wr["postgres"], wr["unlogged"]),
     ]
     return "\n".join(lines)
 
 
-def _bound_note(read: dict, write: dict) -> str:
+def _bound_note(read: dict, write: dict, unlogged: dict) -> str:
     """What the CPU seconds say when the wall clock is dominated by other processes' load: client
     and server run in parallel, so with a core each the busier one bounds the rate. An estimate,
     labelled as such; the measured rates are the table's."""
@@ -268,12 +285,13 @@ def _bound_note(read: dict, write: dict) -> str:
         return m["rows"] / max(m["cpu_seconds"], m["server_cpu_seconds"])
 
     return (
-        "Under this load the wall clock mostly measures waiting for a core: the PostgreSQL read used "
+        "CPU against wall (on 2 shared cores the difference is mostly waiting for a core): the PostgreSQL read used "
         f"{read['cpu_seconds'] + read['server_cpu_seconds']:.0f} CPU s in {read['seconds']:.0f} s of wall time, the "
         f"write {write['cpu_seconds'] + write['server_cpu_seconds']:.0f} CPU s in {write['seconds']:.0f} s (the "
         "write also waits for the disk: table, index and WAL). Estimate, not measured: with a free core each for "
         "client and server, the busier of the two bounds the rate at "
         f"{bound(read) / 1e6:.1f} M rows/s for the read and {bound(write) / 1e3:,.0f} k rows/s for the write "
+        f"({bound(unlogged) / 1e3:,.0f} k unlogged) "
         "(CPU-bound; the disk may bound the write lower)."
     )
 
@@ -286,13 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table-users", type=int, default=1_000_000)
     ap.add_argument("-k", type=int, default=100)
     ap.add_argument("--child-read", nargs=2, metavar=("SOURCE", "WORK"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-write", nargs=3, metavar=("TARGET", "USERS", "K"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child-write", nargs=4, metavar=("TARGET", "USERS", "K", "MODE"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.child_read:
         child_read(*args.child_read)
         return 0
     if args.child_write:
-        child_write(args.child_write[0], int(args.child_write[1]), int(args.child_write[2]))
+        target, users, k, mode = args.child_write
+        child_write(target, int(users), int(k), mode)
         return 0
 
     import pgserver
@@ -313,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             "parquet": _measured(pid, "--child-read", str(log / "interactions"), str(work)),
         }
         write = {
-            "postgres": _measured(pid, "--child-write", uri, str(args.table_users), str(args.k)),
+            "postgres": _measured(pid, "--child-write", uri, str(args.table_users), str(args.k), "logged"),
+            "unlogged": _measured(pid, "--child-write", uri, str(args.table_users), str(args.k), "unlogged"),
             "parquet": _measured(
-                pid, "--child-write", str(work / "table"), str(args.table_users), str(args.k)
+                pid, "--child-write", str(work / "table"), str(args.table_users), str(args.k), "parquet"
             ),
         }
         pg = _pg_sizes(uri)

@@ -175,11 +175,16 @@ def scheduler_threads(address: str) -> int:
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 15], retry_condition_fn=_retry_if_unreachable)
 def load_table(
-    table_dir: str, to: str, table: str, password_env: str, password_secret: str | None
+    table_dir: str,
+    to: str,
+    table: str,
+    password_env: str,
+    password_secret: str | None,
+    unlogged: bool = False,
 ) -> dict[str, Any]:
     """Bulk-load the written Parquet table into PostgreSQL and swap it in (:mod:`recsys_metric.db.sink`)."""
     loaded = sink.load_parquet_table(
-        table_dir, to, table, password_env=password_env, password_secret=password_secret
+        table_dir, to, table, password_env=password_env, password_secret=password_secret, unlogged=unlogged
     )
     get_run_logger().info(
         "loaded %d rows into %s at %s in %.1f s (previous table: %s)",
@@ -335,6 +340,7 @@ def batch_recommendations(
     table: str = "recommendations",
     password_env: str = "PGPASSWORD",
     password_secret: str | None = None,
+    unlogged: bool = False,
 ) -> dict[str, Any]:
     """Top-``k`` recommendations of the published run for every user (or those in ``users_path``).
 
@@ -358,6 +364,8 @@ def batch_recommendations(
         password_env: environment variable holding the database password.
         password_secret: Prefect Secret block holding the database password (wins over
             ``password_env``).
+        unlogged: load an ``UNLOGGED`` table: faster (no WAL) but emptied by a server crash and
+            not readable on replicas (docs/databases.md, "Logged (default) or unlogged").
 
     Returns:
         The writer's summary (``run_id``, ``out_dir``, ``n_users``, ``n_rows``, ``n_files``...),
@@ -390,6 +398,7 @@ def batch_recommendations(
             table,
             password_env,
             password_secret,
+            unlogged=unlogged,
         )
     except Exception as exc:  # noqa: BLE001 - returned as the run's Failed state, raised to the caller
         return failed_state(exc)  # type: ignore[return-value]
@@ -409,6 +418,7 @@ def _batch_recommendations(
     table: str,
     password_env: str,
     password_secret: str | None,
+    unlogged: bool = False,
 ) -> dict[str, Any]:
     if workers < 1 or (partitions is not None and partitions < 1):
         raise ConfigError(f"workers and partitions must be positive, got {workers} and {partitions}")
@@ -424,7 +434,7 @@ def _batch_recommendations(
             raise ConfigError(f"partitions={partitions} needs Dask: set workers > 1 or dask_address")
         run_dir = resolve_current(artifacts)
         stats = write_table(run_dir, out, k, users_path, index, batch_users)
-        return _report(artifacts, _to_postgres(stats, to, table, password_env, password_secret))
+        return _report(artifacts, _to_postgres(stats, to, table, password_env, password_secret, unlogged))
 
     runner = dask_task_runner(workers, dask_address)
     threads = scheduler_threads(dask_address) if dask_address is not None else workers
@@ -439,16 +449,22 @@ def _batch_recommendations(
     except BaseException:
         recommend.discard_recommendations(plan)
         raise
-    stats = _to_postgres(finish_table(plan, results), to, table, password_env, password_secret)
+    stats = _to_postgres(finish_table(plan, results), to, table, password_env, password_secret, unlogged)
     return _report(artifacts, stats)
 
 
 def _to_postgres(
-    stats: dict[str, Any], to: str | None, table: str, password_env: str, password_secret: str | None
+    stats: dict[str, Any],
+    to: str | None,
+    table: str,
+    password_env: str,
+    password_secret: str | None,
+    unlogged: bool = False,
 ) -> dict[str, Any]:
     if to is None:
         return stats
-    return {**stats, "postgres": load_table(stats["out_dir"], to, table, password_env, password_secret)}
+    loaded = load_table(stats["out_dir"], to, table, password_env, password_secret, unlogged)
+    return {**stats, "postgres": loaded}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,6 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--password-env", default="PGPASSWORD", help="variable with the database password")
     parser.add_argument("--password-secret", help="Prefect Secret block with the database password")
+    parser.add_argument(
+        "--unlogged",
+        action="store_true",
+        help="load an UNLOGGED table: faster, emptied by a crash (see docs)",
+    )
     args = parser.parse_args(argv)
 
     def run(_: argparse.Namespace) -> int:

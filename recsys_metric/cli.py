@@ -424,7 +424,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         if args.to is not None:
             from recsys_metric.db.sink import load_parquet_table
 
-            loaded = load_parquet_table(out, args.to, args.table, password_env=args.password_env)
+            loaded = load_parquet_table(
+                out, args.to, args.table, password_env=args.password_env, unlogged=args.unlogged
+            )
             kept = f"; the previous table is {loaded['previous_table']}" if loaded["previous_table"] else ""
             print(
                 f"loaded {loaded['n_rows']:,} rows into {loaded['table']} at {loaded['to']} in {loaded['seconds']:.1f} s "
@@ -651,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-env",
         default="PGPASSWORD",
         help="environment variable with the password (default: PGPASSWORD)",
+    )
+    p.add_argument(
+        "--unlogged",
+        action="store_true",
+        help="with --to: load an UNLOGGED table, faster but emptied by a server crash and not on replicas "
+        "(docs/databases.md)",
     )
     p.add_argument("-k", type=int, default=100, help="items per user (default: 100)")
     p.add_argument("--users", help="text file with one user id per line (default: every user)")

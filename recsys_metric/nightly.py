@@ -21,8 +21,10 @@ published).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,61 @@ def _disk_full(
     )
 
 
+@dataclass
+class _PendingRun:
+    """A run being written under the store's writer lock (:func:`_writing_run`)."""
+
+    store: ArtifactStore
+    path: Path  # runs/.tmp-<id> until finalize
+    run_id: str
+    current: str | None  # the published run when the lock was taken
+    finalized: bool = False
+
+    def finalize(self, **manifest: Any) -> Path:
+        """:meth:`ArtifactStore.finalize` (manifest, read-only, rename); returns the final directory.
+        From here on a failure no longer removes the run: it is complete."""
+        self.store.finalize(self.path, **manifest)
+        self.finalized = True
+        return self.store.run_dir(self.run_id)
+
+
+@contextlib.contextmanager
+def _writing_run(
+    store: ArtifactStore,
+    interactions: str | Path,
+    items: str | Path | None,
+    *,
+    wait: float | None,
+    purpose: str,
+) -> Iterator[_PendingRun]:
+    """The prologue and failure path every writer of a new run shares.
+
+    Checks that the inputs exist (before anything is written), takes the store's writer lock for
+    the whole block (logging the debris of dead runs it removed), checks the free space and
+    creates ``runs/.tmp-<id>``. A failure before :meth:`_PendingRun.finalize` removes that
+    directory and is re-raised, as a one-line :class:`DiskSpaceError` when the disk was full; a
+    failure after it leaves the complete run in place.
+    """
+    check_input_exists(interactions)
+    if items is not None:
+        check_input_exists(items, "item table")
+    with store.writer(wait=wait, purpose=purpose) as cleaned:
+        if cleaned:
+            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
+        needed = store.check_space(interactions)
+        pending = store.new_run()
+        run = _PendingRun(store, pending, store.run_id_of(pending), store.current())
+        try:
+            yield run
+        except BaseException as err:
+            if run.finalized:
+                raise
+            full = _failed(store, pending, err, run.run_id, needed)
+            if full is not None:
+                raise full from err
+            raise
+
+
 def run_nightly(
     interactions: str | Path,
     artifacts: str | Path,
@@ -221,43 +278,27 @@ def run_nightly(
         DataError: the log does not exist (nothing is written), or cannot be used.
     """
     config = config or Config()
-    check_input_exists(interactions)
-    if items is not None:
-        check_input_exists(items, "item table")
     store = ArtifactStore(artifacts, config.publish)
-    with store.writer(wait=wait, purpose="run") as cleaned:
-        if cleaned:
-            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
-        needed = store.check_space(interactions)
-        pending = store.new_run()
-        run_id = store.run_id_of(pending)
-        previous = store.current()
-        try:
-            run = train_run(
-                interactions,
-                pending,
-                config,
-                items=items,
-                run_id=run_id,
-                progress=progress,
-                warm_start_from=store.run_dir(previous) if previous is not None else None,
-            )
-            current_on_holdout, decision = gate_against_current(
-                store, previous, pending, run.metrics, config, force=force
-            )
-            logger.info("quality gate: %s", decision.reason)
-            store.finalize(
-                pending,
-                config=config,
-                input_path=interactions,
-                extra={"gate": decision.to_dict(), "current_on_holdout": current_on_holdout},
-            )
-        except BaseException as err:
-            full = _failed(store, pending, err, run_id, needed)
-            if full is not None:
-                raise full from err
-            raise
-        final = store.run_dir(run_id)
+    with _writing_run(store, interactions, items, wait=wait, purpose="run") as pending:
+        run_id, previous = pending.run_id, pending.current
+        run = train_run(
+            interactions,
+            pending.path,
+            config,
+            items=items,
+            run_id=run_id,
+            progress=progress,
+            warm_start_from=store.run_dir(previous) if previous is not None else None,
+        )
+        current_on_holdout, decision = gate_against_current(
+            store, previous, pending.path, run.metrics, config, force=force
+        )
+        logger.info("quality gate: %s", decision.reason)
+        final = pending.finalize(
+            config=config,
+            input_path=interactions,
+            extra={"gate": decision.to_dict(), "current_on_holdout": current_on_holdout},
+        )
         if decision.publish:
             # Under the lock: nothing that respects it can have moved current since the gate. A
             # writer that bypassed it (an older version, a hand-made link) is caught here.
@@ -322,37 +363,23 @@ def train_into_store(
     Raises:
         StoreLockedError, DiskSpaceError, DataError: as :func:`run_nightly`.
     """
-    check_input_exists(interactions)
-    if items is not None:
-        check_input_exists(items, "item table")
     store = ArtifactStore(artifacts, config.publish)
-    with store.writer(wait=wait, purpose="train") as cleaned:
-        if cleaned:
-            logger.warning("removed the debris of dead runs: %s", ", ".join(cleaned))
-        needed = store.check_space(interactions)
-        pending = store.new_run()
-        run_id = store.run_id_of(pending)
-        current = store.current()
-        try:
-            result = train_run(
-                interactions,
-                pending,
-                config,
-                items=items,
-                run_id=run_id,
-                progress=progress,
-                warm_start_from=store.run_dir(current) if current is not None else None,
-                distributed=distributed,
-            )
-            store.finalize(
-                pending, config=config, input_path=interactions, extra={"written_by": "recsys-metric train"}
-            )
-        except BaseException as err:
-            full = _failed(store, pending, err, run_id, needed)
-            if full is not None:
-                raise full from err
-            raise
-    return result, store.run_dir(run_id)
+    with _writing_run(store, interactions, items, wait=wait, purpose="train") as pending:
+        current = pending.current
+        result = train_run(
+            interactions,
+            pending.path,
+            config,
+            items=items,
+            run_id=pending.run_id,
+            progress=progress,
+            warm_start_from=store.run_dir(current) if current is not None else None,
+            distributed=distributed,
+        )
+        final = pending.finalize(
+            config=config, input_path=interactions, extra={"written_by": "recsys-metric train"}
+        )
+    return result, final
 
 
 def _run_config(store: ArtifactStore, run_id: str) -> Config:

@@ -386,6 +386,29 @@ def test_the_sink_round_trips_the_table_keeps_the_previous_one_and_indexes_it(pg
     assert _sql(pg, f"SELECT to_regclass('{table}_staging')") == [(None,)]
 
 
+def test_an_unlogged_load_swaps_in_an_unlogged_table_and_a_logged_one_replaces_it(pg):
+    table = "recs_unlogged"
+    first, second, third = _recs("run-a", 30, 4), _recs("run-b", 35, 4), _recs("run-c", 20, 4)
+
+    def persistence(name: str) -> str:  # p: permanent (logged), u: unlogged
+        return _sql(pg, f"SELECT relpersistence FROM pg_class WHERE oid = '{name}'::regclass")[0][0]
+
+    assert write_postgres_table(pg, table, first.to_batches(), first.schema)["unlogged"] is False
+    out = write_postgres_table(pg, table, second.to_batches(max_chunksize=50), second.schema, unlogged=True)
+    assert (out["n_rows"], out["unlogged"], out["previous_table"]) == (140, True, f"{table}_previous")
+    assert (persistence(table), persistence(f"{table}_user_rank"), persistence(f"{table}_previous")) == (
+        "u",
+        "u",
+        "p",
+    )
+    assert _read_table(pg, table).equals(pl.from_arrow(second).sort("user_id", "rank"))
+    assert _read_table(pg, f"{table}_previous").equals(pl.from_arrow(first).sort("user_id", "rank"))
+    write_postgres_table(pg, table, third.to_batches(), third.schema)
+    assert (persistence(table), persistence(f"{table}_previous")) == ("p", "u")
+    assert _read_table(pg, table).equals(pl.from_arrow(third).sort("user_id", "rank"))
+    assert _sql(pg, f"SELECT to_regclass('{table}_staging')") == [(None,)]
+
+
 def test_a_failed_load_leaves_the_old_table_serving_and_no_staging_table(pg):
     table = "recs_fail"
     old = _recs("run-old", 20, 3)
@@ -407,6 +430,10 @@ def test_a_failed_load_leaves_the_old_table_serving_and_no_staging_table(pg):
     assert _sql(pg, f"SELECT to_regclass('{table}_staging'), to_regclass('{table}_previous')") == [
         (None, None)
     ]
+    with pytest.raises(DatabaseError, match="bulk-loading recs_fail_staging failed .* rolled back"):
+        write_postgres_table(pg, table, broken(), new.schema, unlogged=True)
+    assert _read_table(pg, table).equals(pl.from_arrow(old).sort("user_id", "rank"))
+    assert _sql(pg, f"SELECT to_regclass('{table}_staging')") == [(None,)]
     with pytest.raises(DatabaseError, match="stored 60 rows, expected 61; rolled back"):
         write_postgres_table(pg, table, old.to_batches(), old.schema, expected_rows=61)
     assert _read_table(pg, table).equals(pl.from_arrow(old).sort("user_id", "rank"))
@@ -491,6 +518,7 @@ def test_cli_run_from_a_database_log_to_a_database_table_leaks_no_password(
             reader,
             "--table",
             "recs_e2e",
+            "--unlogged",
             "-k",
             "7",
             "--out",
@@ -498,6 +526,7 @@ def test_cli_run_from_a_database_log_to_a_database_table_leaks_no_password(
         ]
     )
     assert code == 0
+    assert _sql(pg, "SELECT relpersistence FROM pg_class WHERE oid = 'recs_e2e'::regclass") == [("u",)]
     table = _read_table(pg, "recs_e2e")
     assert table.height == 200 * 7 and table["user_id"].n_unique() == 200
     assert table["run_id"].unique().to_list() == [run_id]
@@ -595,8 +624,10 @@ def test_nightly_and_batch_flows_from_a_database_log_to_a_database_table(
         to=reader,
         table="flow_recs",
         password_secret="recsys-db-password",
+        unlogged=True,
     )
-    assert second["postgres"]["previous_table"] == "flow_recs_previous"
+    assert second["postgres"]["previous_table"] == "flow_recs_previous" and second["postgres"]["unlogged"]
+    assert _sql(pg, "SELECT relpersistence FROM pg_class WHERE oid = 'flow_recs'::regclass") == [("u",)]
     assert _read_table(pg, "flow_recs").height == 300 * 3
     assert _read_table(pg, "flow_recs_previous").equals(table)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

@@ -5,7 +5,7 @@ import pytest
 from recsys_metric import pipeline
 from recsys_metric.config import config_from_dict
 from recsys_metric.data.synthetic import generate_log
-from recsys_metric.nightly import run_nightly
+from recsys_metric.nightly import run_nightly, train_into_store
 from recsys_metric.recommend import Recommender
 from recsys_metric.registry import ArtifactStore
 
@@ -57,6 +57,36 @@ def test_a_crash_leaves_current_unchanged_and_a_rerun_succeeds(log, tmp_path, mo
     monkeypatch.undo()
     again = run_nightly(log, tmp_path, config_from_dict(GOOD), progress=False)
     assert again.published and store.current() == again.run_id
+
+
+def test_train_into_store_removes_a_failed_run_and_a_failed_publish_keeps_the_complete_run(
+    log, tmp_path, monkeypatch
+):
+    """Both writers share one prologue and failure path: before finalize a failure removes the
+    run's temporary directory; after it the run is complete and stays."""
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full while writing the index")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "build_index", broken)
+        with pytest.raises(OSError, match="disk full while writing the index"):
+            train_into_store(log, tmp_path, config_from_dict(GOOD), progress=False)
+    store = ArtifactStore(tmp_path)
+    assert store.list_runs() == [] and not list(store.runs_dir.glob(".tmp-*"))
+
+    _, run_dir = train_into_store(log, tmp_path, config_from_dict(GOOD), progress=False)
+    assert [r.run_id for r in store.list_runs() if r.complete] == [run_dir.name] and store.current() is None
+
+    def refuse(self, run_id, **kwargs):
+        raise RuntimeError(f"publish of {run_id} refused")
+
+    monkeypatch.setattr(ArtifactStore, "publish", refuse)
+    with pytest.raises(RuntimeError, match="publish of .* refused"):
+        run_nightly(log, tmp_path, config_from_dict(GOOD), progress=False, force=True)
+    complete = [r.run_id for r in store.list_runs() if r.complete]
+    assert len(complete) == 2 and complete[0] == run_dir.name and store.current() is None
+    assert not list(store.runs_dir.glob(".tmp-*"))
 
 
 def test_gate_refuses_a_worse_model_and_force_overrides(log, tmp_path):

@@ -7,7 +7,7 @@ recommendation tables written into PostgreSQL.
   validation and quarantine) and :func:`database_fingerprint` (what ``manifest.json`` records).
 - :mod:`recsys_metric.db.sink`: :func:`write_postgres_table`, a bulk load (binary COPY through
   ADBC) into a staging table, the ``(user_id, rank)`` index, and a rename swap in one transaction
-  that keeps the previous table as ``<table>_previous``.
+  that keeps the previous table as ``<table>_previous`` (a logged table, or ``unlogged=True``).
 
 Nothing here imports torch: the serving side calls the sink. See docs/databases.md.
 """
