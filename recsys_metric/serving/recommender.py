@@ -67,7 +67,9 @@ class Recommender:
     Build with :meth:`load`. Every query method is safe to call from many threads at once: the
     vectors, vocabularies and seen-item matrices are read-only, queries allocate their own
     buffers, and the only state written after loading (the fold-in model for
-    :meth:`recommend_for_history`, read on first use) is guarded by a lock.
+    :meth:`recommend_for_history`, read on first use) is guarded by a lock. :meth:`add_items`
+    swaps in grown id tables and a segmented engine in an order that keeps every query consistent
+    (:data:`~recsys_metric.serving.added_items.PUBLISH_ORDER`).
 
     A Recommender is a snapshot of one run. To follow each night's publish, use
     :class:`~recsys_metric.serving.follow.FollowingRecommender` (``Recommender.load(artifacts,
