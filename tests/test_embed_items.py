@@ -311,3 +311,34 @@ def test_adding_and_querying_new_items_never_imports_torch(run_dir):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == {"heavy": [], "added": 1}
+
+
+# --------------------------------------------------------------------------- the merge, exactly
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "dot"])
+def test_the_segmented_engine_ranks_as_one_table_holding_every_item(distance):
+    """Run items + added items ranked apart and merged = the same items in one table, bit for bit."""
+    from recsys_metric.serving.added_items import _SegmentedEngine
+    from recsys_metric.serving.ranking import _Engine, _Exclusions
+
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((500, 8)).astype(np.float32)
+    added = rng.standard_normal((37, 8)).astype(np.float32)
+    added[5] = base[10]  # an exact tie across the segments: the run's item first
+    queries = rng.standard_normal((6, 8)).astype(np.float32)
+    queries[0] = base[10]
+    whole = _Engine(np.concatenate([base, added]), distance)
+    segmented = _SegmentedEngine(_Engine(base, distance), _Engine(added, distance), serve_added=True)
+    excluded = [np.array([3, 505, 530]), np.array([], dtype=np.int64)] + [np.arange(0, 537, 7)] * 4
+    for k in (1, 10, 60, 537):
+        exclusions = _Exclusions.of_rows(excluded)
+        expected = whole.rank(queries, k, exclusions, None)
+        got = segmented.rank(queries, k, exclusions, None)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    candidates = np.array([[510, 2, 10, 505, -1, 536]] * 6)
+    expected = whole.finish(queries, candidates, 4, _Exclusions.of_rows(excluded))
+    got = segmented.finish(queries, candidates, 4, _Exclusions.of_rows(excluded))
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
