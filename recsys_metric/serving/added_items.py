@@ -368,7 +368,13 @@ def extend(
         table[again[~fresh]] = vectors[~fresh]
         table = np.concatenate([table, vectors[fresh]])
         kept = current.rows.filter(~pl.col("item_id").is_in(todo["item_id"].implode()))
-        all_rows = pl.concat([kept, rows], how="diagonal_relaxed")
+        try:
+            all_rows = pl.concat([kept, rows], how="diagonal_relaxed")
+        except pl.exceptions.PolarsError as err:
+            raise DataError(
+                f"item frame ({frame.height} rows): its columns do not match those of the items added "
+                f"before ({type(err).__name__}: {err}); give each column the type it had"
+            ) from None
     else:
         table, all_rows = vectors, rows
     new_ids = pl.concat([old_ids, todo["item_id"].filter(pl.Series(fresh))])
@@ -441,7 +447,7 @@ def carry_over(old: AddedItems | None, embedder_of: Any, base_ids: pl.Series) ->
         n_known = int((~unknown).sum())
         rows = rows.filter(pl.Series(unknown))
         _, has_feature = embedder.feature_vectors(embedder.encode(rows))
-    except DataError as err:
+    except Exception as err:  # noqa: BLE001 - never keep a good run from being swapped in
         log.warning(
             "dropped the %d item(s) added to the previous run: the new run cannot embed them: %s",
             len(old),
@@ -473,7 +479,7 @@ def carry_added_items(old: Any, new: Any) -> AddResult | None:
         return None
     try:
         result = new.add_items(rows)
-    except DataError as err:
+    except Exception as err:  # noqa: BLE001 - never keep a good run from being swapped in
         log.warning("dropped the %d item(s) added to the previous run: %s", rows.height, err)
         return None
     log.info(

@@ -241,6 +241,11 @@ class FollowingRecommender:
             "interval": self.interval,
         }
 
+    @property
+    def n_added(self) -> int:
+        """Items added after the run serving now (:meth:`add_items`, carried over at each swap)."""
+        return self._current.n_added
+
     def embed_items(self, items: ItemsInput, *, separator: str = "|") -> Any:
         """:meth:`Recommender.embed_items` with the run serving now."""
         return self._current.embed_items(items, separator=separator)
