@@ -166,8 +166,20 @@ def test_added_items_are_queried_and_returned_where_expected(run_dir, index):
     assert batch["item_id"].to_list() == ["new/15", ITEM_IDS[119]]
     history = rec.recommend_for_history(["new/15"], k=2)
     assert history["item_id"].to_list() == [ITEM_IDS[15], ITEM_IDS[14]]
+    with pytest.raises(KeyError, match="nope"):
+        rec.similar_items(ITEM_IDS[0], exclude=["new/17", "nope"])
+    with pytest.raises(KeyError, match="nope"):
+        rec.similar_items("nope")
     every = rec.recommend(user, k=N_ITEMS + 10)
     assert len(every) == N_ITEMS + 2 - 2, "every item but the two seen, the added ones included"
+
+
+def test_pandas_results_and_explain_name_added_items(run_dir):
+    rec = Recommender.load(run_dir)  # pandas frames
+    rec.add_items(new_items(**{"new/17": 17}))
+    assert rec.similar_items(ITEM_IDS[17], k=1)["item_id"].tolist() == ["new/17"]
+    # User 5 liked items 15 and 16: 16 is nearer to the new item on 17's point.
+    assert rec.explain(USER_IDS[5], "new/17", k=2)["liked_item_id"].tolist() == [ITEM_IDS[16], ITEM_IDS[15]]
 
 
 def test_known_ids_are_skipped_and_added_ids_replaced(run_dir):

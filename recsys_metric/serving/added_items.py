@@ -14,9 +14,9 @@ small segment beside it: :class:`AddedItems`. They get the item numbers after th
   item before an added one), then cut to ``k``.
 
 Scores are the same formula pair by pair in both segments (the run's distance), so an added item
-ranks exactly where it would rank had it been in the run's table. Adding costs one
-``O(added)`` embedding and one ``O(catalogue)`` copy of the id tables (not of the vectors): add
-items in batches, not one call per item, when the catalogue is large.
+ranks exactly where it would rank had it been in the run's table. Adding costs ``O(added)``:
+the embedding of the new rows and the rebuild of the added segment (the run's tables are never
+copied; lookups go through small overlays).
 
 Under ``data.cold_items: excluded`` an added item (no training interactions, by definition) is
 treated as the run's cold items are: it can be queried (``similar_items(new_id)``), but no answer
@@ -217,18 +217,19 @@ def _split_tag_strings(frame: pl.DataFrame, embedder: ItemEmbedder, separator: s
 
 
 class _CombinedRows:
-    """Read-only rows of the run's vectors followed by the added ones, without copying the run's.
+    """Read-only rows of a run's array followed by the added ones, without copying the run's:
+    the item vectors ``[n, D]`` or the id values ``[n]``.
 
-    Supports what the Recommender asks of its item vectors: ``rows[a:b]`` and ``rows[int array]``
-    (returning new float32 arrays, or a view of the run's table when every row is the run's).
+    Supports what the Recommender asks of them: ``rows[a:b]`` and ``rows[int array]`` (returning
+    new arrays, or a view of the run's when every row is the run's).
     """
 
     def __init__(self, base: np.ndarray, added: np.ndarray):
         self.base = base
         self.added = added
         self.n_base = int(base.shape[0])
-        self.shape = (self.n_base + int(added.shape[0]), int(base.shape[1]))
-        self.dtype = base.dtype
+        self.shape = (self.n_base + int(added.shape[0]), *base.shape[1:])
+        self.dtype = np.result_type(base.dtype, added.dtype)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -245,11 +246,55 @@ class _CombinedRows:
             return self.base[nums]
         if nums.size and (nums.min() < 0 or nums.max() >= self.shape[0]):
             raise IndexError(f"item number out of range [0, {self.shape[0]})")
-        out = np.empty((*nums.shape, self.shape[1]), dtype=self.dtype)
+        out = np.empty((*nums.shape, *self.shape[1:]), dtype=self.dtype)
         in_base = nums < self.n_base
         out[in_base] = self.base[nums[in_base]]
         out[~in_base] = self.added[nums[~in_base] - self.n_base]
         return out
+
+
+class _CombinedLookup:
+    """``id -> item number`` over the run's dict and the added items' (what ``Recommender._lookup``
+    reads with ``.get``), without copying the run's dict."""
+
+    def __init__(self, base: dict[Any, int], added: dict[Any, int]):
+        self.base = base
+        self.added = added
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        found = self.added.get(key)  # a TypeError for an unhashable key, as dict.get
+        return found if found is not None else self.base.get(key, default)
+
+
+class _CombinedVocabulary:
+    """The run's :class:`Vocabulary` followed by the added ids (numbers ``n_base + j``), with the
+    part of its interface the Recommender uses (``numbers``, ``id_column``), without rebuilding
+    the run's."""
+
+    def __init__(self, base: Vocabulary, added: Vocabulary):
+        self.base = base
+        self.added = added
+        self.n_base = len(base)
+
+    @property
+    def id_column(self) -> str:
+        return self.base.id_column
+
+    def __len__(self) -> int:
+        return self.n_base + len(self.added)
+
+    def numbers(self, ids: Any, missing: str = "error") -> np.ndarray:
+        """As :meth:`Vocabulary.numbers`; an unknown id raises the run vocabulary's own error."""
+        nums = self.base.numbers(ids, missing="negative")
+        lost = nums < 0
+        if lost.any():
+            more = self.added.numbers(ids, missing="negative")
+            nums = np.where(lost & (more >= 0), more + self.n_base, nums).astype(np.int32)
+            lost = nums < 0
+            if lost.any() and missing == "error":
+                query = ids if isinstance(ids, pl.Series) else pl.Series(values=list(ids))
+                self.base.numbers(query.filter(pl.Series(lost)), missing="error")
+        return nums
 
 
 def _merge(
@@ -393,28 +438,32 @@ def extend(
 
 
 def segment_state(
-    base_engine: _Engine,
-    base_vectors: np.ndarray,
-    base_ids: pl.Series,
-    added: AddedItems,
-    distance: str,
-    *,
-    serve_added: bool,
+    base: dict[str, Any], added: AddedItems, distance: str, *, serve_added: bool
 ) -> dict[str, Any]:
-    """What a Recommender swaps in to serve ``added`` beside the run: the combined id tables, the
-    combined vector rows and the segmented engine (names as the Recommender's attributes)."""
-    ids = pl.concat([base_ids, added.ids]).rename(base_ids.name)
-    items = Vocabulary(ids, name="item")
-    items.numbers(ids.head(1))  # warm the lookup cache before any query thread reads it
-    id_values = ids.to_numpy()
-    id_values.flags.writeable = False
+    """What a Recommender swaps in to serve ``added`` beside the run, by attribute name: the id
+    tables and vector rows of both (overlays: nothing of the run's is copied, so an add costs
+    ``O(added)``, not ``O(catalogue)``) and the segmented engine.
+
+    Args:
+        base: the run's own attributes as loaded (``_engine``, ``_item_vectors``, ``item_ids``,
+            ``_items``, ``_item_num_of``, ``_item_id_values``).
+    """
+    n_base = len(base["item_ids"])
+    added_vocab = Vocabulary(added.ids, name="item")
+    added_vocab.numbers(added.ids.head(1))  # warm its lookup cache before any query thread reads it
+    added_values = added.ids.to_numpy()
     return {
-        "item_ids": ids,
-        "_item_id_values": id_values,
-        "_engine": _SegmentedEngine(base_engine, _Engine(added.vectors, distance), serve_added=serve_added),
-        "_item_vectors": _CombinedRows(base_vectors, added.vectors),
-        "_items": items,
-        "_item_num_of": dict(zip(ids.to_list(), range(ids.len()), strict=True)),
+        "item_ids": pl.concat([base["item_ids"], added.ids], rechunk=False).rename(base["item_ids"].name),
+        "_item_id_values": _CombinedRows(base["_item_id_values"], added_values),
+        "_engine": _SegmentedEngine(
+            base["_engine"], _Engine(added.vectors, distance), serve_added=serve_added
+        ),
+        "_item_vectors": _CombinedRows(base["_item_vectors"], added.vectors),
+        "_items": _CombinedVocabulary(base["_items"], added_vocab),
+        "_item_num_of": _CombinedLookup(
+            base["_item_num_of"],
+            dict(zip(added.ids.to_list(), range(n_base, n_base + len(added)), strict=True)),
+        ),
     }
 
 

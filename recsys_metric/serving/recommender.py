@@ -139,6 +139,7 @@ class Recommender:
         self._meta: dict[str, Any] | None = None
         # Items added after the run (add_items): the run's own tables stay as loaded.
         self._base = (self._engine, self._item_vectors, self.item_ids)
+        self._base_tables = {name: getattr(self, name) for name in added_items.PUBLISH_ORDER}
         self._added: AddedItems | None = None
         self._add_lock = threading.Lock()
         self._embedder: ItemEmbedder | None = None
@@ -291,11 +292,11 @@ class Recommender:
         frame = added_items.read_items_frame(items)
         embedder = self._item_embedder()
         with self._add_lock:
-            engine, vectors, ids = self._base
+            ids = self._base[2]
             new, result = added_items.extend(self._added, frame, embedder, ids, separator=separator)
             if new is not None and new is not self._added:
                 state = added_items.segment_state(
-                    engine, vectors, ids, new, self.distance, serve_added=not _cold_excluded(self.run_dir)
+                    self._base_tables, new, self.distance, serve_added=not _cold_excluded(self.run_dir)
                 )
                 self._added = new
                 for name in added_items.PUBLISH_ORDER:
