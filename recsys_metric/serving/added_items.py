@@ -384,11 +384,16 @@ def extend(
     base_ids: pl.Series,
     *,
     separator: str = "|",
+    base_lookup: Any = None,
 ) -> tuple[AddedItems | None, AddResult]:
     """``current`` plus the items of ``frame`` (already checked by :func:`read_items_frame`).
 
     Ids the run knows are skipped; ids added before are embedded again (same number, new vector);
     the others are appended. Nothing changes when an error is raised.
+
+    Args:
+        base_lookup: the run's ``id -> number`` dict (``.get``), to tell known ids without a
+            vocabulary lookup; None looks them up in ``embedder.items``.
 
     Raises:
         DataError: a feature column is missing or of another kind, an id has the wrong type, or an
@@ -396,12 +401,17 @@ def extend(
     """
     ids = _ids_as(frame["item_id"], base_ids)
     frame = frame.with_columns(ids)
-    known = embedder.items.numbers(ids, missing="negative") >= 0
+    if base_lookup is not None:  # the run's id -> number dict: O(added), not O(catalogue)
+        known = np.fromiter(
+            (base_lookup.get(i) is not None for i in ids.to_list()), dtype=bool, count=ids.len()
+        )
+    else:
+        known = embedder.items.numbers(ids, missing="negative") >= 0
     skipped = ids.filter(pl.Series(known)).to_list()
     todo = frame.filter(pl.Series(~known))
     if todo.height == 0:
         return current, AddResult(skipped=skipped)
-    vectors = embedder.embed(todo, separator=separator)
+    vectors = embedder.embed_new(todo, separator=separator)
     rows = _split_tag_strings(todo, embedder, separator)
     old_ids = current.ids if current is not None else pl.Series("item_id", [], dtype=base_ids.dtype)
     position = dict(zip(old_ids.to_list(), range(old_ids.len()), strict=True))

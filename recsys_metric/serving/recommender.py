@@ -293,7 +293,14 @@ class Recommender:
         embedder = self._item_embedder()
         with self._add_lock:
             ids = self._base[2]
-            new, result = added_items.extend(self._added, frame, embedder, ids, separator=separator)
+            new, result = added_items.extend(
+                self._added,
+                frame,
+                embedder,
+                ids,
+                separator=separator,
+                base_lookup=self._base_tables["_item_num_of"],
+            )
             if new is not None and new is not self._added:
                 state = added_items.segment_state(
                     self._base_tables, new, self.distance, serve_added=not _cold_excluded(self.run_dir)
