@@ -217,13 +217,30 @@ class ItemEmbedder:
         raw, known = self.feature_vectors(self.encode(frame, separator=separator))
         nums = self.items.numbers(frame["item_id"], missing="negative")
         old = nums >= 0
-        bare = ~known & ~old
-        if bare.any():
-            first = frame["item_id"].filter(pl.Series(bare)).head(5).to_list()
-            raise DataError(
-                f"{int(bare.sum())} of {frame.height} new item(s) have no feature value the model knows "
-                f"(every value missing or unseen in training; first: {first}): a new item is placed by its "
-                "features alone, so give each at least one known value, or leave it out"
-            )
+        _check_placeable(frame, ~known & ~old)
         raw[old] += self.weights["id"][nums[old]]
         return self.finish(raw)
+
+    def embed_new(self, frame: pl.DataFrame, *, separator: str = "|") -> np.ndarray:
+        """As :meth:`embed` for items the caller knows the run does not have: placed by their
+        features alone, without looking the ids up (a lookup in the run's vocabulary costs
+        ``O(catalogue)``, about 0.25 s for a million string ids).
+
+        Raises:
+            DataError: as :meth:`embed`.
+        """
+        raw, known = self.feature_vectors(self.encode(frame, separator=separator))
+        _check_placeable(frame, ~known)
+        return self.finish(raw)
+
+
+def _check_placeable(frame: pl.DataFrame, bare: np.ndarray) -> None:
+    """DataError when a row of ``frame`` marked ``bare`` (a new item without any known feature
+    value) would land on the point every such item shares."""
+    if bare.any():
+        first = frame["item_id"].filter(pl.Series(bare)).head(5).to_list()
+        raise DataError(
+            f"{int(bare.sum())} of {frame.height} new item(s) have no feature value the model knows "
+            f"(every value missing or unseen in training; first: {first}): a new item is placed by its "
+            "features alone, so give each at least one known value, or leave it out"
+        )

@@ -279,3 +279,28 @@ def test_a_new_item_without_any_known_feature_is_a_clear_error(catalog):
 def test_a_run_without_features_has_no_item_embedder(tmp_path):
     with pytest.raises(DataError, match="only a run trained with model.item_features can embed new items"):
         ItemEmbedder.load(tmp_path)
+
+
+def test_recommender_embeds_and_adds_items_of_a_trained_run(catalog):
+    """Recommender.embed_items of the run's items gives their exported vectors; an item added after
+    the run with a cold item's features lands on that cold item (both are features alone)."""
+    from recsys_metric.serving import Recommender
+
+    _, run_dir, cold_ids, items = catalog
+    rec = Recommender.load(run_dir, output="polars")
+    exported = read_embeddings(run_dir / "item_embeddings.parquet")
+    frame = pl.DataFrame({"item_id": exported.ids}).join(
+        items, on="item_id", how="left", maintain_order="left"
+    )
+    np.testing.assert_allclose(rec.embed_items(frame), exported.vectors, rtol=1e-5, atol=1e-6)
+
+    twin = frame.filter(pl.col("item_id") == cold_ids[0]).with_columns(item_id=pl.lit("twin-of-cold"))
+    assert rec.add_items(twin).added == ["twin-of-cold"]
+    for exact in (False, True):
+        first = rec.similar_items(cold_ids[0], k=1, exact=exact)
+        assert first["item_id"].to_list() == ["twin-of-cold"]
+        assert first["score"][0] == pytest.approx(0.0, abs=1e-2)
+    user = rec.user_ids[0]
+    every = rec.recommend(user, k=rec.n_items, exclude_seen=False, exact=True)
+    ranks = dict(zip(every["item_id"].to_list(), every["rank"].to_list(), strict=True))
+    assert abs(ranks["twin-of-cold"] - ranks[cold_ids[0]]) == 1, "the twin ranks next to its cold item"

@@ -10,6 +10,9 @@ or any ASGI server (``uvicorn --factory recsys_metric.serving.api:app_from_env``
 - ``POST /recommend/history`` ``{"item_ids": [...], "k": 10, "exclude_seen": true}`` (fold-in for a
   user the model has not seen)
 - ``GET /explain/{user_id}/{item_id}?k=5``
+- ``POST /items`` ``{"items": [{"item_id": ..., FEATURE: VALUE, ...}], "separator": "|"}``: embed
+  new items from their features and serve them at once (``Recommender.add_items``; 422 names a
+  bad item); answers the ids ``added``, ``replaced``, ``skipped`` (known to the run)
 - ``GET /health``: the serving run, when it was loaded, counts, reloads and refusals
 - ``GET /metrics``: Prometheus text (requests, latency histogram, reloads, refused runs)
 - ``GET /docs``: OpenAPI
@@ -46,8 +49,9 @@ from pydantic import BaseModel, Field
 
 from recsys_metric import __version__
 from recsys_metric.data.vocab import UnknownIdError
-from recsys_metric.errors import RecsysMetricError
+from recsys_metric.errors import DataError, RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK
+from recsys_metric.serving.added_items import items_frame
 from recsys_metric.serving.cli_api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
 from recsys_metric.serving.follow import FollowingRecommender
 from recsys_metric.serving.recommender import Recommender
@@ -75,6 +79,19 @@ class HistoryRequest(BaseModel):
     )
     k: int = Field(10, ge=1, le=MAX_K, description="number of items")
     exclude_seen: bool = Field(True, description="leave the history items out of the answer")
+
+
+class ItemsRequest(BaseModel):
+    """Body of ``POST /items``."""
+
+    items: list[dict[str, Any]] = Field(
+        ...,
+        min_length=1,
+        max_length=10_000,
+        description="items to embed and serve: item_id plus every feature column the run was trained "
+        "with (null = missing; tags as a list or a delimited string)",
+    )
+    separator: str = Field("|", min_length=1, description="delimiter of tags given as one string")
 
 
 class _Metrics:
@@ -330,6 +347,18 @@ def create_app(
         frame = rec.explain(user, item, k=k)
         return _json({"run_id": rec.run_id, "user_id": user, "item_id": item, "liked": _rows(frame)})
 
+    @app.post("/items", summary="Embed new items from their features and serve them at once")
+    def add_items(body: ItemsRequest) -> Response:
+        rec = service()
+        try:
+            now = snapshot()
+            frame = items_frame(body.items, now._base[2], now._item_embedder(), separator=body.separator)
+            result = rec.add_items(frame, separator=body.separator)
+        except DataError as err:
+            return JSONResponse({"detail": str(err)}, status_code=422)
+        now = snapshot()
+        return _json({"run_id": now.run_id, **result.to_dict(), "n_added_items": now.n_added})
+
     @app.get("/health", summary="What is serving: run, load time, counts, reloads, refusals")
     def health() -> dict[str, Any]:
         rec = state["rec"]
@@ -346,6 +375,7 @@ def create_app(
             "verified": rec.verified,
             "n_users": rec.n_users,
             "n_items": rec.n_items,
+            "n_added_items": rec.n_added,
             "reloads": 0,
             "refused": 0,
             "last_refusal": None,

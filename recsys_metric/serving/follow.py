@@ -34,6 +34,7 @@ from typing import Any
 
 from recsys_metric.errors import ConfigError, RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK, resolve_run_dir
+from recsys_metric.serving.added_items import AddResult, ItemsInput, carry_added_items
 from recsys_metric.serving.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ class FollowingRecommender:
                 self.refusals.append(Refusal(str(run_dir), reason, dt.datetime.now(dt.UTC)))
                 log.warning("refused run %s, keep serving run %s: %s", run_dir, self.run_id, reason)
                 return False
+            carry_added_items(self._current, new)
             old = self._current
             self._current = new  # the swap: one reference assignment, atomic for every reader
             self._retired = weakref.ref(old)
@@ -225,6 +227,7 @@ class FollowingRecommender:
             "verified": rec.verified,
             "n_users": rec.n_users,
             "n_items": rec.n_items,
+            "n_added_items": rec.n_added,
             "reloads": self.reloads,
             "refused": len(self.refusals),
             "last_refusal": None
@@ -237,6 +240,23 @@ class FollowingRecommender:
             "checked_at": None if self.checked_at is None else self.checked_at.isoformat(timespec="seconds"),
             "interval": self.interval,
         }
+
+    @property
+    def n_added(self) -> int:
+        """Items added after the run serving now (:meth:`add_items`, carried over at each swap)."""
+        return self._current.n_added
+
+    def embed_items(self, items: ItemsInput, *, separator: str = "|") -> Any:
+        """:meth:`Recommender.embed_items` with the run serving now."""
+        return self._current.embed_items(items, separator=separator)
+
+    def add_items(self, items: ItemsInput, *, separator: str = "|") -> AddResult:
+        """:meth:`Recommender.add_items` on the run serving now; each run swapped in later embeds
+        them again with its own item tower (an id the new run knows is served by the new run's
+        vector; an item the new run cannot place is dropped, with a warning in the log)."""
+        # Under the refresh lock: an add never falls between a new run's carry-over and its swap.
+        with self._refresh_lock:
+            return self._current.add_items(items, separator=separator)
 
     # Queries: each reads self._current once, so it runs on one run from start to end.
 

@@ -31,8 +31,11 @@ from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.vocab import UnknownIdError, Vocabulary
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.index import SIDECAR_FILE, AnnoyIndex, ItemIndex
+from recsys_metric.item_embedder import ITEM_TOWER_FILE, ItemEmbedder
 from recsys_metric.registry import resolve_run_dir
 from recsys_metric.scoring import NORM_EPS
+from recsys_metric.serving import added_items
+from recsys_metric.serving.added_items import AddedItems, AddResult, ItemsInput
 from recsys_metric.serving.ranking import (
     _block_users,
     _check_k,
@@ -64,7 +67,9 @@ class Recommender:
     Build with :meth:`load`. Every query method is safe to call from many threads at once: the
     vectors, vocabularies and seen-item matrices are read-only, queries allocate their own
     buffers, and the only state written after loading (the fold-in model for
-    :meth:`recommend_for_history`, read on first use) is guarded by a lock.
+    :meth:`recommend_for_history`, read on first use) is guarded by a lock. :meth:`add_items`
+    swaps in grown id tables and a segmented engine in an order that keeps every query consistent
+    (:data:`~recsys_metric.serving.added_items.PUBLISH_ORDER`).
 
     A Recommender is a snapshot of one run. To follow each night's publish, use
     :class:`~recsys_metric.serving.follow.FollowingRecommender` (``Recommender.load(artifacts,
@@ -132,6 +137,12 @@ class Recommender:
         self._model_lock = threading.Lock()
         self._model: Any = None
         self._meta: dict[str, Any] | None = None
+        # Items added after the run (add_items): the run's own tables stay as loaded.
+        self._base = (self._engine, self._item_vectors, self.item_ids)
+        self._base_tables = {name: getattr(self, name) for name in added_items.PUBLISH_ORDER}
+        self._added: AddedItems | None = None
+        self._add_lock = threading.Lock()
+        self._embedder: ItemEmbedder | None = None
         # Warm the lazily built lookup caches now, so that no query thread writes them.
         self._users.numbers(self.user_ids.head(1))
         self._items.numbers(self.item_ids.head(1))
@@ -224,6 +235,90 @@ class Recommender:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def n_added(self) -> int:
+        """Items added after the run by :meth:`add_items` (counted in :attr:`n_items`)."""
+        added = self._added
+        return 0 if added is None else len(added)
+
+    @property
+    def added_item_ids(self) -> pl.Series:
+        """``item_id`` of the items added by :meth:`add_items`, in the order they were first added."""
+        added = self._added
+        return self._base[2].clear() if added is None else added.ids
+
+    def embed_items(self, items: ItemsInput, *, separator: str = "|") -> np.ndarray:
+        """Vectors of items from their features, with the run's item tower, without changing anything.
+
+        Args:
+            items: a polars or pandas frame, or an item file (see
+                :func:`~recsys_metric.serving.added_items.read_items_frame`): ``item_id`` plus every
+                feature column of the run's ``model.item_features`` (nulls are missing values;
+                unknown values map to the missing code).
+            separator: the delimiter of tag columns given as strings (``"Action|Comedy"``).
+
+        Returns:
+            float32 ``[n, dim]``, row ``m`` for row ``m`` of ``items``, in the run's space: an id
+            the run knows keeps its learned id part (its features as trained give back its
+            exported vector); any other id is placed by its features alone.
+
+        Raises:
+            DataError: the run was trained without item features (retrain with
+                ``model.item_features``); a feature column is missing; a new item has no feature
+                value the run knows.
+        """
+        frame = added_items.read_items_frame(items)
+        return self._item_embedder().embed(frame, separator=separator)
+
+    def add_items(self, items: ItemsInput, *, separator: str = "|") -> AddResult:
+        """Embed items from their features (as :meth:`embed_items`) and serve them from now on.
+
+        Added items can be queried by id (``similar_items(new_id)``, ``explain``, histories) and
+        are returned by ``similar_items``, ``recommend``, ``recommend_batch`` and
+        ``recommend_for_history`` like the run's items, with the same scores (they are ranked
+        exactly beside the run's index, :mod:`recsys_metric.serving.added_items`); under
+        ``data.cold_items: excluded`` they are never returned, as the run's cold items. An id
+        the run knows is skipped (its own vector serves it); an id added before is embedded
+        again from the features given now. Safe to call while other threads query; the call is
+        all or nothing.
+
+        Returns:
+            :class:`~recsys_metric.serving.added_items.AddResult`: ids ``added``, ``replaced``, ``skipped``.
+
+        Raises:
+            DataError: as :meth:`embed_items`, or null, duplicate or wrongly typed ids.
+        """
+        frame = added_items.read_items_frame(items)
+        embedder = self._item_embedder()
+        with self._add_lock:
+            ids = self._base[2]
+            new, result = added_items.extend(
+                self._added,
+                frame,
+                embedder,
+                ids,
+                separator=separator,
+                base_lookup=self._base_tables["_item_num_of"],
+            )
+            if new is not None and new is not self._added:
+                state = added_items.segment_state(
+                    self._base_tables, new, self.distance, serve_added=not _cold_excluded(self.run_dir)
+                )
+                self._added = new
+                for name in added_items.PUBLISH_ORDER:
+                    setattr(self, name, state[name])
+        return result
+
+    def _item_embedder(self) -> ItemEmbedder:
+        embedder = self._embedder
+        if embedder is None:
+            with self._model_lock:
+                if self._embedder is None:
+                    self._verifier.check([ITEM_TOWER_FILE])
+                    self._embedder = ItemEmbedder.load(self.run_dir)
+                embedder = self._embedder
+        return embedder
 
     def similar_items(
         self, item_id: Any, k: int = 10, exclude: Sequence[Any] = (), exact: bool = False
@@ -433,6 +528,11 @@ class Recommender:
             if self.distance != "euclidean":
                 mean = mean / np.maximum(np.linalg.norm(mean), np.float32(NORM_EPS))
             return np.asarray(mean, dtype=np.float32).reshape(1, -1)
+        if history.max() >= self._base[1].shape[0]:
+            raise ValueError(
+                "recommend_for_history: this run's user tower cannot fold in items added after the run "
+                f"(add_items); leave them out of the history ({self.n_added} added items)"
+            )
         import torch
 
         model = self._torch_model()
@@ -463,6 +563,13 @@ class Recommender:
                     self._model = _load_torch_model(self.run_dir, self.n_items, self._device, self._verifier)
                 model = self._model
         return model
+
+
+def _cold_excluded(run_dir: Path) -> bool:
+    """The run's ``data.cold_items`` is ``excluded`` (added items are cold: never returned then)."""
+    from recsys_metric.cold_items import read_item_eligibility
+
+    return read_item_eligibility(run_dir / "item_embeddings.parquet").policy == "excluded"
 
 
 def _id_numbers(vocab: Vocabulary, ids: Any) -> np.ndarray:
