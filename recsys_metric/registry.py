@@ -59,11 +59,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 
 from recsys_metric import __version__
-from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.store.faults import fault_point
 from recsys_metric.store.lock import StoreLockedError as StoreLockedError  # re-exported
@@ -72,8 +69,9 @@ from recsys_metric.store.space import DiskSpaceError as DiskSpaceError  # re-exp
 from recsys_metric.store.space import check_free_space
 
 if TYPE_CHECKING:
-    # Imported where used: serving resolves runs and reads manifests through this module, and the
-    # config (pydantic) and database modules cost a query process a fifth of a second.
+    # Imported where used, like polars, the vocabulary and the database modules: serving resolves
+    # runs and reads manifests through this module, and each costs a query process a fifth of a
+    # second that it never needs.
     from recsys_metric.config import Config, PublishConfig
 
 MANIFEST_FILE = "manifest.json"
@@ -1309,6 +1307,10 @@ def score_current_on_holdout(
         DataError: missing or malformed files (named in the message).
     """
     # Imported here: they pull in torch, and the store itself (listing, publishing) should not.
+    import polars as pl
+
+    from recsys_metric.data.matrix import InteractionMatrix
+    from recsys_metric.data.vocab import Vocabulary
     from recsys_metric.evaluate import evaluate_with_baselines, training_items_mask
     from recsys_metric.export import read_embeddings
     from recsys_metric.model.distances import score_numpy

@@ -164,9 +164,9 @@ def _rows(frame: Any) -> list[dict[str, Any]]:
     return frame.to_dicts() if isinstance(frame, pl.DataFrame) else frame.to_dict(orient="records")
 
 
-def _typed(text: str, ids: pl.Series, column: str) -> int | str:
+def _typed(text: str, id_type: type, column: str) -> int | str:
     """A path segment as an id of the vocabulary's type (URL text; integer vocabularies need ints)."""
-    if ids.dtype.is_integer():
+    if id_type is int:
         try:
             return int(text)
         except ValueError:
@@ -179,10 +179,10 @@ def _typed(text: str, ids: pl.Series, column: str) -> int | str:
     return text
 
 
-def _typed_list(values: list[Any], ids: pl.Series, column: str) -> list[Any]:
+def _typed_list(values: list[Any], id_type: type, column: str) -> list[Any]:
     """Ids from a query string or a JSON body: text parsed for an integer vocabulary."""
-    if ids.dtype.is_integer():
-        return [v if isinstance(v, int) else _typed(v, ids, column) for v in values]
+    if id_type is int:
+        return [v if isinstance(v, int) else _typed(v, id_type, column) for v in values]
     return list(values)
 
 
@@ -277,8 +277,8 @@ def create_app(
         ] = None,
     ) -> Response:
         rec = snapshot()
-        item = _typed(item_id, rec.item_ids, "item_id")
-        frame = rec.similar_items(item, k=k, exclude=_typed_list(exclude or [], rec.item_ids, "item_id"))
+        item = _typed(item_id, rec.item_id_type, "item_id")
+        frame = rec.similar_items(item, k=k, exclude=_typed_list(exclude or [], rec.item_id_type, "item_id"))
         return _json({"run_id": rec.run_id, "item_id": item, "items": _rows(frame)})
 
     @app.get("/recommend/{user_id:path}", summary="Top items for a known user")
@@ -291,23 +291,26 @@ def create_app(
         ] = None,
     ) -> Response:
         rec = snapshot()
-        user = _typed(user_id, rec.user_ids, "user_id")
+        user = _typed(user_id, rec.user_id_type, "user_id")
         frame = rec.recommend(
-            user, k=k, exclude_seen=exclude_seen, exclude=_typed_list(exclude or [], rec.item_ids, "item_id")
+            user,
+            k=k,
+            exclude_seen=exclude_seen,
+            exclude=_typed_list(exclude or [], rec.item_id_type, "item_id"),
         )
         return _json({"run_id": rec.run_id, "user_id": user, "items": _rows(frame)})
 
     @app.post("/recommend", summary="Top items for each of many known users")
     def recommend_many(body: UsersRequest) -> Response:
         rec = snapshot()
-        users = _typed_list(body.user_ids, rec.user_ids, "user_id")
+        users = _typed_list(body.user_ids, rec.user_id_type, "user_id")
         frame = rec.recommend_batch(users, k=body.k, exclude_seen=body.exclude_seen)
         return _json({"run_id": rec.run_id, "recommendations": _rows(frame)})
 
     @app.post("/recommend/history", summary="Top items for an unknown user from the items they liked")
     def recommend_history(body: HistoryRequest) -> Response:
         rec = snapshot()
-        items = _typed_list(body.item_ids, rec.item_ids, "item_id")
+        items = _typed_list(body.item_ids, rec.item_id_type, "item_id")
         frame = rec.recommend_for_history(items, k=body.k, exclude_seen=body.exclude_seen)
         return _json({"run_id": rec.run_id, "items": _rows(frame)})
 
@@ -325,8 +328,8 @@ def create_app(
                 "the path must be /explain/USER_ID/ITEM_ID with each id URL-encoded ('/' inside an id as %2F)"
             )
         rec = snapshot()
-        user = _typed(unquote(parts[2]), rec.user_ids, "user_id")
-        item = _typed(unquote(parts[3]), rec.item_ids, "item_id")
+        user = _typed(unquote(parts[2]), rec.user_id_type, "user_id")
+        item = _typed(unquote(parts[3]), rec.item_id_type, "item_id")
         frame = rec.explain(user, item, k=k)
         return _json({"run_id": rec.run_id, "user_id": user, "item_id": item, "liked": _rows(frame)})
 

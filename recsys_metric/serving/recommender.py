@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import polars as pl
 
 from recsys_metric.cold_items import excluded_item_nums
 from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.vocab import UnknownIdError, Vocabulary
-from recsys_metric.errors import ConfigError, DataError
+from recsys_metric.errors import ConfigError, DataError, UnknownIdError
 from recsys_metric.index import SIDECAR_FILE, AnnoyIndex, ItemIndex
 from recsys_metric.registry import resolve_run_dir
 from recsys_metric.scoring import NORM_EPS
@@ -53,6 +51,10 @@ from recsys_metric.serving.verify import RunVerifier
 
 if TYPE_CHECKING:
     import pandas as pd
+    import polars as pl
+
+    from recsys_metric.data.vocab import Vocabulary
+    from recsys_metric.export import EmbeddingTable
 
 Output = Literal["pandas", "polars"]
 """Frame type of query results."""
@@ -108,22 +110,33 @@ class Recommender:
         self.run_dir = run.run_dir
         self.distance = run.distance
         self.dim = run.items.dim
-        self.user_ids = run.users.ids
-        self.item_ids = run.items.ids
+        self._user_table = run.users
+        self._item_table = run.items
         self.index = index
         self.output: Output = output
         self._device = str(device)
         self._verifier = verifier if verifier is not None else RunVerifier(run.run_dir, verify=False)
         self.verified = self._verifier.verified
         self.loaded_at = dt.datetime.now(dt.UTC)
-        self._users = Vocabulary(run.users.ids, name="user")
-        self._items = Vocabulary(run.items.ids, name="item")
         self._user_vectors = run.users.vectors
         self._item_vectors = run.items.vectors
-        self._user_num_of = dict(zip(self.user_ids.to_list(), range(len(self.user_ids)), strict=True))
-        self._item_num_of = dict(zip(self.item_ids.to_list(), range(len(self.item_ids)), strict=True))
-        self._user_id_values = _read_only(self.user_ids.to_numpy())
-        self._item_id_values = _read_only(self.item_ids.to_numpy())
+        # Id lookups need no polars (a fifth of a second to import): {id: number} dicts for single
+        # ids and lists of known ids; a Vocabulary (polars) is made only for what the dicts cannot
+        # answer alone (arrays, Series, unknown or mistyped ids: its errors name them).
+        self._user_num_of = run.user_num_of
+        self._item_num_of = run.item_num_of
+        if len(self._user_num_of) != len(run.users) or len(self._item_num_of) != len(run.items):
+            from recsys_metric.data.vocab import Vocabulary
+
+            Vocabulary(run.users.ids, name="user")  # raises the DataError naming the repeated ids
+            Vocabulary(run.items.ids, name="item")
+        self._user_id_values = _read_only(_id_values(run.users.id_array, self._user_num_of))
+        self._item_id_values = _read_only(_id_values(run.items.id_array, self._item_num_of))
+        self.user_id_type: type = int if _is_integer(run.users.id_array) else str
+        """``int`` or ``str``: the Python type of the run's user ids."""
+        self.item_id_type: type = int if _is_integer(run.items.id_array) else str
+        """``int`` or ``str``: the Python type of the run's item ids."""
+        self._vocabularies: dict[str, Vocabulary] = {}
         self._seen = seen
         self._liked = liked
         self._engine = _Engine(
@@ -132,9 +145,6 @@ class Recommender:
         self._model_lock = threading.Lock()
         self._model: Any = None
         self._meta: dict[str, Any] | None = None
-        # Warm the lazily built lookup caches now, so that no query thread writes them.
-        self._users.numbers(self.user_ids.head(1))
-        self._items.numbers(self.item_ids.head(1))
 
     @classmethod
     def load(
@@ -208,7 +218,7 @@ class Recommender:
 
     def __repr__(self) -> str:
         return (
-            f"Recommender(run_id={self.run_id!r}, users={len(self.user_ids)}, items={len(self.item_ids)}, "
+            f"Recommender(run_id={self.run_id!r}, users={self.n_users}, items={self.n_items}, "
             f"distance={self.distance!r}, dim={self.dim}, exact={self.is_exact})"
         )
 
@@ -219,11 +229,45 @@ class Recommender:
 
     @property
     def n_users(self) -> int:
-        return len(self.user_ids)
+        return len(self._user_id_values)
 
     @property
     def n_items(self) -> int:
-        return len(self.item_ids)
+        return len(self._item_id_values)
+
+    @property
+    def user_ids(self) -> pl.Series:
+        """polars Series ``user_id`` of every known user, in number order (imports polars)."""
+        return self._user_table.ids
+
+    @property
+    def item_ids(self) -> pl.Series:
+        """polars Series ``item_id`` of every item, in number order (imports polars)."""
+        return self._item_table.ids
+
+    @property
+    def _users(self) -> Vocabulary:
+        return self._vocabulary("user")
+
+    @property
+    def _items(self) -> Vocabulary:
+        return self._vocabulary("item")
+
+    def _vocabulary(self, name: str) -> Vocabulary:
+        """The run's user or item Vocabulary, made on first use (polars), its lookup caches warm."""
+        vocab = self._vocabularies.get(name)
+        if vocab is None:
+            with self._model_lock:
+                vocab = self._vocabularies.get(name)
+                if vocab is None:
+                    from recsys_metric.data.vocab import Vocabulary
+
+                    table = self._user_table if name == "user" else self._item_table
+                    vocab = Vocabulary(table.ids, name=name)  # type: ignore[arg-type]
+                    # Warm the lazily built lookup caches before any query thread sees it.
+                    vocab.numbers(table.ids.head(1))
+                    self._vocabularies[name] = vocab
+        return vocab
 
     def similar_items(
         self, item_id: Any, k: int = 10, exclude: Sequence[Any] = (), exact: bool = False
@@ -287,7 +331,7 @@ class Recommender:
             ``user_id, item_id, score, rank``: users in the order given, each user's rows best first.
         """
         k = _check_k(k)
-        users = _id_numbers(self._users, user_ids).astype(np.int64)
+        users = self._numbers("user", user_ids).astype(np.int64)
         block = _block_users(self.n_items)
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for start in range(0, users.size, block):
@@ -307,7 +351,7 @@ class Recommender:
         keep = nums >= 0
         owner_nums = owners[keep]
         return self._frame(
-            {"user_id": (self.user_ids, self._user_id_values, owner_nums)}, nums, scores, "item_id"
+            {"user_id": (self._user_table, self._user_id_values, owner_nums)}, nums, scores, "item_id"
         )
 
     def recommend_for_history(
@@ -328,7 +372,7 @@ class Recommender:
         k = _check_k(k)
         self._item_nums(item_ids)  # the argument checks and the KeyError naming unknown ids
         # In the given order with repeats: a repeated item weighs more in the fold-in.
-        history = _id_numbers(self._items, item_ids).astype(np.int64)
+        history = self._numbers("item", item_ids).astype(np.int64)
         if history.size == 0:
             raise ValueError("recommend_for_history needs at least one item id in the history")
         queries = self._fold_in(history)
@@ -369,19 +413,21 @@ class Recommender:
 
     def _frame(
         self,
-        leading: dict[str, tuple[pl.Series, np.ndarray, np.ndarray]],
+        leading: dict[str, tuple[EmbeddingTable, np.ndarray, np.ndarray]],
         nums: np.ndarray,
         scores: np.ndarray,
         column: str,
     ) -> pd.DataFrame | pl.DataFrame:
         """A result frame from ``[B, k]`` item numbers (-1 = no item) and scores; ``leading`` maps a
-        column name to (ids Series, the same ids as numpy, numbers of the kept rows)."""
+        column name to (the ids' table, the same ids as numpy, numbers of the kept rows)."""
         keep = nums >= 0
         items = nums[keep]
         ranks = np.broadcast_to(np.arange(1, nums.shape[1] + 1, dtype=np.int32), nums.shape)[keep]
         values = scores[keep].astype(np.float32, copy=False)
         if self.output == "polars":
-            data = [ids.gather(sel).rename(name) for name, (ids, _, sel) in leading.items()]
+            import polars as pl
+
+            data = [table.ids.gather(sel).rename(name) for name, (table, _, sel) in leading.items()]
             data += [
                 self.item_ids.gather(items).rename(column),
                 pl.Series("score", values, dtype=pl.Float32),
@@ -397,19 +443,19 @@ class Recommender:
         return pd.DataFrame(columns)
 
     def _user_num(self, user_id: Any) -> int:
-        return self._lookup(self._user_num_of, user_id, self.user_ids, "user_id")
+        return self._lookup(self._user_num_of, user_id, self.user_id_type, "user_id")
 
     def _item_num(self, item_id: Any) -> int:
-        return self._lookup(self._item_num_of, item_id, self.item_ids, "item_id")
+        return self._lookup(self._item_num_of, item_id, self.item_id_type, "item_id")
 
     @staticmethod
-    def _lookup(table: dict[Any, int], id_: Any, ids: pl.Series, column: str) -> int:
+    def _lookup(table: dict[Any, int], id_: Any, id_type: type, column: str) -> int:
         # bool is an int to Python (True == 1) but never an id.
         num = None if isinstance(id_, (bool, np.bool_)) else _dict_get(table, id_)
         if num is None:
             raise UnknownIdError(
                 f"{column} {id_!r} is not in the run's {column.removesuffix('_id')} vocabulary "
-                f"({len(ids)} ids of type {ids.dtype})",
+                f"({len(table)} ids of type {'Int64' if id_type is int else 'String'})",
                 unknown=[id_],
                 n_unknown=1,
             )
@@ -423,7 +469,29 @@ class Recommender:
             )
         if len(item_ids) == 0:
             return np.empty(0, dtype=np.int64)
-        return np.unique(_id_numbers(self._items, item_ids)).astype(np.int64)
+        return np.unique(self._numbers("item", item_ids)).astype(np.int64)
+
+    def _numbers(self, name: str, ids: Any) -> np.ndarray:
+        """int32 numbers of a sequence of user or item ids, in the order given.
+
+        A list or tuple of known ids of the run's id type is looked up in the dict (no polars);
+        anything else goes through the Vocabulary, which names unknown or mistyped ids.
+        """
+        if isinstance(ids, (list, tuple)):
+            if not ids:
+                return np.empty(0, dtype=np.int32)
+            table, id_type = (
+                (self._user_num_of, self.user_id_type)
+                if name == "user"
+                else (self._item_num_of, self.item_id_type)
+            )
+            # Exactly int or str: bool is an int to Python and 1.0 == 1 in a dict, neither an id.
+            if all(type(i) is id_type for i in ids):
+                try:
+                    return np.array([table[i] for i in ids], dtype=np.int32)
+                except KeyError:
+                    pass  # the Vocabulary's error names every unknown id
+        return _id_numbers(self._vocabulary(name), ids)
 
     def _fold_in(self, history: np.ndarray) -> np.ndarray:
         """float32 ``[1, D]`` fold-in vector of a history of item numbers (repeats count)."""
@@ -471,6 +539,8 @@ def _id_numbers(vocab: Vocabulary, ids: Any) -> np.ndarray:
         raise TypeError(f"expected a sequence of {vocab.id_column} values, got the single value {ids!r}")
     if len(ids) == 0:
         return np.empty(0, dtype=np.int32)
+    import polars as pl
+
     try:
         return vocab.numbers(ids if isinstance(ids, (pl.Series, np.ndarray)) else list(ids))
     except TypeError as err:
@@ -524,3 +594,20 @@ def _load_torch_model(run_dir: Path, n_items: int, device: str, verifier: RunVer
             f"{run_dir / MODEL_JSON}: the model has {model.n_items} items, the embeddings {n_items}"
         )
     return model
+
+
+def _id_values(ids: Any, num_of: dict[Any, int]) -> np.ndarray:
+    """The ids as numpy in number order (int64, or an object array of str), without polars or
+    pyarrow's ``to_numpy`` (which imports pandas); ``num_of`` holds them as Python values already."""
+    if _is_integer(ids):
+        return np.fromiter(num_of, dtype=np.int64, count=len(num_of))
+    values = np.empty(len(num_of), dtype=object)
+    values[:] = list(num_of)
+    return values
+
+
+def _is_integer(ids: Any) -> bool:
+    """Whether an Arrow id column holds integers (else strings)."""
+    import pyarrow as pa
+
+    return pa.types.is_integer(ids.type)
