@@ -427,9 +427,10 @@ class Recommender:
         if self.output == "polars":
             import polars as pl
 
-            data = [table.ids.gather(sel).rename(name) for name, (table, _, sel) in leading.items()]
+            # From the numpy ids, not the whole id Series: only the answer's rows are converted.
+            data = [_id_series(pl, name, values[sel]) for name, (_, values, sel) in leading.items()]
             data += [
-                self.item_ids.gather(items).rename(column),
+                _id_series(pl, column, self._item_id_values[items]),
                 pl.Series("score", values, dtype=pl.Float32),
                 pl.Series("rank", ranks, dtype=pl.Int32),
             ]
@@ -604,6 +605,13 @@ def _id_values(ids: Any, num_of: dict[Any, int]) -> np.ndarray:
     values = np.empty(len(num_of), dtype=object)
     values[:] = list(num_of)
     return values
+
+
+def _id_series(pl: Any, name: str, values: np.ndarray) -> pl.Series:
+    """A polars Int64 or String Series of ids taken from ``_id_values`` (int64 or object array)."""
+    if values.dtype == object:
+        return pl.Series(name, values.tolist(), dtype=pl.String)
+    return pl.Series(name, values, dtype=pl.Int64)
 
 
 def _is_integer(ids: Any) -> bool:
