@@ -22,8 +22,11 @@ The app follows the artifact store's ``current`` (:class:`FollowingRecommender`)
 artifacts directory, and serves one run as is when given a run directory. Each worker process
 loads its own copy of the run and keeps its own metrics.
 
-Route handlers are plain functions: FastAPI runs them in its thread pool, and the queries
-release the GIL in BLAS and in Annoy, so one worker uses more than one core under load.
+The single-id routes (``/similar``, ``/recommend/{user_id}``, ``/explain``) are ``async def``:
+a query takes well under a millisecond of CPU, less than the hop into FastAPI's thread pool and
+back that a plain ``def`` handler costs, so they run on the event loop. The batch routes (``POST``)
+stay plain functions in the thread pool, so that a long batch does not hold up the loop. The app
+loads the run with ``output="records"``: answers go from numpy to JSON without a frame.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import unquote
 
-import polars as pl
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -48,6 +50,7 @@ from recsys_metric import __version__
 from recsys_metric.data.vocab import UnknownIdError
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK
+from recsys_metric.serving.api_routes import QuickParamsRoute
 from recsys_metric.serving.cli_api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
 from recsys_metric.serving.follow import FollowingRecommender
 from recsys_metric.serving.recommender import Recommender
@@ -161,7 +164,11 @@ def _json(payload: dict[str, Any]) -> Response:
 
 
 def _rows(frame: Any) -> list[dict[str, Any]]:
-    return frame.to_dicts() if isinstance(frame, pl.DataFrame) else frame.to_dict(orient="records")
+    """Rows of a result: as they are from a recommender loaded with ``output="records"`` (what the
+    app loads), else from a polars or pandas frame (a recommender passed to :func:`create_app`)."""
+    if isinstance(frame, list):
+        return frame
+    return frame.to_dicts() if hasattr(frame, "to_dicts") else frame.to_dict(orient="records")
 
 
 def _typed(text: str, id_type: type, column: str) -> int | str:
@@ -221,7 +228,7 @@ def create_app(
             link = os.path.join(os.fspath(artifacts), CURRENT_LINK)
             follow = os.path.lexists(link)
             state["rec"] = Recommender.load(
-                artifacts, index=index, verify=verify, output="polars", follow=follow, interval=interval
+                artifacts, index=index, verify=verify, output="records", follow=follow, interval=interval
             )
         app.state.recommender = state["rec"]
         try:
@@ -268,8 +275,20 @@ def create_app(
 
     k_query = Query(10, ge=1, le=MAX_K, description="number of results")
 
-    @app.get("/similar/{item_id:path}", summary="Items nearest to an item")
-    def similar(
+    def quick_get(path: str, **kwargs: Any) -> Callable[[Any], Any]:
+        """``@app.get`` for the hot single-id routes: parameters read by a plan made once
+        (:mod:`recsys_metric.serving.api_routes`); answers, 422 bodies and OpenAPI unchanged."""
+
+        def register(endpoint: Any) -> Any:
+            app.router.add_api_route(
+                path, endpoint, methods=["GET"], route_class_override=QuickParamsRoute, **kwargs
+            )
+            return endpoint
+
+        return register
+
+    @quick_get("/similar/{item_id:path}", summary="Items nearest to an item")
+    async def similar(
         item_id: str = Path(..., description="item id (URL-encoded)"),
         k: int = k_query,
         exclude: Annotated[
@@ -281,8 +300,8 @@ def create_app(
         frame = rec.similar_items(item, k=k, exclude=_typed_list(exclude or [], rec.item_id_type, "item_id"))
         return _json({"run_id": rec.run_id, "item_id": item, "items": _rows(frame)})
 
-    @app.get("/recommend/{user_id:path}", summary="Top items for a known user")
-    def recommend(
+    @quick_get("/recommend/{user_id:path}", summary="Top items for a known user")
+    async def recommend(
         user_id: str = Path(..., description="user id (URL-encoded)"),
         k: int = k_query,
         exclude_seen: bool = Query(True, description="leave out items the user interacted with"),
@@ -315,7 +334,7 @@ def create_app(
         return _json({"run_id": rec.run_id, "items": _rows(frame)})
 
     @app.get("/explain/{ids:path}", summary="The user's liked items nearest to an item")
-    def explain(
+    async def explain(
         request: Request,
         ids: str = Path(..., description="USER_ID/ITEM_ID, each URL-encoded (a '/' inside an id as %2F)"),
         k: int = Query(5, ge=1, le=MAX_K, description="number of liked items"),

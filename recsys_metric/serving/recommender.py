@@ -56,8 +56,9 @@ if TYPE_CHECKING:
     from recsys_metric.data.vocab import Vocabulary
     from recsys_metric.export import EmbeddingTable
 
-Output = Literal["pandas", "polars"]
-"""Frame type of query results."""
+Output = Literal["pandas", "polars", "records"]
+"""Type of query results: a pandas or polars frame, or ``records``, a list of dicts (one per row,
+the frame's columns as keys, plain Python values; no frame library imported)."""
 
 
 class Recommender:
@@ -74,7 +75,7 @@ class Recommender:
 
     Results are frames with ``item_id``, ``score`` (float32, higher is better; euclidean scores
     are ``-distance``) and ``rank`` (int32, from 1), best first: pandas by default, polars when
-    loaded with ``output="polars"``. Unknown ids raise :class:`KeyError`
+    loaded with ``output="polars"``, a list of dicts (one per row) with ``output="records"``. Unknown ids raise :class:`KeyError`
     (:class:`~recsys_metric.data.vocab.UnknownIdError`) naming the id.
 
     Attributes:
@@ -88,7 +89,7 @@ class Recommender:
             query is scored exactly. Exact queries use the blocked ranker of the batch tables
             (a matrix product against all items, masking, selection): one exact path for both,
             with the same answers as ``ExactIndex.search`` (both end in the canonical scores).
-        output: ``pandas`` or ``polars``.
+        output: ``pandas``, ``polars`` or ``records``.
         loaded_at: when the run was loaded (UTC).
         verified: True when the run's files were checked against its manifest.
     """
@@ -104,8 +105,8 @@ class Recommender:
         output: Output = "pandas",
         verifier: RunVerifier | None = None,
     ):
-        if output not in ("pandas", "polars"):
-            raise ValueError(f"output must be 'pandas' or 'polars', got {output!r}")
+        if output not in ("pandas", "polars", "records"):
+            raise ValueError(f"output must be 'pandas', 'polars' or 'records', got {output!r}")
         self.run_id = run.run_id
         self.run_dir = run.run_dir
         self.distance = run.distance
@@ -168,7 +169,8 @@ class Recommender:
                 ``annoy`` or ``exact``.
             device: where exact scoring and fold-in run (``cpu``, ``cuda``, ``auto``).
             search_k: Annoy's ``search_k`` (nodes inspected per query); None keeps the index default.
-            output: ``pandas`` or ``polars`` frames from every query.
+            output: ``pandas`` or ``polars`` frames from every query, or ``records``: lists of
+                dicts, one per row (no frame library imported; what the HTTP API serves).
             verify: check every file read against the run's ``manifest.json`` (size and sha256)
                 before reading it (:mod:`recsys_metric.serving.verify`). ``False`` skips the
                 hashing (about one CPU second per GB of files) and trusts the files: a damaged file can then
@@ -428,13 +430,20 @@ class Recommender:
             import polars as pl
 
             # From the numpy ids, not the whole id Series: only the answer's rows are converted.
-            data = [_id_series(pl, name, values[sel]) for name, (_, values, sel) in leading.items()]
+            data = [_id_series(pl, name, ids[sel]) for name, (_, ids, sel) in leading.items()]
             data += [
                 _id_series(pl, column, self._item_id_values[items]),
                 pl.Series("score", values, dtype=pl.Float32),
                 pl.Series("rank", ranks, dtype=pl.Int32),
             ]
             return pl.DataFrame(data)
+        if self.output == "records":
+            # Plain Python values (what to_dicts() of the polars frame gives, float32 scores as
+            # the same doubles), no frame library: the HTTP API serialises these directly.
+            names = [*leading, column, "score", "rank"]
+            cols = [id_values[sel].tolist() for _, id_values, sel in leading.values()]
+            cols += [self._item_id_values[items].tolist(), values.tolist(), ranks.tolist()]
+            return [dict(zip(names, row, strict=True)) for row in zip(*cols, strict=True)]
         columns: dict[str, Any] = {name: id_values[sel] for name, (_, id_values, sel) in leading.items()}
         columns.update({column: self._item_id_values[items], "score": values, "rank": ranks})
         # pandas is imported by the first pandas result, not at load: it costs a third of a
