@@ -6,7 +6,8 @@ an Annoy index), ``recsys-metric api`` is started as a real uvicorn process and 
 ``GET /similar/{item_id}`` and ``GET /recommend/{user_id}`` with random known ids at concurrency
 1, 8 and 32. Reported per cell: requests/s, p50 and p99 latency (ms), failures. Beside them,
 measured in the same run: the in-process Python call (``similar_items`` / ``recommend`` in a loop,
-one thread) as calls per second of one core's CPU time: the limit a worker can approach.
+one thread, ``output="records"`` as the API answers; also with polars frames, for reference) as
+calls per second of one core's CPU time: the limit a worker can approach.
 
 Then the hot swap: while locust holds concurrency 8 on ``/recommend``, two new runs are published
 one after the other, then a third whose ``items.ann`` is damaged after publishing. Reported: failed
@@ -310,13 +311,19 @@ def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: 
     print(json.dumps(result))
 
 
-def in_process(artifacts: Path, kind: str, ids: list[Any], seconds: float) -> dict[str, Any]:
-    """Calls per second of one thread's CPU time, and the wall-clock p50/p99 of one call."""
+def in_process(
+    artifacts: Path, kind: str, ids: list[Any], seconds: float, output: str = "records"
+) -> dict[str, Any]:
+    """Calls per second of one thread's CPU time, and the wall-clock p50/p99 of one call.
+
+    ``output="records"`` (the default) is the work the API does for a request (the same query,
+    rows as dicts), so the ratio against it is what HTTP costs on top; ``polars`` adds building a
+    frame, as a Python caller with frames pays."""
     import numpy as np
 
     from recsys_metric import Recommender
 
-    rec = Recommender.load(artifacts, output="polars")
+    rec = Recommender.load(artifacts, output=output)
     call = rec.similar_items if kind == "similar" else rec.recommend
     for id_ in ids[:20]:
         call(id_, k=10)
@@ -384,10 +391,14 @@ def import_cost(artifacts: Path, *, verify: bool = True, repeats: int = 3) -> di
 
 
 def cli_similar_cost(artifacts: Path, item_id: str) -> dict[str, Any]:
+    """Wall and CPU seconds (user + system of the child) of ``recsys-metric similar``, three times."""
+    import resource
+
     runs = []
     for _ in range(3):
         load = load_average()
         t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(
             [
                 sys.executable,
@@ -405,8 +416,15 @@ def cli_similar_cost(artifacts: Path, item_id: str) -> dict[str, Any]:
             capture_output=True,
             check=True,
         )
-        runs.append({"wall_s": round(time.perf_counter() - t0, 3), "load": load})
-    return {"runs": runs, "best_wall_s": min(r["wall_s"] for r in runs)}
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        runs.append({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "load": load})
+    return {
+        "runs": runs,
+        "best_wall_s": min(r["wall_s"] for r in runs),
+        "best_cpu_s": min(r["cpu_s"] for r in runs),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +439,10 @@ def measure_catalog(
     for kind, (_, ids) in paths.items():
         load = load_average()
         out["in_process"][kind] = {**in_process(artifacts, kind, ids, seconds), "load": load}
+        out["in_process"][f"{kind}_polars"] = {
+            **in_process(artifacts, kind, ids, seconds / 2, output="polars"),
+            "load": load_average(),
+        }
         print(f"[{name}] in-process {kind}: {out['in_process'][kind]}", flush=True)
     server = Server(artifacts, workers=workers, interval=30)
     try:
@@ -570,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    command = "python -m bench.api_load" + (" --quick" if args.quick else "")
+    # The command as given (flags such as --seconds change what the figures mean).
+    command = " ".join(["python -m bench.api_load", *(argv if argv is not None else sys.argv[1:])])
     path = save_result("api_load" + ("_quick" if args.quick else ""), result, command)
     print(f"saved {path}")
     return 0
