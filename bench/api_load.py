@@ -4,7 +4,9 @@ For each catalog (the bundled run: 2,000 users x 1,000 items; a synthetic 1M-ite
 an Annoy index), ``recsys-metric api`` is started as a real uvicorn process and `locust
 <https://locust.io>`_ (``FastHttpUser``, no wait time, run as a library in its own process) sends
 ``GET /similar/{item_id}`` and ``GET /recommend/{user_id}`` with random known ids at concurrency
-1, 8 and 32. Reported per cell: requests/s, p50 and p99 latency (ms), failures. Beside them,
+1, 8 and 32. Reported per cell: requests/s, p50 and p99 latency (ms), failures, and the
+server's CPU seconds over the measured window (read by the locust process when it resets its
+stats after the warm-up and when it reads them), hence requests per server CPU second. Beside them,
 measured in the same run: the in-process Python call (``similar_items`` / ``recommend`` in a loop,
 one thread, ``output="records"`` as the API answers; also with polars frames, for reference) as
 calls per second of one core's CPU time: the limit a worker can approach.
@@ -216,17 +218,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) used so far by the server and its worker processes."""
-        import psutil
-
-        total = 0.0
-        try:
-            root = psutil.Process(self.proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                times = proc.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-        return total
+        return server_cpu(self.proc.pid)
 
     def health(self) -> dict[str, Any]:
         import httpx
@@ -244,8 +236,16 @@ class Server:
         return text
 
 
-def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
-    """Run the locust worker process (``--locust``) and return its JSON stats."""
+def locust(
+    url: str,
+    paths_file: Path,
+    users: int,
+    seconds: float,
+    warmup: float = 2.0,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run the locust worker process (``--locust``) and return its JSON stats; with
+    ``server_pid``, they include the server's CPU seconds over the measured window."""
     done = subprocess.run(
         [
             sys.executable,
@@ -261,6 +261,7 @@ def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float
             str(seconds),
             "--warmup",
             str(warmup),
+            *(["--server-pid", str(server_pid)] if server_pid else []),
         ],
         cwd=ROOT,
         env=env(),
@@ -273,8 +274,28 @@ def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: float) -> None:
-    """The load generator: ``users`` locust users, no wait time, random paths from the file."""
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its children."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def locust_main(
+    url: str, paths_file: Path, users: int, seconds: float, warmup: float, server_pid: int | None = None
+) -> None:
+    """The load generator: ``users`` locust users, no wait time, random paths from the file.
+
+    With ``server_pid``, the server's CPU seconds are read when the stats are reset after the
+    warm-up and when they are read, so they cover exactly the requests counted."""
     import random
 
     import gevent
@@ -296,9 +317,11 @@ def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: 
     runner.start(users, spawn_rate=max(users, 1))
     gevent.sleep(warmup)
     environment.stats.reset_all()
+    server0 = server_cpu(server_pid) if server_pid else 0.0
     cpu0 = time.process_time()
     gevent.sleep(seconds)
     entry = environment.stats.get("query", "GET")
+    server1 = server_cpu(server_pid) if server_pid else 0.0
     result = {
         "requests": entry.num_requests,
         "failures": entry.num_failures,
@@ -307,6 +330,8 @@ def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: 
         "p99_ms": entry.get_response_time_percentile(0.99),
         "locust_cpu_s": round(time.process_time() - cpu0, 2),
     }
+    if server_pid:
+        result["server_cpu_window_s"] = round(server1 - server0, 3)
     runner.quit()
     print(json.dumps(result))
 
@@ -450,12 +475,15 @@ def measure_catalog(
             for users in concurrency:
                 load = load_average()
                 cpu0 = server.cpu_seconds()
-                stats = locust(server.url, paths_file, users, seconds)
-                # Includes locust's warm-up requests, so the rate per CPU second is a slight
-                # underestimate; it does not depend on how much CPU the neighbours leave us.
-                server_cpu = server.cpu_seconds() - cpu0
+                stats = locust(server.url, paths_file, users, seconds, server_pid=server.proc.pid)
+                # Over the measured window only (read by the locust process when it resets and
+                # reads its stats): the same requests as counted. It does not depend on how much
+                # CPU the neighbours leave us. The whole cell, warm-up included, beside it.
+                cell_cpu = server.cpu_seconds() - cpu0
+                server_cpu = stats.pop("server_cpu_window_s", cell_cpu)
                 cell = {"route": f"/{kind}", "concurrency": users, **stats, "load": load}
                 cell["server_cpu_s"] = round(server_cpu, 2)
+                cell["server_cpu_cell_s"] = round(cell_cpu, 2)
                 limit = out["in_process"][kind]["per_cpu_second"]
                 cell["per_worker_vs_in_process"] = round(stats["rps"] / workers / limit, 3)
                 if server_cpu > 0:
@@ -544,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--users", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.locust:
-        locust_main(args.locust, Path(args.paths), args.users, args.seconds, args.warmup)
+        locust_main(args.locust, Path(args.paths), args.users, args.seconds, args.warmup, args.server_pid)
         return 0
 
     seconds = 4.0 if args.quick else args.seconds
