@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import pytest
-from fastapi import FastAPI, Path, Query
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.testclient import TestClient
 
@@ -28,9 +28,21 @@ async def echo(
     )
 
 
+def echo_sync(
+    item_id: str = Path(..., description="an id"),
+    k: int = Query(10, ge=1, le=1000),
+    exclude: Annotated[list[str] | None, Query()] = None,
+) -> Response:
+    return JSONResponse({"item_id": item_id, "k": k, "exclude": exclude, "sync": True})
+
+
 @pytest.fixture(scope="module")
 def clients():
     quick, plain = FastAPI(), FastAPI()
+    for app, route_class in ((quick, QuickParamsRoute), (plain, None)):
+        app.router.add_api_route(
+            "/sync/{item_id:path}", echo_sync, methods=["GET"], route_class_override=route_class
+        )
     quick.router.add_api_route(
         "/echo/{item_id:path}", echo, methods=["GET"], route_class_override=QuickParamsRoute
     )
@@ -56,6 +68,8 @@ def clients():
         "/echo/x",  # need missing
         "/echo/x?k=0",  # two errors at once
         "/echo/x?need=1&exclude=",
+        "/sync/a%2Fb?k=3&exclude=z",  # a plain def endpoint, run in the thread pool
+        "/sync/a?k=0",
     ],
 )
 def test_quick_route_answers_as_the_plain_route(clients, url):
@@ -72,7 +86,7 @@ def test_quick_route_keeps_the_openapi_schema(clients):
 def test_routes_it_cannot_plan_use_fastapis_handler():
     app = FastAPI()
 
-    def sync_endpoint(k: int = 1) -> Response:
+    def sync_endpoint(request: Request, k: int = 1) -> Response:  # a Request parameter
         return Response(str(k))
 
     async def listed(k: list[int] = Query([1, 2])) -> Response:  # noqa: B008 (a mutable default)

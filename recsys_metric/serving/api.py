@@ -22,11 +22,13 @@ The app follows the artifact store's ``current`` (:class:`FollowingRecommender`)
 artifacts directory, and serves one run as is when given a run directory. Each worker process
 loads its own copy of the run and keeps its own metrics.
 
-The single-id routes (``/similar``, ``/recommend/{user_id}``, ``/explain``) are ``async def``:
-a query takes well under a millisecond of CPU, less than the hop into FastAPI's thread pool and
-back that a plain ``def`` handler costs, so they run on the event loop. The batch routes (``POST``)
-stay plain functions in the thread pool, so that a long batch does not hold up the loop. The app
-loads the run with ``output="records"``: answers go from numpy to JSON without a frame.
+Route handlers are plain functions: FastAPI runs them in its thread pool, and the queries
+release the GIL in Annoy and in BLAS, so one worker uses more than one core under load (as
+``async def`` handlers on the event loop they cost about 0.1 ms less CPU each but are confined to
+one core, which lost a third of the requests/s at concurrency 8 on the 1M catalog here). The
+parameters of ``/similar`` and ``/recommend/{user_id}`` are read by a plan made once
+(:mod:`recsys_metric.serving.api_routes`), and the app loads the run with ``output="records"``:
+answers go from numpy to JSON without a frame.
 """
 
 from __future__ import annotations
@@ -288,7 +290,7 @@ def create_app(
         return register
 
     @quick_get("/similar/{item_id:path}", summary="Items nearest to an item")
-    async def similar(
+    def similar(
         item_id: str = Path(..., description="item id (URL-encoded)"),
         k: int = k_query,
         exclude: Annotated[
@@ -301,7 +303,7 @@ def create_app(
         return _json({"run_id": rec.run_id, "item_id": item, "items": _rows(frame)})
 
     @quick_get("/recommend/{user_id:path}", summary="Top items for a known user")
-    async def recommend(
+    def recommend(
         user_id: str = Path(..., description="user id (URL-encoded)"),
         k: int = k_query,
         exclude_seen: bool = Query(True, description="leave out items the user interacted with"),
@@ -334,7 +336,7 @@ def create_app(
         return _json({"run_id": rec.run_id, "items": _rows(frame)})
 
     @app.get("/explain/{ids:path}", summary="The user's liked items nearest to an item")
-    async def explain(
+    def explain(
         request: Request,
         ids: str = Path(..., description="USER_ID/ITEM_ID, each URL-encoded (a '/' inside an id as %2F)"),
         k: int = Query(5, ge=1, le=MAX_K, description="number of liked items"),
