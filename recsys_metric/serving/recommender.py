@@ -76,7 +76,7 @@ class Recommender:
     Results are frames with ``item_id``, ``score`` (float32, higher is better; euclidean scores
     are ``-distance``) and ``rank`` (int32, from 1), best first: pandas by default, polars when
     loaded with ``output="polars"``, a list of dicts (one per row) with ``output="records"``. Unknown ids raise :class:`KeyError`
-    (:class:`~recsys_metric.data.vocab.UnknownIdError`) naming the id.
+    (:class:`~recsys_metric.errors.UnknownIdError`) naming the id.
 
     Attributes:
         run_id: the run that exported the embeddings.
