@@ -4,9 +4,12 @@ For each catalog (the bundled run: 2,000 users x 1,000 items; a synthetic 1M-ite
 an Annoy index), ``recsys-metric api`` is started as a real uvicorn process and `locust
 <https://locust.io>`_ (``FastHttpUser``, no wait time, run as a library in its own process) sends
 ``GET /similar/{item_id}`` and ``GET /recommend/{user_id}`` with random known ids at concurrency
-1, 8 and 32. Reported per cell: requests/s, p50 and p99 latency (ms), failures. Beside them,
+1, 8 and 32. Reported per cell: requests/s, p50 and p99 latency (ms), failures, and the
+server's CPU seconds over the measured window (read by the locust process when it resets its
+stats after the warm-up and when it reads them), hence requests per server CPU second. Beside them,
 measured in the same run: the in-process Python call (``similar_items`` / ``recommend`` in a loop,
-one thread) as calls per second of one core's CPU time: the limit a worker can approach.
+one thread, ``output="records"`` as the API answers; also with polars frames, for reference) as
+calls per second of one core's CPU time: the limit a worker can approach.
 
 Then the hot swap: while locust holds concurrency 8 on ``/recommend``, two new runs are published
 one after the other, then a third whose ``items.ann`` is damaged after publishing. Reported: failed
@@ -215,17 +218,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) used so far by the server and its worker processes."""
-        import psutil
-
-        total = 0.0
-        try:
-            root = psutil.Process(self.proc.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                times = proc.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-        return total
+        return server_cpu(self.proc.pid)
 
     def health(self) -> dict[str, Any]:
         import httpx
@@ -243,8 +236,16 @@ class Server:
         return text
 
 
-def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
-    """Run the locust worker process (``--locust``) and return its JSON stats."""
+def locust(
+    url: str,
+    paths_file: Path,
+    users: int,
+    seconds: float,
+    warmup: float = 2.0,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run the locust worker process (``--locust``) and return its JSON stats; with
+    ``server_pid``, they include the server's CPU seconds over the measured window."""
     done = subprocess.run(
         [
             sys.executable,
@@ -260,6 +261,7 @@ def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float
             str(seconds),
             "--warmup",
             str(warmup),
+            *(["--server-pid", str(server_pid)] if server_pid else []),
         ],
         cwd=ROOT,
         env=env(),
@@ -272,8 +274,28 @@ def locust(url: str, paths_file: Path, users: int, seconds: float, warmup: float
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: float) -> None:
-    """The load generator: ``users`` locust users, no wait time, random paths from the file."""
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its children."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def locust_main(
+    url: str, paths_file: Path, users: int, seconds: float, warmup: float, server_pid: int | None = None
+) -> None:
+    """The load generator: ``users`` locust users, no wait time, random paths from the file.
+
+    With ``server_pid``, the server's CPU seconds are read when the stats are reset after the
+    warm-up and when they are read, so they cover exactly the requests counted."""
     import random
 
     import gevent
@@ -295,9 +317,11 @@ def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: 
     runner.start(users, spawn_rate=max(users, 1))
     gevent.sleep(warmup)
     environment.stats.reset_all()
+    server0 = server_cpu(server_pid) if server_pid else 0.0
     cpu0 = time.process_time()
     gevent.sleep(seconds)
     entry = environment.stats.get("query", "GET")
+    server1 = server_cpu(server_pid) if server_pid else 0.0
     result = {
         "requests": entry.num_requests,
         "failures": entry.num_failures,
@@ -306,17 +330,25 @@ def locust_main(url: str, paths_file: Path, users: int, seconds: float, warmup: 
         "p99_ms": entry.get_response_time_percentile(0.99),
         "locust_cpu_s": round(time.process_time() - cpu0, 2),
     }
+    if server_pid:
+        result["server_cpu_window_s"] = round(server1 - server0, 3)
     runner.quit()
     print(json.dumps(result))
 
 
-def in_process(artifacts: Path, kind: str, ids: list[Any], seconds: float) -> dict[str, Any]:
-    """Calls per second of one thread's CPU time, and the wall-clock p50/p99 of one call."""
+def in_process(
+    artifacts: Path, kind: str, ids: list[Any], seconds: float, output: str = "records"
+) -> dict[str, Any]:
+    """Calls per second of one thread's CPU time, and the wall-clock p50/p99 of one call.
+
+    ``output="records"`` (the default) is the work the API does for a request (the same query,
+    rows as dicts), so the ratio against it is what HTTP costs on top; ``polars`` adds building a
+    frame, as a Python caller with frames pays."""
     import numpy as np
 
     from recsys_metric import Recommender
 
-    rec = Recommender.load(artifacts, output="polars")
+    rec = Recommender.load(artifacts, output=output)
     call = rec.similar_items if kind == "similar" else rec.recommend
     for id_ in ids[:20]:
         call(id_, k=10)
@@ -384,10 +416,14 @@ def import_cost(artifacts: Path, *, verify: bool = True, repeats: int = 3) -> di
 
 
 def cli_similar_cost(artifacts: Path, item_id: str) -> dict[str, Any]:
+    """Wall and CPU seconds (user + system of the child) of ``recsys-metric similar``, three times."""
+    import resource
+
     runs = []
     for _ in range(3):
         load = load_average()
         t0 = time.perf_counter()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(
             [
                 sys.executable,
@@ -405,8 +441,15 @@ def cli_similar_cost(artifacts: Path, item_id: str) -> dict[str, Any]:
             capture_output=True,
             check=True,
         )
-        runs.append({"wall_s": round(time.perf_counter() - t0, 3), "load": load})
-    return {"runs": runs, "best_wall_s": min(r["wall_s"] for r in runs)}
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        runs.append({"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "load": load})
+    return {
+        "runs": runs,
+        "best_wall_s": min(r["wall_s"] for r in runs),
+        "best_cpu_s": min(r["cpu_s"] for r in runs),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +464,10 @@ def measure_catalog(
     for kind, (_, ids) in paths.items():
         load = load_average()
         out["in_process"][kind] = {**in_process(artifacts, kind, ids, seconds), "load": load}
+        out["in_process"][f"{kind}_polars"] = {
+            **in_process(artifacts, kind, ids, seconds / 2, output="polars"),
+            "load": load_average(),
+        }
         print(f"[{name}] in-process {kind}: {out['in_process'][kind]}", flush=True)
     server = Server(artifacts, workers=workers, interval=30)
     try:
@@ -428,12 +475,15 @@ def measure_catalog(
             for users in concurrency:
                 load = load_average()
                 cpu0 = server.cpu_seconds()
-                stats = locust(server.url, paths_file, users, seconds)
-                # Includes locust's warm-up requests, so the rate per CPU second is a slight
-                # underestimate; it does not depend on how much CPU the neighbours leave us.
-                server_cpu = server.cpu_seconds() - cpu0
+                stats = locust(server.url, paths_file, users, seconds, server_pid=server.proc.pid)
+                # Over the measured window only (read by the locust process when it resets and
+                # reads its stats): the same requests as counted. It does not depend on how much
+                # CPU the neighbours leave us. The whole cell, warm-up included, beside it.
+                cell_cpu = server.cpu_seconds() - cpu0
+                server_cpu = stats.pop("server_cpu_window_s", cell_cpu)
                 cell = {"route": f"/{kind}", "concurrency": users, **stats, "load": load}
                 cell["server_cpu_s"] = round(server_cpu, 2)
+                cell["server_cpu_cell_s"] = round(cell_cpu, 2)
                 limit = out["in_process"][kind]["per_cpu_second"]
                 cell["per_worker_vs_in_process"] = round(stats["rps"] / workers / limit, 3)
                 if server_cpu > 0:
@@ -522,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--users", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=float, default=2.0, help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.locust:
-        locust_main(args.locust, Path(args.paths), args.users, args.seconds, args.warmup)
+        locust_main(args.locust, Path(args.paths), args.users, args.seconds, args.warmup, args.server_pid)
         return 0
 
     seconds = 4.0 if args.quick else args.seconds
@@ -570,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    command = "python -m bench.api_load" + (" --quick" if args.quick else "")
+    # The command as given (flags such as --seconds change what the figures mean).
+    command = " ".join(["python -m bench.api_load", *(argv if argv is not None else sys.argv[1:])])
     path = save_result("api_load" + ("_quick" if args.quick else ""), result, command)
     print(f"saved {path}")
     return 0

@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys_metric import __version__
-from recsys_metric.config import Config, load_config
 from recsys_metric.errors import ConfigError, RecsysMetricError, RejectLimitExceeded
 from recsys_metric.run_summary import TIME_BUDGET_HELP, time_budget_arg, time_budget_lines, with_time_budget
 
 if TYPE_CHECKING:
+    from recsys_metric.config import Config
     from recsys_metric.distributed import DistributedTraining
+
+
+def load_config(path):  # noqa: ANN001, ANN201 (recsys_metric.config.load_config, imported on use)
+    # The config module (pydantic) costs a third of a second that `similar`/`recommend` never need.
+    from recsys_metric.config import load_config as load
+
+    return load(path)
+
 
 DEFAULT_DATA = Path("data") / "interactions.parquet"
 DEFAULT_ITEMS = Path("data") / "items.parquet"
@@ -386,7 +394,7 @@ def check_k(k: int, what: str = "results") -> int:
 def _cmd_recommend(args: argparse.Namespace) -> int:
     check_k(args.k)
     rec = _load_recommender(args)
-    user_id = _typed_id(args.user_id, rec.user_ids)
+    user_id = _typed_id(args.user_id, rec.user_id_type)
     _print_frame(rec.recommend(user_id, k=args.k, exclude_seen=not args.include_seen))
     return 0
 
@@ -394,13 +402,13 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 def _cmd_similar(args: argparse.Namespace) -> int:
     check_k(args.k)
     rec = _load_recommender(args)
-    _print_frame(rec.similar_items(_typed_id(args.item_id, rec.item_ids), k=args.k, exact=args.exact))
+    _print_frame(rec.similar_items(_typed_id(args.item_id, rec.item_id_type), k=args.k, exact=args.exact))
     return 0
 
 
-def _typed_id(text: str, ids) -> int | str:
-    """Command-line ids are text; integer vocabularies need ints."""
-    if ids.dtype.is_integer():
+def _typed_id(text: str, id_type: type) -> int | str:
+    """Command-line ids are text; integer vocabularies (``Recommender.user_id_type``) need ints."""
+    if id_type is int:
         try:
             return int(text)
         except ValueError:

@@ -74,13 +74,32 @@ def read_item_eligibility(path: str | Path) -> ItemEligibility:
         )
     if N_TRAIN_COLUMN not in schema.names:
         return ItemEligibility(None, policy)
-    column = pq.read_table(path, columns=[N_TRAIN_COLUMN]).column(0)
+    # ParquetFile, not read_table (which imports pyarrow.dataset and pandas: half a second of
+    # every query process's start).
+    with pq.ParquetFile(path) as parquet:
+        column = parquet.read(columns=[N_TRAIN_COLUMN]).column(0)
     if column.null_count or not str(column.type).startswith(("int", "uint")):
         raise DataError(
             f"embeddings file {path}: column {N_TRAIN_COLUMN} is {column.type} with {column.null_count} "
             "nulls; expected non-null integers (re-export the run)"
         )
-    return ItemEligibility(column.to_numpy().astype(np.int64), policy)
+    return ItemEligibility(_integers(column), policy)
+
+
+def _integers(column) -> np.ndarray:
+    """int64 copy of a null-free integer Arrow column, from its buffers (``to_numpy`` imports pandas)."""
+    chunks = [column] if not hasattr(column, "chunks") else column.chunks
+    parts = [
+        np.frombuffer(
+            chunk.buffers()[1],
+            dtype=np.dtype(str(chunk.type)),
+            count=len(chunk),
+            offset=chunk.offset * np.dtype(str(chunk.type)).itemsize,
+        )
+        for chunk in chunks
+        if len(chunk)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
 
 
 def excluded_item_nums(run_dir: str | Path) -> np.ndarray:

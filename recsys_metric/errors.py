@@ -12,6 +12,7 @@ fails the same way on every try. The Prefect flows retry only transient errors.
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 
 class RecsysMetricError(Exception):
@@ -36,6 +37,24 @@ class ConfigError(RecsysMetricError, ValueError):
 
 class DataError(RecsysMetricError, ValueError):
     """The interaction log cannot be used as it is (missing column, too many bad rows, empty...)."""
+
+
+class UnknownIdError(DataError, KeyError):
+    """Ids that are not in a vocabulary were looked up with ``missing="error"``.
+
+    A :class:`KeyError` (a lookup failed) and a :class:`DataError` (the CLI reports it as a user
+    error). ``unknown`` holds the first few unknown ids, ``n_unknown`` how many distinct ids were
+    unknown.
+    """
+
+    def __init__(self, message: str, *, unknown: list[Any], n_unknown: int):
+        super().__init__(message)
+        self.unknown = unknown
+        self.n_unknown = n_unknown
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would print the repr of the message, quotes and escapes included.
+        return str(self.args[0])
 
 
 class RejectLimitExceeded(DataError):

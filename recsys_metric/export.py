@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys_metric.errors import DataError
 from recsys_metric.scoring import DISTANCE_NAMES, score_numpy
+
+if TYPE_CHECKING:
+    # polars is imported where a Series is made: a query process (serving) reads the ids as Arrow
+    # and need not pay the fifth of a second polars costs to import.
+    import polars as pl
 
 DISTANCES: tuple[str, ...] = DISTANCE_NAMES
 """Values allowed in the ``distance`` metadata."""
@@ -46,7 +50,8 @@ class EmbeddingTable:
     """The content of one embeddings file.
 
     Attributes:
-        ids: external ids in file order (polars Int64 or String), named ``{kind}_id``.
+        id_array: external ids in file order as read (Arrow ``int64`` or ``string``/``large_string``).
+        ids: the same as a polars Series (Int64 or String) named ``{kind}_id``, made on first use.
         vectors: float32 ``[n, dim]``; row ``i`` belongs to ``ids[i]``. Read-only when it shares
             memory with the Arrow buffers (``.copy()`` before writing into it).
         distance: ``euclidean``, ``cosine`` or ``dot``.
@@ -55,7 +60,7 @@ class EmbeddingTable:
         kind: ``user`` or ``item``.
     """
 
-    ids: pl.Series
+    id_array: pa.ChunkedArray
     vectors: np.ndarray
     distance: str
     dim: int
@@ -65,8 +70,17 @@ class EmbeddingTable:
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
+    @cached_property
+    def ids(self) -> pl.Series:
+        import polars as pl
+
+        return pl.Series(f"{self.kind}_id", self.id_array)
+
 
 def _ids_array(ids: pl.Series | pa.Array | np.ndarray | list, n: int) -> pa.Array:
+    import polars as pl
+    import pyarrow.compute as pc
+
     if isinstance(ids, pl.Series):
         arr = ids.to_arrow()
     elif isinstance(ids, pa.ChunkedArray):
@@ -218,7 +232,9 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
         )
     chunk = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if len(chunk):
-        values = chunk.flatten()
+        # The child array sliced to this chunk's rows (no nulls above): ``flatten`` would do the same
+        # but imports pyarrow.compute, a tenth of a second of every query process's start.
+        values = chunk.values.slice(chunk.offset * dim, len(chunk) * dim)
         if values.null_count:
             raise DataError(f"embeddings file {path}: {values.null_count} embedding values are null")
         # The values buffer as is (zero copy); Array.to_numpy would import pandas (a third of a
@@ -229,7 +245,7 @@ def read_embeddings(path: str | Path) -> EmbeddingTable:
     else:
         vectors = np.empty((0, dim), dtype=np.float32)
     return EmbeddingTable(
-        ids=pl.Series(id_name, table.column(id_name)),
+        id_array=table.column(id_name),
         vectors=vectors,
         distance=distance,
         dim=dim,

@@ -56,23 +56,23 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 
 from recsys_metric import __version__
-from recsys_metric.config import Config, PublishConfig
-from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.vocab import Vocabulary
-from recsys_metric.db.source import database_fingerprint
-from recsys_metric.db.uri import is_database_uri
 from recsys_metric.errors import RecsysMetricError
 from recsys_metric.store.faults import fault_point
 from recsys_metric.store.lock import StoreLockedError as StoreLockedError  # re-exported
 from recsys_metric.store.lock import store_lock
 from recsys_metric.store.space import DiskSpaceError as DiskSpaceError  # re-exported
 from recsys_metric.store.space import check_free_space
+
+if TYPE_CHECKING:
+    # Imported where used, like polars, the vocabulary and the database modules: serving resolves
+    # runs and reads manifests through this module, and each costs a query process a fifth of a
+    # second that it never needs.
+    from recsys_metric.config import Config, PublishConfig
 
 MANIFEST_FILE = "manifest.json"
 """Name of the manifest inside a run directory."""
@@ -264,6 +264,9 @@ def input_fingerprint(
     Raises:
         RegistryError: the path matches no file.
     """
+    from recsys_metric.db.source import database_fingerprint
+    from recsys_metric.db.uri import is_database_uri
+
     if is_database_uri(path):
         return database_fingerprint(path)  # taken while the rows were read (recsys_metric/db/source.py)
     base, files = _input_files(path)
@@ -452,7 +455,11 @@ class ArtifactStore:
 
     def __init__(self, root: str | os.PathLike[str], config: PublishConfig | None = None):
         self.root = Path(root).absolute()
-        self.config = config or PublishConfig()
+        if config is None:
+            from recsys_metric.config import PublishConfig
+
+            config = PublishConfig()
+        self.config = config
 
     def __repr__(self) -> str:
         return f"ArtifactStore({str(self.root)!r})"
@@ -684,6 +691,8 @@ class ArtifactStore:
                 missing, or ``metrics.json``/``model.json`` name another run id (pass
                 ``run_id=`` to ``train_run``).
         """
+        from recsys_metric.config import Config
+
         pending = Path(run_dir).absolute()
         run_id = self.run_id_of(pending)
         if (
@@ -1298,6 +1307,10 @@ def score_current_on_holdout(
         DataError: missing or malformed files (named in the message).
     """
     # Imported here: they pull in torch, and the store itself (listing, publishing) should not.
+    import polars as pl
+
+    from recsys_metric.data.matrix import InteractionMatrix
+    from recsys_metric.data.vocab import Vocabulary
     from recsys_metric.evaluate import evaluate_with_baselines, training_items_mask
     from recsys_metric.export import read_embeddings
     from recsys_metric.model.distances import score_numpy

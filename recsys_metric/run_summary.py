@@ -4,10 +4,12 @@ run summary prints about what the budget traded (from ``metrics.json``'s ``time_
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from recsys_metric.config import Config
 from recsys_metric.durations import parse_duration
+
+if TYPE_CHECKING:
+    from recsys_metric.config import Config  # annotations only: the CLI's query commands skip pydantic
 
 TIME_BUDGET_HELP = (
     "wall-clock allowance for the whole run (train.time_budget): 15m, 90s, 1h30m, or none "

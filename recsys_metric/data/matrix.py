@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
 
 # Elements per block for element-wise work on big arrays: whole-array int64 temporaries are fresh
 # memory, and first touching a page costs ~2 us on the VMs this runs on; 8 MB blocks are reused.
@@ -152,6 +151,8 @@ def sorted_distinct(keys: np.ndarray) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.int64)
     if keys.size < 2:
         return keys.copy()
+    import polars as pl  # here, not at the top: serving reads matrices without polars
+
     ordered = pl.Series(keys).sort(multithreaded=False).to_numpy()
     distinct = np.empty(ordered.size, dtype=bool)
     distinct[0] = True

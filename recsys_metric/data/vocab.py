@@ -21,7 +21,10 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+# UnknownIdError lives in recsys_metric.errors (serving raises it without importing polars);
+# re-exported here, where it always was.
 from recsys_metric.errors import DataError
+from recsys_metric.errors import UnknownIdError as UnknownIdError
 
 VocabName = Literal["user", "item"]
 _NAMES: tuple[str, ...] = ("user", "item")
@@ -69,24 +72,6 @@ def _dense_unique(s: pl.Series) -> pl.Series | None:
     if low:
         distinct += low
     return pl.Series(s.name, distinct, dtype=pl.Int64)
-
-
-class UnknownIdError(DataError, KeyError):
-    """Ids that are not in a vocabulary were looked up with ``missing="error"``.
-
-    A :class:`KeyError` (a lookup failed) and a :class:`DataError` (the CLI reports it as a user
-    error). ``unknown`` holds the first few unknown ids, ``n_unknown`` how many distinct ids were
-    unknown.
-    """
-
-    def __init__(self, message: str, *, unknown: list[Any], n_unknown: int):
-        super().__init__(message)
-        self.unknown = unknown
-        self.n_unknown = n_unknown
-
-    def __str__(self) -> str:
-        # KeyError.__str__ would print the repr of the message, quotes and escapes included.
-        return str(self.args[0])
 
 
 def _normalise_ids(values: Any, *, column: str) -> pl.Series:

@@ -255,7 +255,7 @@ class _CombinedRows:
 
 class _CombinedLookup:
     """``id -> item number`` over the run's dict and the added items' (what ``Recommender._lookup``
-    reads with ``.get``), without copying the run's dict."""
+    reads with ``.get``, and ``Recommender._numbers`` with ``[]``), without copying the run's dict."""
 
     def __init__(self, base: dict[Any, int], added: dict[Any, int]):
         self.base = base
@@ -264,6 +264,13 @@ class _CombinedLookup:
     def get(self, key: Any, default: Any = None) -> Any:
         found = self.added.get(key)  # a TypeError for an unhashable key, as dict.get
         return found if found is not None else self.base.get(key, default)
+
+    def __getitem__(self, key: Any) -> int:
+        found = self.added.get(key)
+        return found if found is not None else self.base[key]  # KeyError as a dict's
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.added)
 
 
 class _CombinedVocabulary:
@@ -454,22 +461,32 @@ def segment_state(
     tables and vector rows of both (overlays: nothing of the run's is copied, so an add costs
     ``O(added)``, not ``O(catalogue)``) and the segmented engine.
 
+    The run's own ids (``Recommender.item_ids``, a polars Series) and its item Vocabulary stay
+    lazy (made on first use, never at load): only the added segment's are published
+    (``_item_ids_added``, ``_item_vocab_added``), and the Recommender puts them after the run's
+    when asked (``item_ids`` concatenates, ``_vocabulary("item")`` is a :class:`_CombinedVocabulary`).
+
     Args:
-        base: the run's own attributes as loaded (``_engine``, ``_item_vectors``, ``item_ids``,
-            ``_items``, ``_item_num_of``, ``_item_id_values``).
+        base: the run's own tables as loaded (``_engine``, ``_item_vectors``, ``_item_id_values``,
+            ``_item_num_of``).
     """
-    n_base = len(base["item_ids"])
+    n_base = len(base["_item_id_values"])
     added_vocab = Vocabulary(added.ids, name="item")
     added_vocab.numbers(added.ids.head(1))  # warm its lookup cache before any query thread reads it
-    added_values = added.ids.to_numpy()
+    # As the run's id values (Recommender._id_values): int64, or an object array of str.
+    if added.ids.dtype.is_integer():
+        added_values = added.ids.cast(pl.Int64).to_numpy()
+    else:
+        added_values = np.empty(len(added), dtype=object)
+        added_values[:] = added.ids.to_list()
     return {
-        "item_ids": pl.concat([base["item_ids"], added.ids], rechunk=False).rename(base["item_ids"].name),
-        "_item_id_values": _CombinedRows(base["_item_id_values"], added_values),
+        "_item_ids_added": added.ids,
+        "_item_id_values": _CombinedRows(base["_item_id_values"], _read_only(added_values)),
         "_engine": _SegmentedEngine(
             base["_engine"], _Engine(added.vectors, distance), serve_added=serve_added
         ),
         "_item_vectors": _CombinedRows(base["_item_vectors"], added.vectors),
-        "_items": _CombinedVocabulary(base["_items"], added_vocab),
+        "_item_vocab_added": added_vocab,
         "_item_num_of": _CombinedLookup(
             base["_item_num_of"],
             dict(zip(added.ids.to_list(), range(n_base, n_base + len(added)), strict=True)),
@@ -477,11 +494,18 @@ def segment_state(
     }
 
 
-PUBLISH_ORDER = ("item_ids", "_item_id_values", "_engine", "_item_vectors", "_items", "_item_num_of")
+PUBLISH_ORDER = (
+    "_item_ids_added",
+    "_item_id_values",
+    "_engine",
+    "_item_vectors",
+    "_item_vocab_added",
+    "_item_num_of",
+)
 """The order a Recommender assigns :func:`segment_state`'s attributes in: the reverse of the order
-a query reads them (id lookups, vectors, engine, then the ids of the result). A query that saw a
-new item number anywhere therefore reads new tables from there on; the tables only grow and an
-item keeps its number, so older tables it read before are a consistent subset."""
+a query reads them (id lookups, vocabulary, vectors, engine, then the ids of the result). A query
+that saw a new item number anywhere therefore reads new tables from there on; the tables only
+grow and an item keeps its number, so older tables it read before are a consistent subset."""
 
 
 def carry_over(old: AddedItems | None, embedder_of: Any, base_ids: pl.Series) -> pl.DataFrame | None:

@@ -26,7 +26,12 @@ artifacts directory, and serves one run as is when given a run directory. Each w
 loads its own copy of the run and keeps its own metrics.
 
 Route handlers are plain functions: FastAPI runs them in its thread pool, and the queries
-release the GIL in BLAS and in Annoy, so one worker uses more than one core under load.
+release the GIL in Annoy and in BLAS, so one worker uses more than one core under load (as
+``async def`` handlers on the event loop they cost about 0.1 ms less CPU each but are confined to
+one core, which lost a third of the requests/s at concurrency 8 on the 1M catalog here). The
+parameters of ``/similar`` and ``/recommend/{user_id}`` are read by a plan made once
+(:mod:`recsys_metric.serving.api_routes`), and the app loads the run with ``output="records"``:
+answers go from numpy to JSON without a frame.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 from urllib.parse import unquote
 
-import polars as pl
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -51,7 +55,7 @@ from recsys_metric import __version__
 from recsys_metric.data.vocab import UnknownIdError
 from recsys_metric.errors import DataError, RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK
-from recsys_metric.serving.added_items import items_frame
+from recsys_metric.serving.api_routes import QuickParamsRoute
 from recsys_metric.serving.cli_api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
 from recsys_metric.serving.follow import FollowingRecommender
 from recsys_metric.serving.recommender import Recommender
@@ -178,12 +182,16 @@ def _json(payload: dict[str, Any]) -> Response:
 
 
 def _rows(frame: Any) -> list[dict[str, Any]]:
-    return frame.to_dicts() if isinstance(frame, pl.DataFrame) else frame.to_dict(orient="records")
+    """Rows of a result: as they are from a recommender loaded with ``output="records"`` (what the
+    app loads), else from a polars or pandas frame (a recommender passed to :func:`create_app`)."""
+    if isinstance(frame, list):
+        return frame
+    return frame.to_dicts() if hasattr(frame, "to_dicts") else frame.to_dict(orient="records")
 
 
-def _typed(text: str, ids: pl.Series, column: str) -> int | str:
+def _typed(text: str, id_type: type, column: str) -> int | str:
     """A path segment as an id of the vocabulary's type (URL text; integer vocabularies need ints)."""
-    if ids.dtype.is_integer():
+    if id_type is int:
         try:
             return int(text)
         except ValueError:
@@ -196,10 +204,10 @@ def _typed(text: str, ids: pl.Series, column: str) -> int | str:
     return text
 
 
-def _typed_list(values: list[Any], ids: pl.Series, column: str) -> list[Any]:
+def _typed_list(values: list[Any], id_type: type, column: str) -> list[Any]:
     """Ids from a query string or a JSON body: text parsed for an integer vocabulary."""
-    if ids.dtype.is_integer():
-        return [v if isinstance(v, int) else _typed(v, ids, column) for v in values]
+    if id_type is int:
+        return [v if isinstance(v, int) else _typed(v, id_type, column) for v in values]
     return list(values)
 
 
@@ -238,7 +246,7 @@ def create_app(
             link = os.path.join(os.fspath(artifacts), CURRENT_LINK)
             follow = os.path.lexists(link)
             state["rec"] = Recommender.load(
-                artifacts, index=index, verify=verify, output="polars", follow=follow, interval=interval
+                artifacts, index=index, verify=verify, output="records", follow=follow, interval=interval
             )
         app.state.recommender = state["rec"]
         try:
@@ -285,7 +293,19 @@ def create_app(
 
     k_query = Query(10, ge=1, le=MAX_K, description="number of results")
 
-    @app.get("/similar/{item_id:path}", summary="Items nearest to an item")
+    def quick_get(path: str, **kwargs: Any) -> Callable[[Any], Any]:
+        """``@app.get`` for the hot single-id routes: parameters read by a plan made once
+        (:mod:`recsys_metric.serving.api_routes`); answers, 422 bodies and OpenAPI unchanged."""
+
+        def register(endpoint: Any) -> Any:
+            app.router.add_api_route(
+                path, endpoint, methods=["GET"], route_class_override=QuickParamsRoute, **kwargs
+            )
+            return endpoint
+
+        return register
+
+    @quick_get("/similar/{item_id:path}", summary="Items nearest to an item")
     def similar(
         item_id: str = Path(..., description="item id (URL-encoded)"),
         k: int = k_query,
@@ -294,11 +314,11 @@ def create_app(
         ] = None,
     ) -> Response:
         rec = snapshot()
-        item = _typed(item_id, rec.item_ids, "item_id")
-        frame = rec.similar_items(item, k=k, exclude=_typed_list(exclude or [], rec.item_ids, "item_id"))
+        item = _typed(item_id, rec.item_id_type, "item_id")
+        frame = rec.similar_items(item, k=k, exclude=_typed_list(exclude or [], rec.item_id_type, "item_id"))
         return _json({"run_id": rec.run_id, "item_id": item, "items": _rows(frame)})
 
-    @app.get("/recommend/{user_id:path}", summary="Top items for a known user")
+    @quick_get("/recommend/{user_id:path}", summary="Top items for a known user")
     def recommend(
         user_id: str = Path(..., description="user id (URL-encoded)"),
         k: int = k_query,
@@ -308,23 +328,26 @@ def create_app(
         ] = None,
     ) -> Response:
         rec = snapshot()
-        user = _typed(user_id, rec.user_ids, "user_id")
+        user = _typed(user_id, rec.user_id_type, "user_id")
         frame = rec.recommend(
-            user, k=k, exclude_seen=exclude_seen, exclude=_typed_list(exclude or [], rec.item_ids, "item_id")
+            user,
+            k=k,
+            exclude_seen=exclude_seen,
+            exclude=_typed_list(exclude or [], rec.item_id_type, "item_id"),
         )
         return _json({"run_id": rec.run_id, "user_id": user, "items": _rows(frame)})
 
     @app.post("/recommend", summary="Top items for each of many known users")
     def recommend_many(body: UsersRequest) -> Response:
         rec = snapshot()
-        users = _typed_list(body.user_ids, rec.user_ids, "user_id")
+        users = _typed_list(body.user_ids, rec.user_id_type, "user_id")
         frame = rec.recommend_batch(users, k=body.k, exclude_seen=body.exclude_seen)
         return _json({"run_id": rec.run_id, "recommendations": _rows(frame)})
 
     @app.post("/recommend/history", summary="Top items for an unknown user from the items they liked")
     def recommend_history(body: HistoryRequest) -> Response:
         rec = snapshot()
-        items = _typed_list(body.item_ids, rec.item_ids, "item_id")
+        items = _typed_list(body.item_ids, rec.item_id_type, "item_id")
         frame = rec.recommend_for_history(items, k=body.k, exclude_seen=body.exclude_seen)
         return _json({"run_id": rec.run_id, "items": _rows(frame)})
 
@@ -342,13 +365,15 @@ def create_app(
                 "the path must be /explain/USER_ID/ITEM_ID with each id URL-encoded ('/' inside an id as %2F)"
             )
         rec = snapshot()
-        user = _typed(unquote(parts[2]), rec.user_ids, "user_id")
-        item = _typed(unquote(parts[3]), rec.item_ids, "item_id")
+        user = _typed(unquote(parts[2]), rec.user_id_type, "user_id")
+        item = _typed(unquote(parts[3]), rec.item_id_type, "item_id")
         frame = rec.explain(user, item, k=k)
         return _json({"run_id": rec.run_id, "user_id": user, "item_id": item, "liked": _rows(frame)})
 
     @app.post("/items", summary="Embed new items from their features and serve them at once")
     def add_items(body: ItemsRequest) -> Response:
+        from recsys_metric.serving.added_items import items_frame
+
         rec = service()
         try:
             now = snapshot()

@@ -30,12 +30,15 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsys_metric.errors import ConfigError, RecsysMetricError
 from recsys_metric.registry import CURRENT_LINK, resolve_run_dir
-from recsys_metric.serving.added_items import AddResult, ItemsInput, carry_added_items
 from recsys_metric.serving.recommender import Recommender
+
+if TYPE_CHECKING:
+    # added_items imports polars: read when items are added or carried over, never at load.
+    from recsys_metric.serving.added_items import AddResult, ItemsInput
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,10 @@ class FollowingRecommender:
                 self.refusals.append(Refusal(str(run_dir), reason, dt.datetime.now(dt.UTC)))
                 log.warning("refused run %s, keep serving run %s: %s", run_dir, self.run_id, reason)
                 return False
-            carry_added_items(self._current, new)
+            if getattr(self._current, "_added", None) is not None:
+                from recsys_metric.serving.added_items import carry_added_items
+
+                carry_added_items(self._current, new)
             old = self._current
             self._current = new  # the swap: one reference assignment, atomic for every reader
             self._retired = weakref.ref(old)

@@ -24,18 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import polars as pl
 
 from recsys_metric.cold_items import excluded_item_nums
 from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.vocab import UnknownIdError, Vocabulary
-from recsys_metric.errors import ConfigError, DataError
+from recsys_metric.errors import ConfigError, DataError, UnknownIdError
 from recsys_metric.index import SIDECAR_FILE, AnnoyIndex, ItemIndex
-from recsys_metric.item_embedder import ITEM_TOWER_FILE, ItemEmbedder
 from recsys_metric.registry import resolve_run_dir
 from recsys_metric.scoring import NORM_EPS
-from recsys_metric.serving import added_items
-from recsys_metric.serving.added_items import AddedItems, AddResult, ItemsInput
 from recsys_metric.serving.ranking import (
     _block_users,
     _check_k,
@@ -56,9 +51,16 @@ from recsys_metric.serving.verify import RunVerifier
 
 if TYPE_CHECKING:
     import pandas as pd
+    import polars as pl
 
-Output = Literal["pandas", "polars"]
-"""Frame type of query results."""
+    from recsys_metric.data.vocab import Vocabulary
+    from recsys_metric.export import EmbeddingTable
+    from recsys_metric.item_embedder import ItemEmbedder
+    from recsys_metric.serving.added_items import AddedItems, AddResult, ItemsInput
+
+Output = Literal["pandas", "polars", "records"]
+"""Type of query results: a pandas or polars frame, or ``records``, a list of dicts (one per row,
+the frame's columns as keys, plain Python values; no frame library imported)."""
 
 
 class Recommender:
@@ -77,8 +79,8 @@ class Recommender:
 
     Results are frames with ``item_id``, ``score`` (float32, higher is better; euclidean scores
     are ``-distance``) and ``rank`` (int32, from 1), best first: pandas by default, polars when
-    loaded with ``output="polars"``. Unknown ids raise :class:`KeyError`
-    (:class:`~recsys_metric.data.vocab.UnknownIdError`) naming the id.
+    loaded with ``output="polars"``, a list of dicts (one per row) with ``output="records"``. Unknown ids raise :class:`KeyError`
+    (:class:`~recsys_metric.errors.UnknownIdError`) naming the id.
 
     Attributes:
         run_id: the run that exported the embeddings.
@@ -91,7 +93,7 @@ class Recommender:
             query is scored exactly. Exact queries use the blocked ranker of the batch tables
             (a matrix product against all items, masking, selection): one exact path for both,
             with the same answers as ``ExactIndex.search`` (both end in the canonical scores).
-        output: ``pandas`` or ``polars``.
+        output: ``pandas``, ``polars`` or ``records``.
         loaded_at: when the run was loaded (UTC).
         verified: True when the run's files were checked against its manifest.
     """
@@ -107,28 +109,39 @@ class Recommender:
         output: Output = "pandas",
         verifier: RunVerifier | None = None,
     ):
-        if output not in ("pandas", "polars"):
-            raise ValueError(f"output must be 'pandas' or 'polars', got {output!r}")
+        if output not in ("pandas", "polars", "records"):
+            raise ValueError(f"output must be 'pandas', 'polars' or 'records', got {output!r}")
         self.run_id = run.run_id
         self.run_dir = run.run_dir
         self.distance = run.distance
         self.dim = run.items.dim
-        self.user_ids = run.users.ids
-        self.item_ids = run.items.ids
+        self._user_table = run.users
+        self._item_table = run.items
         self.index = index
         self.output: Output = output
         self._device = str(device)
         self._verifier = verifier if verifier is not None else RunVerifier(run.run_dir, verify=False)
         self.verified = self._verifier.verified
         self.loaded_at = dt.datetime.now(dt.UTC)
-        self._users = Vocabulary(run.users.ids, name="user")
-        self._items = Vocabulary(run.items.ids, name="item")
         self._user_vectors = run.users.vectors
         self._item_vectors = run.items.vectors
-        self._user_num_of = dict(zip(self.user_ids.to_list(), range(len(self.user_ids)), strict=True))
-        self._item_num_of = dict(zip(self.item_ids.to_list(), range(len(self.item_ids)), strict=True))
-        self._user_id_values = _read_only(self.user_ids.to_numpy())
-        self._item_id_values = _read_only(self.item_ids.to_numpy())
+        # Id lookups need no polars (a fifth of a second to import): {id: number} dicts for single
+        # ids and lists of known ids; a Vocabulary (polars) is made only for what the dicts cannot
+        # answer alone (arrays, Series, unknown or mistyped ids: its errors name them).
+        self._user_num_of = run.user_num_of
+        self._item_num_of = run.item_num_of
+        if len(self._user_num_of) != len(run.users) or len(self._item_num_of) != len(run.items):
+            from recsys_metric.data.vocab import Vocabulary
+
+            Vocabulary(run.users.ids, name="user")  # raises the DataError naming the repeated ids
+            Vocabulary(run.items.ids, name="item")
+        self._user_id_values = _read_only(_id_values(run.users.id_array, self._user_num_of))
+        self._item_id_values = _read_only(_id_values(run.items.id_array, self._item_num_of))
+        self.user_id_type: type = int if _is_integer(run.users.id_array) else str
+        """``int`` or ``str``: the Python type of the run's user ids."""
+        self.item_id_type: type = int if _is_integer(run.items.id_array) else str
+        """``int`` or ``str``: the Python type of the run's item ids."""
+        self._vocabularies: dict[str, Vocabulary] = {}
         self._seen = seen
         self._liked = liked
         self._engine = _Engine(
@@ -137,15 +150,21 @@ class Recommender:
         self._model_lock = threading.Lock()
         self._model: Any = None
         self._meta: dict[str, Any] | None = None
-        # Items added after the run (add_items): the run's own tables stay as loaded.
-        self._base = (self._engine, self._item_vectors, self.item_ids)
-        self._base_tables = {name: getattr(self, name) for name in added_items.PUBLISH_ORDER}
+        # Items added after the run (add_items): the run's own tables stay as loaded, and the
+        # added segment is published over them (added_items.PUBLISH_ORDER). None until an add:
+        # item_ids and the item Vocabulary then stay the run's own, made on first use.
+        self._item_ids_added: pl.Series | None = None
+        self._item_vocab_added: Vocabulary | None = None
+        self._item_ids_cache: tuple[Any, pl.Series] | None = None
+        self._base_tables: dict[str, Any] = {
+            "_engine": self._engine,
+            "_item_vectors": self._item_vectors,
+            "_item_id_values": self._item_id_values,
+            "_item_num_of": self._item_num_of,
+        }
         self._added: AddedItems | None = None
         self._add_lock = threading.Lock()
         self._embedder: ItemEmbedder | None = None
-        # Warm the lazily built lookup caches now, so that no query thread writes them.
-        self._users.numbers(self.user_ids.head(1))
-        self._items.numbers(self.item_ids.head(1))
 
     @classmethod
     def load(
@@ -169,7 +188,8 @@ class Recommender:
                 ``annoy`` or ``exact``.
             device: where exact scoring and fold-in run (``cpu``, ``cuda``, ``auto``).
             search_k: Annoy's ``search_k`` (nodes inspected per query); None keeps the index default.
-            output: ``pandas`` or ``polars`` frames from every query.
+            output: ``pandas`` or ``polars`` frames from every query, or ``records``: lists of
+                dicts, one per row (no frame library imported; what the HTTP API serves).
             verify: check every file read against the run's ``manifest.json`` (size and sha256)
                 before reading it (:mod:`recsys_metric.serving.verify`). ``False`` skips the
                 hashing (about one CPU second per GB of files) and trusts the files: a damaged file can then
@@ -219,7 +239,7 @@ class Recommender:
 
     def __repr__(self) -> str:
         return (
-            f"Recommender(run_id={self.run_id!r}, users={len(self.user_ids)}, items={len(self.item_ids)}, "
+            f"Recommender(run_id={self.run_id!r}, users={self.n_users}, items={self.n_items}, "
             f"distance={self.distance!r}, dim={self.dim}, exact={self.is_exact})"
         )
 
@@ -230,11 +250,73 @@ class Recommender:
 
     @property
     def n_users(self) -> int:
-        return len(self.user_ids)
+        return len(self._user_id_values)
 
     @property
     def n_items(self) -> int:
-        return len(self.item_ids)
+        return len(self._item_id_values)
+
+    @property
+    def user_ids(self) -> pl.Series:
+        """polars Series ``user_id`` of every known user, in number order (imports polars)."""
+        return self._user_table.ids
+
+    @property
+    def item_ids(self) -> pl.Series:
+        """polars Series ``item_id`` of every item, in number order (imports polars): the run's,
+        then those added by :meth:`add_items`."""
+        added = self._item_ids_added
+        ids = self._item_table.ids
+        if added is None:
+            return ids
+        cache = self._item_ids_cache
+        if cache is not None and cache[0] is added:
+            return cache[1]
+        import polars as pl
+
+        both = pl.concat([ids, added], rechunk=False).rename(ids.name)
+        self._item_ids_cache = (added, both)  # one assignment: a reader sees a whole pair
+        return both
+
+    @property
+    def _base(self) -> tuple[Any, Any, pl.Series]:
+        """The run's own ``(engine, item vectors, item ids)``, as loaded (ids made on first use)."""
+        return self._base_tables["_engine"], self._base_tables["_item_vectors"], self._item_table.ids
+
+    @property
+    def _users(self) -> Vocabulary:
+        return self._vocabulary("user")
+
+    @property
+    def _items(self) -> Vocabulary:
+        return self._vocabulary("item")
+
+    def _vocabulary(self, name: str) -> Vocabulary:
+        """The run's user or item Vocabulary, made on first use (polars), its lookup caches warm;
+        for items, followed by the items added after the run (:meth:`add_items`)."""
+        added = self._item_vocab_added if name == "item" else None
+        vocab = self._run_vocabulary(name)
+        if added is None:
+            return vocab
+        from recsys_metric.serving.added_items import _CombinedVocabulary
+
+        return _CombinedVocabulary(vocab, added)  # type: ignore[return-value]
+
+    def _run_vocabulary(self, name: str) -> Vocabulary:
+        """The run's own user or item Vocabulary, made on first use (polars), its lookup caches warm."""
+        vocab = self._vocabularies.get(name)
+        if vocab is None:
+            with self._model_lock:
+                vocab = self._vocabularies.get(name)
+                if vocab is None:
+                    from recsys_metric.data.vocab import Vocabulary
+
+                    table = self._user_table if name == "user" else self._item_table
+                    vocab = Vocabulary(table.ids, name=name)  # type: ignore[arg-type]
+                    # Warm the lazily built lookup caches before any query thread sees it.
+                    vocab.numbers(table.ids.head(1))
+                    self._vocabularies[name] = vocab
+        return vocab
 
     @property
     def n_added(self) -> int:
@@ -268,6 +350,8 @@ class Recommender:
                 ``model.item_features``); a feature column is missing; a new item has no feature
                 value the run knows.
         """
+        from recsys_metric.serving import added_items
+
         frame = added_items.read_items_frame(items)
         return self._item_embedder().embed(frame, separator=separator)
 
@@ -289,6 +373,8 @@ class Recommender:
         Raises:
             DataError: as :meth:`embed_items`, or null, duplicate or wrongly typed ids.
         """
+        from recsys_metric.serving import added_items
+
         frame = added_items.read_items_frame(items)
         embedder = self._item_embedder()
         with self._add_lock:
@@ -313,6 +399,8 @@ class Recommender:
     def _item_embedder(self) -> ItemEmbedder:
         embedder = self._embedder
         if embedder is None:
+            from recsys_metric.item_embedder import ITEM_TOWER_FILE, ItemEmbedder
+
             with self._model_lock:
                 if self._embedder is None:
                     self._verifier.check([ITEM_TOWER_FILE])
@@ -382,7 +470,7 @@ class Recommender:
             ``user_id, item_id, score, rank``: users in the order given, each user's rows best first.
         """
         k = _check_k(k)
-        users = _id_numbers(self._users, user_ids).astype(np.int64)
+        users = self._numbers("user", user_ids).astype(np.int64)
         block = _block_users(self.n_items)
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for start in range(0, users.size, block):
@@ -402,7 +490,7 @@ class Recommender:
         keep = nums >= 0
         owner_nums = owners[keep]
         return self._frame(
-            {"user_id": (self.user_ids, self._user_id_values, owner_nums)}, nums, scores, "item_id"
+            {"user_id": (self._user_table, self._user_id_values, owner_nums)}, nums, scores, "item_id"
         )
 
     def recommend_for_history(
@@ -423,7 +511,7 @@ class Recommender:
         k = _check_k(k)
         self._item_nums(item_ids)  # the argument checks and the KeyError naming unknown ids
         # In the given order with repeats: a repeated item weighs more in the fold-in.
-        history = _id_numbers(self._items, item_ids).astype(np.int64)
+        history = self._numbers("item", item_ids).astype(np.int64)
         if history.size == 0:
             raise ValueError("recommend_for_history needs at least one item id in the history")
         queries = self._fold_in(history)
@@ -464,25 +552,35 @@ class Recommender:
 
     def _frame(
         self,
-        leading: dict[str, tuple[pl.Series, np.ndarray, np.ndarray]],
+        leading: dict[str, tuple[EmbeddingTable, np.ndarray, np.ndarray]],
         nums: np.ndarray,
         scores: np.ndarray,
         column: str,
     ) -> pd.DataFrame | pl.DataFrame:
         """A result frame from ``[B, k]`` item numbers (-1 = no item) and scores; ``leading`` maps a
-        column name to (ids Series, the same ids as numpy, numbers of the kept rows)."""
+        column name to (the ids' table, the same ids as numpy, numbers of the kept rows)."""
         keep = nums >= 0
         items = nums[keep]
         ranks = np.broadcast_to(np.arange(1, nums.shape[1] + 1, dtype=np.int32), nums.shape)[keep]
         values = scores[keep].astype(np.float32, copy=False)
         if self.output == "polars":
-            data = [ids.gather(sel).rename(name) for name, (ids, _, sel) in leading.items()]
+            import polars as pl
+
+            # From the numpy ids, not the whole id Series: only the answer's rows are converted.
+            data = [_id_series(pl, name, ids[sel]) for name, (_, ids, sel) in leading.items()]
             data += [
-                self.item_ids.gather(items).rename(column),
+                _id_series(pl, column, self._item_id_values[items]),
                 pl.Series("score", values, dtype=pl.Float32),
                 pl.Series("rank", ranks, dtype=pl.Int32),
             ]
             return pl.DataFrame(data)
+        if self.output == "records":
+            # Plain Python values (what to_dicts() of the polars frame gives, float32 scores as
+            # the same doubles), no frame library: the HTTP API serialises these directly.
+            names = [*leading, column, "score", "rank"]
+            cols = [id_values[sel].tolist() for _, id_values, sel in leading.values()]
+            cols += [self._item_id_values[items].tolist(), values.tolist(), ranks.tolist()]
+            return [dict(zip(names, row, strict=True)) for row in zip(*cols, strict=True)]
         columns: dict[str, Any] = {name: id_values[sel] for name, (_, id_values, sel) in leading.items()}
         columns.update({column: self._item_id_values[items], "score": values, "rank": ranks})
         # pandas is imported by the first pandas result, not at load: it costs a third of a
@@ -492,19 +590,19 @@ class Recommender:
         return pd.DataFrame(columns)
 
     def _user_num(self, user_id: Any) -> int:
-        return self._lookup(self._user_num_of, user_id, self.user_ids, "user_id")
+        return self._lookup(self._user_num_of, user_id, self.user_id_type, "user_id")
 
     def _item_num(self, item_id: Any) -> int:
-        return self._lookup(self._item_num_of, item_id, self.item_ids, "item_id")
+        return self._lookup(self._item_num_of, item_id, self.item_id_type, "item_id")
 
     @staticmethod
-    def _lookup(table: dict[Any, int], id_: Any, ids: pl.Series, column: str) -> int:
+    def _lookup(table: dict[Any, int], id_: Any, id_type: type, column: str) -> int:
         # bool is an int to Python (True == 1) but never an id.
         num = None if isinstance(id_, (bool, np.bool_)) else _dict_get(table, id_)
         if num is None:
             raise UnknownIdError(
                 f"{column} {id_!r} is not in the run's {column.removesuffix('_id')} vocabulary "
-                f"({len(ids)} ids of type {ids.dtype})",
+                f"({len(table)} ids of type {'Int64' if id_type is int else 'String'})",
                 unknown=[id_],
                 n_unknown=1,
             )
@@ -518,7 +616,29 @@ class Recommender:
             )
         if len(item_ids) == 0:
             return np.empty(0, dtype=np.int64)
-        return np.unique(_id_numbers(self._items, item_ids)).astype(np.int64)
+        return np.unique(self._numbers("item", item_ids)).astype(np.int64)
+
+    def _numbers(self, name: str, ids: Any) -> np.ndarray:
+        """int32 numbers of a sequence of user or item ids, in the order given.
+
+        A list or tuple of known ids of the run's id type is looked up in the dict (no polars);
+        anything else goes through the Vocabulary, which names unknown or mistyped ids.
+        """
+        if isinstance(ids, (list, tuple)):
+            if not ids:
+                return np.empty(0, dtype=np.int32)
+            table, id_type = (
+                (self._user_num_of, self.user_id_type)
+                if name == "user"
+                else (self._item_num_of, self.item_id_type)
+            )
+            # Exactly int or str: bool is an int to Python and 1.0 == 1 in a dict, neither an id.
+            if all(type(i) is id_type for i in ids):
+                try:
+                    return np.array([table[i] for i in ids], dtype=np.int32)
+                except KeyError:
+                    pass  # the Vocabulary's error names every unknown id
+        return _id_numbers(self._vocabulary(name), ids)
 
     def _fold_in(self, history: np.ndarray) -> np.ndarray:
         """float32 ``[1, D]`` fold-in vector of a history of item numbers (repeats count)."""
@@ -528,7 +648,7 @@ class Recommender:
             if self.distance != "euclidean":
                 mean = mean / np.maximum(np.linalg.norm(mean), np.float32(NORM_EPS))
             return np.asarray(mean, dtype=np.float32).reshape(1, -1)
-        if history.max() >= self._base[1].shape[0]:
+        if history.max() >= self._base_tables["_item_vectors"].shape[0]:
             raise ValueError(
                 "recommend_for_history: this run's user tower cannot fold in items added after the run "
                 f"(add_items); leave them out of the history ({self.n_added} added items)"
@@ -578,6 +698,8 @@ def _id_numbers(vocab: Vocabulary, ids: Any) -> np.ndarray:
         raise TypeError(f"expected a sequence of {vocab.id_column} values, got the single value {ids!r}")
     if len(ids) == 0:
         return np.empty(0, dtype=np.int32)
+    import polars as pl
+
     try:
         return vocab.numbers(ids if isinstance(ids, (pl.Series, np.ndarray)) else list(ids))
     except TypeError as err:
@@ -631,3 +753,27 @@ def _load_torch_model(run_dir: Path, n_items: int, device: str, verifier: RunVer
             f"{run_dir / MODEL_JSON}: the model has {model.n_items} items, the embeddings {n_items}"
         )
     return model
+
+
+def _id_values(ids: Any, num_of: dict[Any, int]) -> np.ndarray:
+    """The ids as numpy in number order (int64, or an object array of str), without polars or
+    pyarrow's ``to_numpy`` (which imports pandas); ``num_of`` holds them as Python values already."""
+    if _is_integer(ids):
+        return np.fromiter(num_of, dtype=np.int64, count=len(num_of))
+    values = np.empty(len(num_of), dtype=object)
+    values[:] = list(num_of)
+    return values
+
+
+def _id_series(pl: Any, name: str, values: np.ndarray) -> pl.Series:
+    """A polars Int64 or String Series of ids taken from ``_id_values`` (int64 or object array)."""
+    if values.dtype == object:
+        return pl.Series(name, values.tolist(), dtype=pl.String)
+    return pl.Series(name, values, dtype=pl.Int64)
+
+
+def _is_integer(ids: Any) -> bool:
+    """Whether an Arrow id column holds integers (else strings)."""
+    import pyarrow as pa
+
+    return pa.types.is_integer(ids.type)

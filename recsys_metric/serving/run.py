@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_metric.data.matrix import InteractionMatrix
-from recsys_metric.data.vocab import Vocabulary
 from recsys_metric.errors import DataError
 from recsys_metric.export import EmbeddingTable, read_embeddings
 from recsys_metric.index import SIDECAR_FILE
@@ -47,6 +48,20 @@ class _RunEmbeddings:
     def distance(self) -> str:
         return self.items.distance
 
+    @cached_property
+    def user_num_of(self) -> dict[Any, int]:
+        """``{user_id: user_num}`` (Python ints or strs, as ``Series.to_list`` gives them)."""
+        return _num_of(self.users.id_array)
+
+    @cached_property
+    def item_num_of(self) -> dict[Any, int]:
+        """``{item_id: item_num}``."""
+        return _num_of(self.items.id_array)
+
+
+def _num_of(ids: pa.ChunkedArray) -> dict[Any, int]:
+    return dict(zip(ids.to_pylist(), range(len(ids)), strict=True))
+
 
 def _read_run(run_dir: Path, verifier: RunVerifier | None = None) -> _RunEmbeddings:
     """Both embedding tables (and the vocabularies they must match), verified first."""
@@ -66,14 +81,94 @@ def _read_run(run_dir: Path, verifier: RunVerifier | None = None) -> _RunEmbeddi
             f"run directory {run_dir}: {USER_EMBEDDINGS} (distance, dim, run_id) = {user_meta} but "
             f"{ITEM_EMBEDDINGS} has {item_meta}; both must come from the same export"
         )
-    for table, name in ((users, USER_VOCAB), (items, ITEM_VOCAB)):
+    run = _RunEmbeddings(run_dir=run_dir, users=users, items=items)
+    for table, name, num_of in (
+        (users, USER_VOCAB, lambda: run.user_num_of),
+        (items, ITEM_VOCAB, lambda: run.item_num_of),
+    ):
         vocab_path = run_dir / name
-        if vocab_path.is_file() and not Vocabulary.load(vocab_path).ids().equals(table.ids):
+        if vocab_path.is_file() and not _same_ids(vocab_path, table, num_of):
             raise DataError(
                 f"run directory {run_dir}: the {table.kind} ids of {table.kind}_embeddings.parquet "
                 f"({len(table)} rows) are not those of {name} in number order; re-export the run"
             )
-    return _RunEmbeddings(run_dir=run_dir, users=users, items=items)
+    return run
+
+
+def _same_ids(vocab_path: Path, table: EmbeddingTable, num_of: Any) -> bool:
+    """Whether the vocabulary file holds the table's ids, in number order (and is a valid vocabulary).
+
+    The usual answer, yes, comes from pyarrow alone (a query process need not import polars, a
+    fifth of a second); anything else (a mismatch, a malformed file) is decided by
+    :meth:`Vocabulary.load`, so the errors are the vocabulary's own.
+    """
+    if _same_ids_fast(vocab_path, table, num_of):
+        return True
+    from recsys_metric.data.vocab import Vocabulary
+
+    return Vocabulary.load(vocab_path).ids().equals(table.ids)
+
+
+def _same_ids_fast(vocab_path: Path, table: EmbeddingTable, num_of: Any) -> bool:
+    """True only when certain: ``{kind}_num`` is ``0..n-1`` in order, the ids equal the table's
+    (Int64 or String, as :class:`Vocabulary` normalises them) and are distinct."""
+    kind = table.kind
+    try:
+        with pq.ParquetFile(vocab_path) as parquet:
+            names = parquet.schema_arrow.names
+            pairs = [n for n in ("user", "item") if f"{n}_id" in names and f"{n}_num" in names]
+            if pairs != [kind]:
+                return False
+            read = parquet.read(columns=[f"{kind}_id", f"{kind}_num"])
+    except (pa.ArrowInvalid, OSError):
+        return False
+    ids, nums = read.column(0), read.column(1)
+    if len(ids) != len(table) or ids.null_count or nums.null_count or not pa.types.is_integer(nums.type):
+        return False
+    if not np.array_equal(_to_numpy(read, f"{kind}_num", vocab_path), np.arange(len(nums))):
+        return False
+    if not _equal_ids(ids, table.id_array):
+        return False
+    return len(num_of()) == len(table)  # distinct ids (the dict serving needs anyway)
+
+
+def _equal_ids(a: pa.ChunkedArray, b: pa.ChunkedArray) -> bool:
+    """Whether two null-free id columns hold the same values in the same order: integers of any
+    width as numbers, ``string`` and ``large_string`` (polars writes the latter) as text.
+
+    Compared on the Arrow buffers with numpy: ``cast`` would import ``pyarrow.compute`` (a tenth
+    of a second of every query process's start).
+    """
+    if len(a) != len(b):
+        return False
+    if len(a) == 0:
+        return True
+    x, y = (c.combine_chunks() if c.num_chunks != 1 else c.chunk(0) for c in (a, b))
+    if pa.types.is_integer(x.type) and pa.types.is_integer(y.type):
+        return bool(np.array_equal(_int_values(x), _int_values(y)))
+    text = (pa.types.is_string, pa.types.is_large_string)
+    if not (any(t(x.type) for t in text) and any(t(y.type) for t in text)):
+        return False
+    (x_offsets, x_data), (y_offsets, y_data) = _text_buffers(x), _text_buffers(y)
+    return bool(np.array_equal(x_offsets, y_offsets)) and x_data == y_data
+
+
+def _int_values(array: pa.Array) -> np.ndarray:
+    dtype = np.dtype(str(array.type))
+    return np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize
+    )
+
+
+def _text_buffers(array: pa.Array) -> tuple[np.ndarray, bytes]:
+    """int64 offsets from 0 and the UTF-8 bytes of a null-free string or large_string array."""
+    dtype = np.dtype(np.int64 if pa.types.is_large_string(array.type) else np.int32)
+    offsets = np.frombuffer(
+        array.buffers()[1], dtype=dtype, count=len(array) + 1, offset=array.offset * dtype.itemsize
+    ).astype(np.int64)
+    start, end = int(offsets[0]), int(offsets[-1])
+    data = array.buffers()[2]
+    return offsets - start, (data.to_pybytes()[start:end] if data is not None else b"")
 
 
 def _read_interactions(
