@@ -513,6 +513,254 @@ if numba is not None:
 
     _LOOPS = {0: _loop_euclidean, 1: _loop_dot, 2: _loop_cosine}
 
+    # ---- Models with item features (recsys_metric.training.kernel_step.NumbaFeatureStep) ----
+    # An item's vector is x = keep * id_row + F, F the feature part (the sum over the item's feature
+    # rows, each times its scale: 1 for a categorical code, 1 / n_tags for a tag). Per batch:
+    # _feature_locals numbers the batch's distinct items, _feature_gather builds F once per distinct
+    # item, _feature_triplets runs the triplets in order (user and id rows updated after every
+    # triplet, as the ids-only loop; F frozen, its gradient summed per distinct item in G), and
+    # _feature_scatter applies G to the feature rows once per batch (as FeatureTripletStep does).
+
+    @_jit
+    def _feature_locals(pos, negs, valid, has_valid, slot, dropout, seed):  # fmt: skip
+        """Numbers the distinct items of the batch in order of appearance: returns ``uniq`` int64
+        ``[M]``, the batch's local numbers ``lpos`` ``[B]`` and ``lnegs`` ``[B, k]`` (0 in invalid
+        slots), and ``keep`` float32 ``[M]`` (0 for an item whose id part is dropped this step, with
+        probability ``dropout``, from the splitmix64 stream ``seed``). ``slot`` int64 ``[n_items]``
+        is -1 on entry and on return."""
+        batch, k = negs.shape
+        uniq = np.empty(batch * (k + 1), dtype=np.int64)
+        lpos = np.empty(batch, dtype=np.int64)
+        lnegs = np.zeros((batch, k), dtype=np.int64)
+        m = 0
+        for b in range(batch):
+            item = pos[b]
+            if slot[item] < 0:
+                slot[item] = m
+                uniq[m] = item
+                m += 1
+            lpos[b] = slot[item]
+            for j in range(k):
+                if has_valid and not valid[b, j]:
+                    continue
+                item = negs[b, j]
+                if slot[item] < 0:
+                    slot[item] = m
+                    uniq[m] = item
+                    m += 1
+                lnegs[b, j] = slot[item]
+        keep = np.ones(m, dtype=np.float32)
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for i in range(m):
+            slot[uniq[i]] = -1
+            if dropout > 0.0:
+                # 53 random bits as a uniform in [0, 1).
+                u = float(_next(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                if u < dropout:
+                    keep[i] = 0.0
+        return uniq[:m], lpos, lnegs, keep
+
+    @_jit
+    def _feature_gather(out, uniq, indptr, rows, scale, table):  # fmt: skip
+        """``out[i] += sum_e scale[e] * table[rows[e]]`` over item ``uniq[i]``'s entries ``e`` of the
+        CSR ``indptr`` / ``rows`` / ``scale``."""
+        d = out.shape[1]
+        for i in range(uniq.shape[0]):
+            item = uniq[i]
+            for e in range(indptr[item], indptr[item + 1]):
+                r = rows[e]
+                s = scale[e]
+                for t in range(d):
+                    out[i, t] += s * table[r, t]
+
+    @_jit
+    def _feature_scatter(table, acc, grads, touched, uniq, indptr, rows, scale, slot, summed, squares, lr, adagrad):  # fmt: skip
+        """The feature rows' update from the summed item gradients ``grads`` ``[M, D]`` of the
+        batch's distinct items (``touched[i]``: item ``i`` got a gradient): each (item, row) entry
+        is one occurrence with gradient ``scale[e] * grads[i]``, applied as
+        ``SparseRowOptimizer`` applies a batch (row-wise Adagrad: the accumulator gains every
+        occurrence's ``mean(g^2)``, then ``w -= lr * sum(g) / (sqrt(acc) + 1e-10)``; sgd:
+        ``w -= lr * sum(g)``).
+
+        Scratch kept between calls, as on entry on return: ``slot`` int64 ``[V]`` all -1,
+        ``summed`` float32 ``[V, D]`` and ``squares`` float64 ``[V]`` all 0 (a batch touches a
+        few thousand rows; zeroing ``[V, D]`` per batch would cost more than the update)."""
+        d = table.shape[1]
+        order = np.empty(min(table.shape[0], indptr[-1]), dtype=np.int64)
+        n_rows = 0
+        for i in range(uniq.shape[0]):
+            if not touched[i]:
+                continue
+            item = uniq[i]
+            sq = 0.0
+            for t in range(d):
+                sq += grads[i, t] * grads[i, t]
+            sq /= d
+            for e in range(indptr[item], indptr[item + 1]):
+                r = rows[e]
+                if slot[r] < 0:
+                    slot[r] = n_rows
+                    order[n_rows] = r
+                    n_rows += 1
+                c = scale[e]
+                squares[r] += c * c * sq
+                for t in range(d):
+                    summed[r, t] += c * grads[i, t]
+        for s in range(n_rows):
+            r = order[s]
+            slot[r] = -1
+            step = lr
+            if adagrad:
+                acc[r] += squares[r]
+                step = lr / (math.sqrt(acc[r]) + _ADAGRAD_EPS)
+            step32 = np.float32(step)
+            for t in range(d):
+                table[r, t] -= step32 * summed[r, t]
+                summed[r, t] = 0.0
+            squares[r] = 0.0
+
+    @_inline
+    def _send(iw, i_acc, item, keep, grads, touched, local, g, lr, adagrad):  # fmt: skip
+        """Gradient ``g`` of an item vector: to the id row (unless dropped) at once, to the
+        feature part's per-item sum ``grads[local]``."""
+        if keep != 0.0:
+            _apply(iw, i_acc, item, g, lr, adagrad)
+        touched[local] = True
+        for t in range(g.shape[0]):
+            grads[local, t] += g[t]
+
+    @_inline
+    def _feature_vector(xs, j, iw, item, keep, feats, local, project):  # fmt: skip
+        """``xs[j] = keep * id_row + feats[local]`` (the id row projected in place first)."""
+        if project:
+            _project(iw, item)
+        for t in range(xs.shape[1]):
+            xs[j, t] = keep * iw[item, t] + feats[local, t]
+
+    @_jit
+    def _feature_triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, uniq, lpos, lnegs, keep,
+                          feats, grads, touched, lr, metric, margin, weighting, item_weight, n_items,
+                          weight_decay, project, adagrad, xs, g_u, g_p, g_n, viol):  # fmt: skip
+        """The batch's triplets in order on item vectors ``keep * id_row + feats`` (see above);
+        returns the summed loss. ``xs`` ``[k + 1, D]`` holds the triplet's positive (row 0) and
+        negatives (rows 1..k); the gradient formulas are :func:`_one_triplet`'s."""
+        batch, k = negs.shape
+        d = uw.shape[1]
+        wd = np.float32(weight_decay)
+        total = 0.0
+        for b in range(batch):
+            if has_valid:
+                any_valid = False
+                for j in range(k):
+                    any_valid |= valid[b, j]
+                if not any_valid:
+                    continue
+            q = queries[b]
+            if project:
+                _project(uw, q)
+            lp = lpos[b]
+            _feature_vector(xs, 0, iw, pos[b], keep[lp], feats, lp, project)
+            for j in range(k):
+                if not has_valid or valid[b, j]:
+                    ln = lnegs[b, j]
+                    _feature_vector(xs, j + 1, iw, negs[b, j], keep[ln], feats, ln, project)
+            u_norm = 1.0
+            p_norm = 1.0
+            if metric == 2:
+                u_norm = _norm(uw, q)
+                p_norm = _norm(xs, 0)
+            best = -np.inf
+            best_j = -1
+            n_viol = 0
+            for j in range(k):
+                if has_valid and not valid[b, j]:
+                    viol[j] = -np.inf
+                    continue
+                v = _violation(uw, q, xs, 0, j + 1, metric, u_norm, p_norm) + margin
+                viol[j] = v
+                if v > 0.0:
+                    n_viol += 1
+                if v > best:
+                    best = v
+                    best_j = j
+            if n_viol == 0 and weight_decay == 0.0 and item_weight == 0.0:
+                continue
+            loss = 0.0
+            weight = 0.0
+            if weighting == 2:
+                for j in range(k):
+                    if viol[j] > 0.0:
+                        loss += viol[j]
+                loss /= k
+            elif n_viol > 0:
+                weight = 1.0
+                if weighting == 1:
+                    weight = math.log1p(float((n_viol * n_items) // k))
+                loss = best * weight
+            for t in range(d):
+                g_u[t] = 0.0
+                g_p[t] = 0.0
+            c = item_weight / k if weighting == 2 else item_weight
+            for j in range(k):
+                if weighting == 2:
+                    if has_valid and not valid[b, j]:
+                        continue
+                    a = 1.0 / k if viol[j] > 0.0 else 0.0
+                else:
+                    if j != best_j:
+                        continue
+                    a = weight
+                n = j + 1
+                if metric == 0:
+                    a2 = np.float32(2.0 * a)
+                    for t in range(d):
+                        g_u[t] += a2 * (xs[n, t] - xs[0, t])
+                        g_p[t] -= a2 * (uw[q, t] - xs[0, t])
+                        g_n[t] = a2 * (uw[q, t] - xs[n, t]) + wd * xs[n, t]
+                elif metric == 1:
+                    a1 = np.float32(a)
+                    for t in range(d):
+                        g_u[t] += a1 * (xs[n, t] - xs[0, t])
+                        g_p[t] -= a1 * uw[q, t]
+                        g_n[t] = a1 * uw[q, t] + wd * xs[n, t]
+                else:
+                    n_norm = _norm(xs, n)
+                    s_n = np.float32(_dot(uw, q, xs, n) / (u_norm * n_norm))
+                    s_p = np.float32(_dot(uw, q, xs, 0) / (u_norm * p_norm))
+                    cu = np.float32(a / u_norm)
+                    cp = np.float32(a / p_norm)
+                    cn = np.float32(a / n_norm)
+                    iu = np.float32(1.0 / u_norm)
+                    ip = np.float32(1.0 / p_norm)
+                    inn = np.float32(1.0 / n_norm)
+                    for t in range(d):
+                        uh = uw[q, t] * iu
+                        nh = xs[n, t] * inn
+                        ph = xs[0, t] * ip
+                        g_u[t] += cu * ((nh - s_n * uh) - (ph - s_p * uh))
+                        g_p[t] -= cp * (uh - s_p * ph)
+                        g_n[t] = cn * (uh - s_n * nh) + wd * xs[n, t]
+                if item_weight != 0.0:
+                    loss += _item_term(uw, q, xs, 0, n, metric, margin, c, u_norm, p_norm, g_u, g_p, g_n)
+                ln = lnegs[b, j]
+                _send(iw, i_acc, negs[b, j], keep[ln], grads, touched, ln, g_n, lr, adagrad)
+            if weight_decay != 0.0:
+                for t in range(d):
+                    g_u[t] += wd * uw[q, t]
+                    g_p[t] += wd * xs[0, t]
+            _send(iw, i_acc, pos[b], keep[lp], grads, touched, lp, g_p, lr, adagrad)
+            _apply(uw, u_acc, q, g_u, lr, adagrad)
+            total += loss
+        if project:
+            # As FeatureTripletStep: the batch's users and touched id rows end projected.
+            for b in range(batch):
+                _project(uw, queries[b])
+            for i in range(uniq.shape[0]):
+                if touched[i]:
+                    _project(iw, uniq[i])
+        return total
+
 
 _PARALLEL_LOCK = threading.Lock()
 _NO_VALID = np.ones((0, 0), dtype=np.bool_)
@@ -674,3 +922,124 @@ def triplet_step(
                 np.empty((n_threads, k), dtype=np.float64),
             )
         )
+
+
+def feature_scratch(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scratch :func:`feature_triplet_step` keeps per feature table ``[V, D]`` between calls:
+    ``(slot int64 [V] all -1, summed float32 [V, D] zeros, squares float64 [V] zeros)``."""
+    return (
+        np.full(table.shape[0], -1, dtype=np.int64),
+        np.zeros(table.shape, dtype=np.float32),
+        np.zeros(table.shape[0], dtype=np.float64),
+    )
+
+
+def feature_triplet_step(
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    user_acc: np.ndarray | None,
+    item_acc: np.ndarray | None,
+    parts: list[
+        tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]
+    ],
+    queries: np.ndarray,
+    pos: np.ndarray,
+    negs: np.ndarray,
+    valid: np.ndarray | None,
+    lr: float,
+    *,
+    metric: str,
+    margin: float,
+    weighting: str,
+    n_items: int,
+    weight_decay: float,
+    project: bool,
+    item_weight: float = 0.0,
+    id_dropout: float = 0.0,
+    seed: int = 0,
+    item_slot: np.ndarray | None = None,
+    extra_features=None,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Train a model with item features on one batch of triplets in place (one thread, in order);
+    returns ``(summed loss, uniq, grads)``: the batch's distinct items int64 ``[M]`` and the summed
+    gradient of each one's vector float32 ``[M, D]`` (what a dense feature part, e.g. the numeric
+    map, needs).
+
+    An item's vector is ``keep * item_table[i] + F[i]`` with ``F[i] = sum_e scale[e] *
+    table[rows[e]]`` over the item's entries in every feature part. User and id rows are
+    updated after every triplet (as :func:`triplet_step`); the feature rows once per batch, from
+    the per-item gradient sums, as ``FeatureTripletStep`` updates them.
+
+    Args:
+        user_table, item_table, user_acc, item_acc, queries, pos, valid, lr, metric, margin,
+            weighting, n_items, weight_decay, project, item_weight: as :func:`triplet_step`
+            (``negs`` is required here).
+        parts: per feature table ``(table [V, D] float32, acc [V] float32 or None, indptr int64
+            [n_items + 1], rows int64 [nnz], scale float32 [nnz], scratch)``, ``scratch`` from
+            :func:`feature_scratch` (kept between calls).
+        id_dropout: probability that a distinct item of the batch trains without its id part
+            (``keep`` 0: the vector is ``F`` alone and the id row gets no gradient).
+        seed: the dropout draws' random stream.
+        item_slot: int64 ``[n_items]`` all -1 (scratch kept between calls), or None.
+        extra_features: float32 ``[M, D]`` callable ``uniq -> array`` added to ``F`` (the numeric
+            part), or None.
+    """
+    if numba is None:
+        raise RuntimeError("the compiled feature step needs numba: pip install numba")
+    adagrad = user_acc is not None
+    if adagrad != (item_acc is not None):
+        raise ValueError("give both accumulators (row-wise Adagrad) or neither (SGD)")
+    if item_slot is None:
+        item_slot = np.full(item_table.shape[0], -1, dtype=np.int64)
+    has_valid = valid is not None
+    valid_arr = valid if has_valid else _NO_VALID
+    uniq, lpos, lnegs, keep = _feature_locals(
+        pos, negs, valid_arr, has_valid, item_slot, float(id_dropout), np.uint64(seed % 2**64)
+    )
+    d = item_table.shape[1]
+    feats = np.zeros((uniq.shape[0], d), dtype=np.float32)
+    for table, _acc, indptr, rows, scale, _scratch in parts:
+        _feature_gather(feats, uniq, indptr, rows, scale, table)
+    if extra_features is not None:
+        feats += extra_features(uniq)
+    grads = np.zeros_like(feats)
+    touched = np.zeros(uniq.shape[0], dtype=np.bool_)
+    k = negs.shape[1]
+    loss = _feature_triplets(
+        user_table,
+        item_table,
+        user_acc if adagrad else _NO_ACC,
+        item_acc if item_acc is not None else _NO_ACC,
+        queries,
+        pos,
+        negs,
+        valid_arr,
+        has_valid,
+        uniq,
+        lpos,
+        lnegs,
+        keep,
+        feats,
+        grads,
+        touched,
+        float(lr),
+        METRICS[metric],
+        float(margin),
+        WEIGHTINGS[weighting],
+        float(item_weight),
+        int(n_items),
+        float(weight_decay),
+        bool(project),
+        adagrad,
+        np.empty((k + 1, d), dtype=np.float32),
+        np.empty(d, dtype=np.float32),
+        np.empty(d, dtype=np.float32),
+        np.empty(d, dtype=np.float32),
+        np.empty(k, dtype=np.float64),
+    )
+    for table, acc, indptr, rows, scale, (slot, summed, squares) in parts:
+        _feature_scatter(
+            table, acc if acc is not None else _NO_ACC, grads, touched, uniq, indptr, rows, scale, slot,
+            summed, squares, float(lr), adagrad,
+        )  # fmt: skip
+    return float(loss), uniq, grads
