@@ -157,9 +157,12 @@ def test_fit_takes_the_kernel_and_learns_from_the_features():
     with torch.no_grad():
         model.item_embedding.weight.zero_()
     result = fit(
-        model, TrainData.from_matrices(liked, seen=liked), TrainConfig(epochs=8, lr=0.05), progress=False
+        model,
+        TrainData.from_matrices(liked, seen=liked),
+        TrainConfig(epochs=8, lr=0.05, kernel="numba"),
+        progress=False,
     )
-    assert result.kernel == "features-numba"
+    assert result.kernel == "features-numba", "train.kernel: numba takes the feature kernel"
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0]
     # Users of category c_j rank the c_j items they never liked above the other categories' items
@@ -167,3 +170,15 @@ def test_fit_takes_the_kernel_and_learns_from_the_features():
     scores = model.score(torch.arange(N_USERS)).detach()
     own = np.array([[cats[i] == f"c{u % 4}" for i in range(N_ITEMS)] for u in range(N_USERS)])
     assert float(scores[torch.from_numpy(own)].mean()) > float(scores[torch.from_numpy(~own)].mean())
+
+
+def test_auto_keeps_the_tensor_step_for_features_and_numba_opts_in():
+    from recsys_metric.errors import ConfigError
+    from recsys_metric.training.kernel_step import use_feature_kernel
+
+    cpu = torch.device("cpu")
+    assert not use_feature_kernel(TrainConfig(kernel="auto"), cpu), "auto: the tensor feature step"
+    assert not use_feature_kernel(TrainConfig(kernel="torch"), cpu)
+    assert use_feature_kernel(TrainConfig(kernel="numba"), cpu)
+    with pytest.raises(ConfigError, match="train.kernel numba: it runs on CPU only, not cuda"):
+        use_feature_kernel(TrainConfig(kernel="numba"), torch.device("cuda"))

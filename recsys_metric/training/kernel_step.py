@@ -307,10 +307,24 @@ class NumbaFeatureStep(FeatureTripletStep):
 
 
 def use_feature_kernel(config: TrainConfig, device: torch.device) -> bool:
-    """Whether a model the feature step trains runs as :class:`NumbaFeatureStep`: ``train.kernel``
-    auto or numba, on CPU, with numba installed (else :class:`FeatureTripletStep`, the tensor step).
+    """Whether a model the feature step trains runs as :class:`NumbaFeatureStep`: only under
+    ``train.kernel: numba`` (opt-in: faster, but its warm quality trailed the tensor step's on
+    ml-latest-small, ``docs/cold-start.md``); ``auto`` and ``torch`` keep
+    :class:`FeatureTripletStep`, the tensor step.
+
+    Raises:
+        ConfigError: ``kernel: numba`` off the CPU or without numba.
     """
-    return config.kernel != "torch" and device.type == "cpu" and triplet_kernel.available()
+    if config.kernel != "numba":
+        return False
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"it runs on CPU only, not {device}")
+    if not triplet_kernel.available():
+        reasons.append("numba is not installed (pip install numba)")
+    if reasons:
+        raise ConfigError("train.kernel numba: " + "; ".join(reasons) + "; or set train.kernel: auto")
+    return True
 
 
 def feature_step_for(

@@ -170,7 +170,9 @@ class FitRun:
         step: FusedTripletStep | FeatureTripletStep | AutogradStep
         source_type = CoLikedSource if model.item_item else NegativeSource
         source = source_type(data, k, explicit_share, device, needs_negatives)
-        if use_numba(config, fused, device, distributed is not None):
+        # Models with item features: the hand-written sparse steps (docs/cold-start.md).
+        features = not fused and distributed is None and feature_step_supported(model, config)
+        if not features and use_numba(config, fused, device, distributed is not None):
             # One kernel thread: the next chunk's negatives are drawn in a second thread meanwhile
             # (free on a 2-core machine), uniform ones by the compiled sampler. Several kernel
             # threads: they draw the chunk's uniform negatives themselves, in a pass before the steps
@@ -185,8 +187,7 @@ class FitRun:
         elif fused:
             compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
             step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
-        elif feature_step_supported(model, config) and distributed is None:
-            # Models with item features: the hand-written sparse step (docs/cold-start.md).
+        elif features:
             step = feature_step_for(model, config, data.n_items, device)
         else:
             step = AutogradStep(model, config, data, device)
