@@ -228,6 +228,51 @@ if numba is not None:
         return c * v
 
     @_inline
+    def _project_item(iw, p, feat):  # fmt: skip
+        """Project item row ``p`` in place; with features (``feat``, a constant the compiler folds)
+        nothing: there the id rows are projected as they are updated (:func:`_apply_item`)."""
+        if not feat:
+            _project(iw, p)
+
+    @_inline
+    def _apply_item(iw, i_acc, n, g, lr, adagrad, feat, id_w, ids, keep, grads, touched, project, feats):  # fmt: skip
+        """:func:`_apply` to item row ``n``. With features: the gradient goes to the id row
+        ``id_w[ids[n]]`` (its accumulator ``i_acc[ids[n]]``) unless the id part is dropped
+        (``keep[n]`` 0), the batch's vector ``iw[n]`` moves with it, and the feature part's
+        gradient is summed in ``grads[n]`` (applied once per batch). With ``project`` the id row
+        is projected right after its update (the vector follows): the value the next triplet
+        reads is the same as with projection on read, without reading the id row again."""
+        if not feat:
+            _apply(iw, i_acc, n, g, lr, adagrad)
+            return
+        touched[n] = True
+        for t in range(g.shape[0]):
+            grads[n, t] += g[t]
+        if keep[n] == 0.0:
+            return
+        item = ids[n]
+        step = lr
+        if adagrad:
+            s = np.float32(0.0)
+            for t in range(g.shape[0]):
+                s += g[t] * g[t]
+            i_acc[item] += s / g.shape[0]
+            step = lr / (math.sqrt(i_acc[item]) + _ADAGRAD_EPS)
+        step32 = np.float32(step)
+        for t in range(g.shape[0]):
+            id_w[item, t] -= step32 * g[t]
+            iw[n, t] -= step32 * g[t]
+        if project:
+            s = np.float32(0.0)
+            for t in range(id_w.shape[1]):
+                s += id_w[item, t] * id_w[item, t]
+            if s > 1.0:
+                scale = np.float32(1.0 / (math.sqrt(s) + _RENORM_EPS))
+                for t in range(id_w.shape[1]):
+                    id_w[item, t] *= scale
+                    iw[n, t] = id_w[item, t] + feats[n, t]
+
+    @_inline
     def _one_triplet(
         uw: np.ndarray,
         iw: np.ndarray,
@@ -252,16 +297,27 @@ if numba is not None:
         g_p: np.ndarray,
         g_n: np.ndarray,
         viol: np.ndarray,
+        feat: bool,
+        id_w: np.ndarray,
+        ids: np.ndarray,
+        keep: np.ndarray,
+        feats: np.ndarray,
+        grads: np.ndarray,
+        touched: np.ndarray,
     ) -> float:
-        """Gradient step of triplet ``b`` (query row ``q``, positive ``p``); returns its loss."""
+        """Gradient step of triplet ``b`` (query row ``q``, positive ``p``); returns its loss.
+
+        ``feat`` (a constant in each compiled loop): the item rows are a batch's item vectors of a
+        model with features (:func:`_project_item`, :func:`_apply_item`); otherwise the other
+        arguments after ``viol`` are unused placeholders."""
         k = negs.shape[1]
         d = uw.shape[1]
         if project:
             _project(uw, q)
-            _project(iw, p)
+            _project_item(iw, p, feat)
             for j in range(k):
                 if not has_valid or valid[b, j]:
-                    _project(iw, negs[b, j])
+                    _project_item(iw, negs[b, j], feat)
         u_norm = 1.0
         p_norm = 1.0
         if metric == 2:
@@ -349,12 +405,12 @@ if numba is not None:
                     g_n[t] = cn * (uh - s_n * nh) + wd * iw[n, t]
             if item_weight != 0.0:
                 loss += _item_term(uw, q, iw, p, n, metric, margin, c, u_norm, p_norm, g_u, g_p, g_n)
-            _apply(iw, i_acc, n, g_n, lr, adagrad)
+            _apply_item(iw, i_acc, n, g_n, lr, adagrad, feat, id_w, ids, keep, grads, touched, project, feats)
         if weight_decay != 0.0:
             for t in range(d):
                 g_u[t] += wd * uw[q, t]
                 g_p[t] += wd * iw[p, t]
-        _apply(iw, i_acc, p, g_p, lr, adagrad)
+        _apply_item(iw, i_acc, p, g_p, lr, adagrad, feat, id_w, ids, keep, grads, touched, project, feats)
         _apply(uw, u_acc, q, g_u, lr, adagrad)
         return loss
 
@@ -423,16 +479,17 @@ if numba is not None:
 
     @_inline
     def _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, metric, margin, weighting,
-                  item_weight, n_items, weight_decay, project, adagrad, start, end, grads, viol):  # fmt: skip
+                  item_weight, n_items, weight_decay, project, adagrad, start, end, scratch, viol,
+                  feat, id_w, ids, keep, feats, grads, touched):  # fmt: skip
         """Triplets ``start:end`` in order; returns their summed loss. A triplet without a valid
         negative (its user saw every item) is skipped.
 
-        ``grads`` ``[3, D]`` and ``viol`` ``[k]`` are this thread's scratch. They come from the
+        ``scratch`` ``[3, D]`` and ``viol`` ``[k]`` are this thread's scratch. They come from the
         caller, not ``np.empty`` here: LLVM cannot tell a fresh allocation from the tables, and
         writes it must assume alias the tables keep the row loops scalar."""
-        g_u = grads[0]
-        g_p = grads[1]
-        g_n = grads[2]
+        g_u = scratch[0]
+        g_p = scratch[1]
+        g_n = scratch[2]
         k = negs.shape[1]
         loss = 0.0
         for b in range(start, min(start + _PREFETCH_AHEAD, end)):
@@ -448,7 +505,8 @@ if numba is not None:
                     continue
             loss += _one_triplet(uw, iw, u_acc, i_acc, queries[b], pos[b], negs, valid, b, has_valid, lr,
                                  metric, margin, weighting, item_weight, n_items, weight_decay, project,
-                                 adagrad, g_u, g_p, g_n, viol)  # fmt: skip
+                                 adagrad, g_u, g_p, g_n, viol, feat, id_w, ids, keep, feats, grads,
+                                 touched)  # fmt: skip
         return loss
 
     @_parallel
@@ -486,7 +544,8 @@ if numba is not None:
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 0, margin,
                                   weighting, item_weight, n_items, weight_decay, project, adagrad,
-                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
+                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t],
+                                  False, uw, queries, u_acc, uw, uw, u_acc)  # fmt: skip
         return losses.sum()
 
     @_parallel
@@ -497,7 +556,8 @@ if numba is not None:
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 1, margin,
                                   weighting, item_weight, n_items, weight_decay, project, adagrad,
-                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
+                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t],
+                                  False, uw, queries, u_acc, uw, uw, u_acc)  # fmt: skip
         return losses.sum()
 
     @_parallel
@@ -508,10 +568,186 @@ if numba is not None:
         for t in prange(n_threads):
             losses[t] = _triplets(uw, iw, u_acc, i_acc, queries, pos, negs, valid, has_valid, lr, 2, margin,
                                   weighting, item_weight, n_items, weight_decay, project, adagrad,
-                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t])  # fmt: skip
+                                  t * n // n_threads, (t + 1) * n // n_threads, grads[t], viol[t],
+                                  False, uw, queries, u_acc, uw, uw, u_acc)  # fmt: skip
         return losses.sum()
 
     _LOOPS = {0: _loop_euclidean, 1: _loop_dot, 2: _loop_cosine}
+
+    # ---- Models with item features (recsys_metric.training.kernel_step.NumbaFeatureStep) ----
+    # An item's vector is x = keep * id_row + F, F the feature part (the sum over the item's feature
+    # rows, each times its scale: 1 for a categorical code, 1 / n_tags for a tag). Per batch:
+    # _feature_locals numbers the batch's distinct items, _feature_gather builds F once per distinct
+    # item and _feature_vectors the batch's table of vectors x; _feature_loop_* runs the triplets in
+    # order on that table with the ids-only loop's code (_one_triplet with feat=True: user and id
+    # rows updated after every triplet, x moving with its id row; F frozen, its gradient summed per
+    # distinct item in G), and _feature_scatter applies G to the feature rows once per batch (as
+    # FeatureTripletStep does).
+
+    @_jit
+    def _feature_locals(pos, negs, valid, has_valid, slot, dropout, seed):  # fmt: skip
+        """Numbers the distinct items of the batch in order of appearance: returns ``uniq`` int64
+        ``[M]``, the batch's local numbers ``lpos`` ``[B]`` and ``lnegs`` ``[B, k]`` (0 in invalid
+        slots), and ``keep`` float32 ``[M]`` (0 for an item whose id part is dropped this step, with
+        probability ``dropout``, from the splitmix64 stream ``seed``). ``slot`` int64 ``[n_items]``
+        is -1 on entry and on return."""
+        batch, k = negs.shape
+        uniq = np.empty(batch * (k + 1), dtype=np.int64)
+        lpos = np.empty(batch, dtype=np.int64)
+        lnegs = np.zeros((batch, k), dtype=np.int64)
+        m = 0
+        for b in range(batch):
+            item = pos[b]
+            if slot[item] < 0:
+                slot[item] = m
+                uniq[m] = item
+                m += 1
+            lpos[b] = slot[item]
+            for j in range(k):
+                if has_valid and not valid[b, j]:
+                    continue
+                item = negs[b, j]
+                if slot[item] < 0:
+                    slot[item] = m
+                    uniq[m] = item
+                    m += 1
+                lnegs[b, j] = slot[item]
+        keep = np.ones(m, dtype=np.float32)
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = seed
+        for i in range(m):
+            slot[uniq[i]] = -1
+            if dropout > 0.0:
+                # 53 random bits as a uniform in [0, 1).
+                u = float(_next(state) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                if u < dropout:
+                    keep[i] = 0.0
+        return uniq[:m], lpos, lnegs, keep
+
+    @_parallel
+    def _feature_gather(out, uniq, indptr, rows, scale, table):  # fmt: skip
+        """``out[i] += sum_e scale[e] * table[rows[e]]`` over item ``uniq[i]``'s entries ``e`` of the
+        CSR ``indptr`` / ``rows`` / ``scale`` (a one-iteration prange body: non-aliasing arrays,
+        vectorised row loops)."""
+        d = out.shape[1]
+        for _ in prange(1):
+            for i in range(uniq.shape[0]):
+                item = uniq[i]
+                lo = indptr[item]
+                hi = indptr[item + 1]
+                # The rows of the next items' entries are prefetched: the table is larger than the
+                # caches and the rows are random.
+                if i + 2 < uniq.shape[0]:
+                    for e in range(indptr[uniq[i + 2]], indptr[uniq[i + 2] + 1]):
+                        _prefetch_row(table, rows[e])
+                for e in range(lo, hi):
+                    r = rows[e]
+                    c = scale[e]
+                    for t in range(d):
+                        out[i, t] += c * table[r, t]
+
+    @_parallel
+    def _feature_scatter(table, acc, grads, touched, uniq, indptr, rows, scale, slot, summed, squares, lr, adagrad):  # fmt: skip
+        """The feature rows' update from the summed item gradients ``grads`` ``[M, D]`` of the
+        batch's distinct items (``touched[i]``: item ``i`` got a gradient): each (item, row) entry
+        is one occurrence with gradient ``scale[e] * grads[i]``, applied as
+        ``SparseRowOptimizer`` applies a batch (row-wise Adagrad: the accumulator gains every
+        occurrence's ``mean(g^2)``, then ``w -= lr * sum(g) / (sqrt(acc) + 1e-10)``; sgd:
+        ``w -= lr * sum(g)``).
+
+        Scratch kept between calls, as on entry on return: ``slot`` int64 ``[V]`` all -1,
+        ``summed`` float32 ``[V, D]`` and ``squares`` float64 ``[V]`` all 0 (a batch touches a
+        few thousand rows; zeroing ``[V, D]`` per batch would cost more than the update)."""
+        d = table.shape[1]
+        for _ in prange(1):
+            order = np.empty(min(table.shape[0], indptr[-1]), dtype=np.int64)
+            n_rows = 0
+            for i in range(uniq.shape[0]):
+                if not touched[i]:
+                    continue
+                item = uniq[i]
+                sq = 0.0
+                for t in range(d):
+                    sq += grads[i, t] * grads[i, t]
+                sq /= d
+                for e in range(indptr[item], indptr[item + 1]):
+                    r = rows[e]
+                    if slot[r] < 0:
+                        slot[r] = n_rows
+                        order[n_rows] = r
+                        n_rows += 1
+                    c = scale[e]
+                    squares[r] += c * c * sq
+                    for t in range(d):
+                        summed[r, t] += c * grads[i, t]
+            for s in range(n_rows):
+                r = order[s]
+                slot[r] = -1
+                step = lr
+                if adagrad:
+                    acc[r] += squares[r]
+                    step = lr / (math.sqrt(acc[r]) + _ADAGRAD_EPS)
+                step32 = np.float32(step)
+                for t in range(d):
+                    table[r, t] -= step32 * summed[r, t]
+                    summed[r, t] = 0.0
+                squares[r] = 0.0
+
+    @_jit
+    def _feature_vectors(vectors, feats, keep, uniq, id_w):  # fmt: skip
+        """``vectors[i] = keep[i] * id_w[uniq[i]] + feats[i]``: the batch's item vectors."""
+        for i in range(uniq.shape[0]):
+            item = uniq[i]
+            c = keep[i]
+            for t in range(vectors.shape[1]):
+                vectors[i, t] = c * id_w[item, t] + feats[i, t]
+
+    @_jit
+    def _feature_project(uw, queries):  # fmt: skip
+        """As FeatureTripletStep: the batch's users end projected (its id rows already are)."""
+        for b in range(queries.shape[0]):
+            _project(uw, queries[b])
+
+    # As the ids-only loops: one function per metric, the triplets in a one-iteration prange body
+    # (arrays marked as not aliasing), ``feat`` a constant. One thread: the per-item gradient sums
+    # are not safe to share between Hogwild threads.
+    @_parallel
+    def _feature_loop_euclidean(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, margin,
+                                weighting, item_weight, n_items, weight_decay, project, adagrad, scratch, viol,
+                                iw, uniq, keep, feats, grads, touched):  # fmt: skip
+        losses = np.zeros(1, dtype=np.float64)
+        for t in prange(1):
+            losses[t] = _triplets(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, 0, margin,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad, 0,
+                                  queries.shape[0], scratch, viol, True, iw, uniq, keep, feats, grads,
+                                  touched)  # fmt: skip
+        return losses.sum()
+
+    @_parallel
+    def _feature_loop_dot(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, margin,
+                          weighting, item_weight, n_items, weight_decay, project, adagrad, scratch, viol,
+                          iw, uniq, keep, feats, grads, touched):  # fmt: skip
+        losses = np.zeros(1, dtype=np.float64)
+        for t in prange(1):
+            losses[t] = _triplets(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, 1, margin,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad, 0,
+                                  queries.shape[0], scratch, viol, True, iw, uniq, keep, feats, grads,
+                                  touched)  # fmt: skip
+        return losses.sum()
+
+    @_parallel
+    def _feature_loop_cosine(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, margin,
+                             weighting, item_weight, n_items, weight_decay, project, adagrad, scratch, viol,
+                             iw, uniq, keep, feats, grads, touched):  # fmt: skip
+        losses = np.zeros(1, dtype=np.float64)
+        for t in prange(1):
+            losses[t] = _triplets(uw, vectors, u_acc, i_acc, queries, lpos, lnegs, valid, has_valid, lr, 2, margin,
+                                  weighting, item_weight, n_items, weight_decay, project, adagrad, 0,
+                                  queries.shape[0], scratch, viol, True, iw, uniq, keep, feats, grads,
+                                  touched)  # fmt: skip
+        return losses.sum()
+
+    _FEATURE_LOOPS = {0: _feature_loop_euclidean, 1: _feature_loop_dot, 2: _feature_loop_cosine}
 
 
 _PARALLEL_LOCK = threading.Lock()
@@ -674,3 +910,140 @@ def triplet_step(
                 np.empty((n_threads, k), dtype=np.float64),
             )
         )
+
+
+def feature_scratch(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The scratch :func:`feature_flush` keeps per feature table ``[V, D]`` between calls:
+    ``(slot int64 [V] all -1, summed float32 [V, D] zeros, squares float64 [V] zeros)``."""
+    return (
+        np.full(table.shape[0], -1, dtype=np.int64),
+        np.zeros(table.shape, dtype=np.float32),
+        np.zeros(table.shape[0], dtype=np.float64),
+    )
+
+
+def feature_locals(
+    pos: np.ndarray,
+    negs: np.ndarray,
+    valid: np.ndarray | None,
+    item_slot: np.ndarray,
+    id_dropout: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The batch's distinct items ``uniq`` int64 ``[M]`` (in order of appearance), its triplets in
+    local numbers ``lpos`` ``[B]`` / ``lnegs`` ``[B, k]``, and ``keep`` float32 ``[M]`` (0 with
+    probability ``id_dropout``, from the stream ``seed``). ``item_slot`` int64 ``[n_items]``: all -1,
+    scratch kept between calls."""
+    has_valid = valid is not None
+    return _feature_locals(
+        pos, negs, valid if has_valid else _NO_VALID, has_valid, item_slot, float(id_dropout),
+        np.uint64(seed % 2**64),
+    )  # fmt: skip
+
+
+def feature_vectors(
+    item_table: np.ndarray,
+    parts: list[tuple],
+    uniq: np.ndarray,
+    keep: np.ndarray,
+    extra_features=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(feats, vectors)`` float32 ``[M, D]`` of the items ``uniq``: the feature part ``F`` (the
+    sum over every part's entries of ``scale * table[row]``, plus ``extra_features(uniq)`` when
+    given) and the vectors ``keep * item_table[uniq] + F`` the triplets train on."""
+    feats = np.zeros((uniq.shape[0], item_table.shape[1]), dtype=np.float32)
+    for table, _acc, indptr, rows, scale, _scratch in parts:
+        with _PARALLEL_LOCK:
+            numba.set_num_threads(1)
+            _feature_gather(feats, uniq, indptr, rows, scale, table)
+    if extra_features is not None:
+        feats += extra_features(uniq)
+    vectors = np.empty_like(feats)
+    _feature_vectors(vectors, feats, keep, uniq, item_table)
+    return feats, vectors
+
+
+def feature_triplets(
+    user_table: np.ndarray,
+    item_table: np.ndarray,
+    user_acc: np.ndarray | None,
+    item_acc: np.ndarray | None,
+    uniq: np.ndarray,
+    keep: np.ndarray,
+    feats: np.ndarray,
+    vectors: np.ndarray,
+    grads: np.ndarray,
+    touched: np.ndarray,
+    queries: np.ndarray,
+    lpos: np.ndarray,
+    lnegs: np.ndarray,
+    valid: np.ndarray | None,
+    lr: float,
+    *,
+    metric: str,
+    margin: float,
+    weighting: str,
+    n_items: int,
+    weight_decay: float,
+    project: bool,
+    item_weight: float = 0.0,
+) -> float:
+    """Train triplets (items in the local numbers of ``uniq``) in order, in place; returns their
+    summed loss. User and id rows (``item_table[uniq[i]]``, unless ``keep[i]`` is 0) are updated
+    after every triplet as :func:`triplet_step` updates them, ``vectors`` follow the id rows, and
+    each item vector's gradient is added to ``grads`` (``touched`` set) for :func:`feature_flush`.
+    The batch's users end projected (``project``)."""
+    if numba is None:
+        raise RuntimeError("the compiled feature step needs numba: pip install numba")
+    adagrad = user_acc is not None
+    if adagrad != (item_acc is not None):
+        raise ValueError("give both accumulators (row-wise Adagrad) or neither (SGD)")
+    has_valid = valid is not None
+    d = item_table.shape[1]
+    with _PARALLEL_LOCK:
+        numba.set_num_threads(1)
+        loss = _FEATURE_LOOPS[METRICS[metric]](
+            user_table,
+            vectors,
+            user_acc if adagrad else _NO_ACC,
+            item_acc if item_acc is not None else _NO_ACC,
+            queries,
+            lpos,
+            lnegs,
+            valid if has_valid else _NO_VALID,
+            has_valid,
+            float(lr),
+            float(margin),
+            WEIGHTINGS[weighting],
+            float(item_weight),
+            int(n_items),
+            float(weight_decay),
+            bool(project),
+            adagrad,
+            np.empty((3, d), dtype=np.float32),
+            np.empty(lnegs.shape[1], dtype=np.float64),
+            item_table,
+            uniq,
+            keep,
+            feats,
+            grads,
+            touched,
+        )
+    if project:
+        _feature_project(user_table, queries)
+    return float(loss)
+
+
+def feature_flush(
+    parts: list[tuple], grads: np.ndarray, touched: np.ndarray, uniq: np.ndarray, lr: float
+) -> None:
+    """Apply the summed item gradients ``grads`` ``[M, D]`` of the items ``uniq`` to every part's
+    feature rows (row-wise Adagrad where the part has an accumulator, else sgd), as
+    ``FeatureTripletStep`` applies a batch's."""
+    for table, acc, indptr, rows, scale, (slot, summed, squares) in parts:
+        with _PARALLEL_LOCK:
+            numba.set_num_threads(1)
+            _feature_scatter(
+                table, acc if acc is not None else _NO_ACC, grads, touched, uniq, indptr, rows, scale, slot,
+                summed, squares, float(lr), acc is not None,
+            )  # fmt: skip

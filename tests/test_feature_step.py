@@ -101,7 +101,7 @@ def test_fit_uses_the_feature_step_and_learns():
     result = fit(
         model,
         TrainData.from_matrices(liked, seen=liked),
-        TrainConfig(epochs=5, lr=0.05),
+        TrainConfig(epochs=5, lr=0.05, kernel="torch"),
         progress=False,
         epochs=5,
     )

@@ -27,7 +27,7 @@ from recsys_metric.training.checkpoints import CHECKPOINT_NAME, CHECKPOINT_VERSI
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.early_stopping import evaluation_number
 from recsys_metric.training.fused import FusedTripletStep, fused_supported, use_compile
-from recsys_metric.training.kernel_step import NumbaTripletStep, kernel_csr, use_numba
+from recsys_metric.training.kernel_step import NumbaTripletStep, feature_step_for, kernel_csr, use_numba
 from recsys_metric.training.sources import CoLikedSource, NegativeSource, epoch_chunks
 
 if TYPE_CHECKING:
@@ -170,7 +170,9 @@ class FitRun:
         step: FusedTripletStep | FeatureTripletStep | AutogradStep
         source_type = CoLikedSource if model.item_item else NegativeSource
         source = source_type(data, k, explicit_share, device, needs_negatives)
-        if use_numba(config, fused, device, distributed is not None):
+        # Models with item features: the hand-written sparse steps (docs/cold-start.md).
+        features = not fused and distributed is None and feature_step_supported(model, config)
+        if not features and use_numba(config, fused, device, distributed is not None):
             # One kernel thread: the next chunk's negatives are drawn in a second thread meanwhile
             # (free on a 2-core machine), uniform ones by the compiled sampler. Several kernel
             # threads: they draw the chunk's uniform negatives themselves, in a pass before the steps
@@ -185,9 +187,8 @@ class FitRun:
         elif fused:
             compiled = use_compile(config, fused, device, data.n_pairs * k * n_epochs)
             step = FusedTripletStep(model, config, data.n_items, compiled=compiled)
-        elif feature_step_supported(model, config) and distributed is None:
-            # Models with item features: the hand-written sparse step (docs/cold-start.md).
-            step = FeatureTripletStep(model, config, data.n_items)
+        elif features:
+            step = feature_step_for(model, config, data.n_items, device)
         else:
             step = AutogradStep(model, config, data, device)
         if distributed is not None:
@@ -417,7 +418,7 @@ class FitRun:
         if isinstance(self.step, NumbaTripletStep):
             result.kernel = "numba"
         elif isinstance(self.step, FeatureTripletStep):
-            result.kernel = "features"
+            result.kernel = getattr(self.step, "kernel_name", "features")
         else:
             result.kernel = "torch" if self.fused else "autograd"
         # Under torchrun each rank waits on rank 0's validation for its own time: not recorded,
