@@ -196,7 +196,7 @@ def _ours(
         "params": (
             f"defaults (user_balance {result.user_balance:g}, item_centric_weight "
             f"{result.item_centric_weight:g} for a {data.split_method} split; lr {result.lr:g}"
-            f"{_lr_choice(result.lr_search)}); "
+            f"{_lr_choice(result.lr_search)}; {result.negatives} negatives); "
             f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
         ),
         "validation": {key: round(float(result.best_metric or 0.0), 5)},
@@ -217,7 +217,7 @@ def _ours(
         refitted = fit(
             model,
             train_data(data),
-            train_config.model_copy(update={"lr": result.lr}),
+            train_config.model_copy(update={"lr": result.lr, "negatives": result.negatives}),
             explicit_share=train_config.explicit_share,
             epochs=epochs,
             progress=False,

@@ -432,6 +432,9 @@ def train_and_evaluate(
         refit_scale=full.filter(pl.col("label") == 1).height / max(fit_data.n_pairs, 1)
         if config.train.refit
         else 0.0,
+        # The nightly flow passes the served run here; its quality gate then scores that run's
+        # model and the popularity check on the same holdout sample.
+        gate_evaluations=2 if warm_start_from is not None else 0,
     )
 
     holdout_model = build_model(data, config, fit_liked, items_table)
@@ -531,8 +534,9 @@ def train_and_evaluate(
         refit = fit(
             final_model,
             train_data(full, n_users, n_items, config),
-            # The rate the holdout fit trained at (``train.lr: auto`` chose it on validation).
-            train_config.model_copy(update={"lr": holdout.lr}),
+            # The rate the holdout fit trained at (``train.lr: auto`` chose it on validation) and
+            # its negatives (``auto`` may have been lowered to the budget).
+            train_config.model_copy(update={"lr": holdout.lr, "negatives": holdout.negatives}),
             explicit_share=config.train.explicit_share,
             epochs=epochs,
             progress=progress,

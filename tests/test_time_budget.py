@@ -307,6 +307,142 @@ def test_race_sizes_its_first_rung_from_the_budget(slow_epochs, budget_s, rung):
     assert first_rung(5, None, 2) == 5 and first_rung(5, 0, 1) == 5
 
 
+def test_race_ends_with_the_leader_when_a_round_no_longer_fits(slow_epochs):
+    """10 s epochs (evaluations take no time), a 40 s budget. After each candidate's first epoch
+    (20 s in) another round of both needs 2 x 12.5 = 25 s planned, 20 s are left: the race ends,
+    the leader (the second rate) trains one more epoch alone (it used to stop both candidates)."""
+    clock = slow_epochs
+    budget = TimeBudget(40.0, clock=clock)
+    planner = HoldoutPlanner(budget, refit_scale=0.0, reserve=lambda: 0.0)
+    config = TrainConfig(**{**FAST, "lr": "auto", "lr_candidates": (0.05, 0.01), "patience": 5, "epochs": 8})
+    lower = [0.05 * i for i in range(1, 41)]
+    higher = [0.1 * i for i in range(1, 41)]
+    validate = _by_model_validation([lower, higher])
+    result = fit(
+        _model(), _data(), config, validate=validate, progress=False, planner=planner, clock=clock
+    )  # fmt: skip
+    first, second = result.lr_search
+    assert first["outcome"] == "dropped at epoch 1: the time budget pays for one candidate, not 2"
+    assert first["epochs_run"] == 1
+    assert result.lr == 0.01 and result.epochs_run == 2 and result.best_epoch == 2
+    assert second["outcome"].startswith("chosen, time budget: 10 s left after epoch 2")
+    assert validate.calls == {0: 1, 1: 2}
+    assert budget.elapsed() == pytest.approx(30.0) and budget.elapsed() <= budget.seconds
+
+
+def test_the_race_evaluates_its_candidates_before_it_ends(slow_epochs):
+    """With evaluations every 3 epochs, none is due after the first: the race scores both
+    candidates at the epoch where the budget ends it, so the leader is chosen on one epoch (left
+    unscored, the first rate would have won the tie)."""
+    clock = slow_epochs
+    budget = TimeBudget(40.0, clock=clock)
+    planner = HoldoutPlanner(budget, refit_scale=0.0, reserve=lambda: 0.0)
+    config = TrainConfig(
+        **{**FAST, "lr": "auto", "lr_candidates": (0.05, 0.01), "patience": 5, "epochs": 8, "eval_every": 3}
+    )
+    validate = _by_model_validation([[0.1, 0.2], [0.5, 0.9]])
+    result = fit(
+        _model(), _data(), config, validate=validate, progress=False, planner=planner, clock=clock
+    )  # fmt: skip
+    assert result.lr == 0.01 and result.best_metric == pytest.approx(0.9) and result.best_epoch == 2
+    assert result.lr_search[0]["outcome"].startswith("dropped at epoch 1")
+    assert validate.calls == {0: 1, 1: 2}
+
+
+def test_epoch_cost_leaves_out_the_first_epoch_once_later_ones_exist():
+    from recsys_metric.training.budget import planning_seconds
+
+    assert planning_seconds([49.0]) == [49.0], "alone, the first epoch is all there is"
+    assert planning_seconds([49.0, 5.0]) == [5.0]
+    assert planning_seconds([49.0, 5.0, 6.0, 5.5, 7.0]) == [6.0, 5.5, 7.0]
+
+
+def test_the_reserve_counts_the_gate_only_when_a_run_is_served():
+    from recsys_metric.training.budget import after_training_seconds
+
+    first = after_training_seconds(eval_users=50_000, eval_seconds_per_user=1e-3, n_items=0)
+    served = after_training_seconds(
+        eval_users=50_000, eval_seconds_per_user=1e-3, n_items=0, gate_evaluations=2
+    )
+    # 1.25 x (2 evaluations x 50 s + 5 s) against 1.25 x (4 x 50 s + 5 s).
+    assert first == pytest.approx(131.25) and served == pytest.approx(256.25)
+
+
+# -- the negatives a budget affords -----------------------------------------------------------------
+
+
+@pytest.fixture
+def priced_probe(monkeypatch):
+    """Probes (run_epoch with max_pairs) cost 0.5 s per epoch plus (2 + k) ms per pair; the fake
+    clock does not move, so the budget left is exactly the budget."""
+    from recsys_metric.training import negatives_budget
+
+    monkeypatch.setattr(negatives_budget, "PROBE_PAIRS", 16)
+    calls: list[tuple[int, int]] = []
+
+    def priced_run_epoch(model, step, source, config, rng, epoch, n_epochs, chunk_pairs, order, k, *a, **kw):
+        pairs = min(kw["max_pairs"], order.m)
+        calls.append((k, pairs))
+        pairs_s = pairs * (2 + k) * 1e-3
+        return {"seconds": pairs_s + 0.5, "pairs_seconds": pairs_s, "pairs": pairs}
+
+    monkeypatch.setattr(loop_module, "run_epoch", priced_run_epoch)
+    return calls
+
+
+def _auto_negatives(budget_s: float, **overrides):
+    from recsys_metric.training.negatives_budget import budget_negatives
+
+    clock = FakeClock()
+    planner = HoldoutPlanner(TimeBudget(budget_s, clock=clock), refit_scale=1.0, reserve=lambda: 0.0)
+    config = TrainConfig(**{**FAST, "negatives": "auto", **overrides}).for_split("temporal")
+    return budget_negatives(_model(), _data(), config, planner, 0.0, clock=clock)
+
+
+def test_a_tight_budget_lowers_auto_negatives_to_what_pays_for_min_epochs(priced_probe):
+    """280 pairs, 20 items: auto is 10 negatives, an epoch 0.5 + 280 x 12 ms = 3.86 s, planned at
+    1.25 (safety) x 2 (the refit) x 1.2 (validation) = 11.6 s: a 90 s budget pays for 7.8 of the
+    10 epochs a fit needs. Each epoch may cost 3 s: 2.5 s of pairs, 8.9 ms a pair. Proportional to
+    the negatives (one probe) that is 7; the second probe, at 7, shows 2 ms of each pair do not
+    scale with them, so 6."""
+    config, decision = _auto_negatives(90.0)
+    assert config.negatives == 6
+    assert decision["negatives_auto"] == 10 and decision["epochs_wanted"] == 10
+    assert decision["affordable_epochs_at_auto"] == pytest.approx(90 / 11.58, abs=0.01)
+    assert decision["reason"].startswith("train.negatives auto: 6 instead of 10: an epoch at 10 measured 4 s")
+    assert [k for k, _ in priced_probe] == [10, 10, 7, 7], "a warm-up and a timed probe at each count"
+
+
+def test_an_ample_budget_or_fixed_negatives_change_nothing(priced_probe):
+    config, decision = _auto_negatives(1e5)
+    assert config.negatives == "auto" and decision is None
+    assert [k for k, _ in priced_probe] == [10, 10], "probed once at auto, kept"
+    priced_probe.clear()
+    config, decision = _auto_negatives(10.0, negatives=8)
+    assert config.negatives == 8 and decision is None and not priced_probe, "fixed: not even probed"
+    config, decision = _auto_negatives(1.0)
+    assert config.negatives == 5, "never below MIN_NEGATIVES"
+
+
+def test_the_probe_restores_the_model_and_the_fit_trains_at_the_lowered_count(monkeypatch):
+    from recsys_metric.training import negatives_budget
+
+    monkeypatch.setattr(negatives_budget, "PROBE_PAIRS", 16)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(**FAST).for_split("temporal")
+    cost = negatives_budget.probe_epoch_cost(model, _data(), config, 10, 0.0)
+    assert cost.negatives == 10 and cost.pair_s > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "weights restored"
+    # A budget far too small for 10 epochs: the holdout fit trains at MIN_NEGATIVES, and says so.
+    planner = HoldoutPlanner(TimeBudget(1e-6), refit_scale=0.0, reserve=lambda: 0.0)  # the real clock
+    config = TrainConfig(**{**FAST, "negatives": "auto", "epochs": 2})
+    result = fit(
+        model, _data(), config, validate=_rising_validation(FakeClock()), progress=False, planner=planner
+    )
+    assert result.negatives == 5 and planner.negatives["negatives"] == 5
+
+
 def test_race_keeps_the_later_candidate_when_it_leads():
     higher = [0.1 * i for i in range(1, 41)]
     model, result, validate = _race([[0.05, 0.1, 0.1, 0.1, 0.1], higher], epochs=4)

@@ -6,8 +6,8 @@ what must follow it: that epoch's evaluation, the refit on the full log (as many
 holdout's best, each costing the measured holdout epoch scaled by the pair counts) and the stages
 after training (holdout evaluation, export, index, quality gate: :func:`after_training_seconds`).
 The refit asks :class:`RefitPlanner` the same without the holdout's terms. Epoch costs are the
-largest of the last three, times :data:`SAFETY`, so that a load spike on a shared machine does
-not overrun the budget; planning is redone after every epoch, so a machine that speeds up or
+largest of the last three (the first epoch left out once later ones exist), times
+:data:`SAFETY`, so that a load spike on a shared machine does not overrun the budget; planning is redone after every epoch, so a machine that speeds up or
 slows down mid-run is followed.
 """
 
@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from recsys_metric.durations import parse_duration
 
@@ -77,10 +77,18 @@ class EpochPlanner(Protocol):
         ...
 
 
+def planning_seconds(seconds: list[float]) -> list[float]:
+    """The epoch timings a plan reads: the last three, the first epoch left out once later ones
+    exist (it carries one-off costs: the kernel's compilation, first allocations; on the generated
+    1M log it took 49 s where the next took 5 s, and a 2-minute budget stopped after 2 epochs)."""
+    return (seconds[1:] if len(seconds) > 1 else seconds)[-3:]
+
+
 def epoch_cost(run: FitRun) -> float:
-    """Planned seconds of the run's next epoch: the largest of the last three, times :data:`SAFETY`."""
-    seconds = run.epoch_seconds()
-    return SAFETY * max(seconds[-3:]) if seconds else 0.0
+    """Planned seconds of the run's next epoch: the largest of the recent ones
+    (:func:`planning_seconds`), times :data:`SAFETY`."""
+    seconds = planning_seconds(run.epoch_seconds())
+    return SAFETY * max(seconds) if seconds else 0.0
 
 
 def eval_cost(run: FitRun) -> float:
@@ -91,11 +99,14 @@ def eval_cost(run: FitRun) -> float:
 
 
 def after_training_seconds(
-    *, eval_users: int, eval_seconds_per_user: float, n_items: int, gate_evaluations: int = 2
+    *, eval_users: int, eval_seconds_per_user: float, n_items: int, gate_evaluations: int = 0
 ) -> float:
     """Reserve for the stages after training: the holdout evaluation (the model and the
-    popularity baseline), the quality gate's (``gate_evaluations`` models on the same sample), the
-    Annoy index and its recall check, export.
+    popularity baseline), the quality gate's (``gate_evaluations`` scorers on the same sample: 2
+    when a published run is scored, its model and the popularity check), the Annoy index and its
+    recall check, export. The gate's evaluations used to be reserved on every run; a first run
+    has none, and on the generated 20M log that reserve (231 s) was three times what the
+    holdout evaluation took (72 s).
 
     Args:
         eval_users: users the holdout evaluation scores.
@@ -118,8 +129,9 @@ class HoldoutPlanner:
     One more epoch ``e + 1`` fits when ``remaining`` covers: epoch ``e``'s evaluation, the next
     epoch and its evaluation; the
     refit of up to ``e + 1`` epochs at ``refit_scale`` times the holdout epoch's cost (0 without a
-    refit); :attr:`reserve` seconds for the stages after training. ``cost_scale`` multiplies the
-    epoch cost while several rate candidates train side by side (the race sets it).
+    refit); :attr:`reserve` seconds for the stages after training. The learning-rate race asks
+    :meth:`fits` whether a round of every live candidate still fits before it starts one, and ends
+    the race with the leader when it does not.
 
     Attributes:
         budget: the run's budget.
@@ -127,22 +139,33 @@ class HoldoutPlanner:
             without a refit.
         reserve: callable giving the seconds to keep for the stages after training (recomputed
             after each epoch from measured costs).
-        cost_scale: live candidates training in parallel (1 outside the race).
+        negatives: what :func:`~recsys_metric.training.negatives_budget.budget_negatives`
+            decided for ``train.negatives: auto`` (None: nothing changed).
     """
 
     budget: TimeBudget
     refit_scale: float
     reserve: Callable[[], float]
-    cost_scale: float = 1.0
     last_plan: dict[str, float] = field(default_factory=dict)
+    negatives: dict[str, Any] | None = None
 
-    def after_epoch(self, run: FitRun) -> str | None:
+    def _plan(self, run: FitRun, scale: int) -> tuple[float, float, float, float, float]:
+        """``(remaining, evaluation, next, refit, reserve)`` seconds for ``scale`` more epochs
+        like ``run``'s next one (each with its evaluation) after ``run``'s own evaluation."""
         epoch_s = epoch_cost(run)
         evaluation = eval_cost(run)  # this epoch's own evaluation, which comes first
-        nxt = self.cost_scale * (epoch_s + evaluation)
+        nxt = scale * (epoch_s + evaluation)
         refit = (run.epoch + 1) * epoch_s * self.refit_scale
-        reserve = self.reserve()
-        remaining = self.budget.remaining()
+        return self.budget.remaining(), evaluation, nxt, refit, self.reserve()
+
+    def fits(self, run: FitRun, scale: int = 1) -> bool:
+        """Whether ``scale`` more epochs like ``run``'s next one (a round of ``scale`` race
+        candidates) fit with their evaluations, the refit and the reserve."""
+        remaining, evaluation, nxt, refit, reserve = self._plan(run, scale)
+        return remaining >= evaluation + nxt + refit + reserve
+
+    def after_epoch(self, run: FitRun) -> str | None:
+        remaining, evaluation, nxt, refit, reserve = self._plan(run, 1)
         self.last_plan = {
             "remaining_s": round(remaining, 3),
             "evaluation_s": round(evaluation, 3),

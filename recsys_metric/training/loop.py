@@ -331,23 +331,7 @@ class FitRun:
             evaluate or self.epoch - self.last_eval_epoch >= self.eval_interval or self.epoch == self.n_epochs
         )
         if self.validate is not None and (due or stop is not None):
-            metrics = self._validate()
-            record["metrics"] = metrics
-            self.last_eval_epoch = self.epoch
-            value = metrics[self.metric_key]
-            if result.best_metric is None or value > result.best_metric:
-                result.best_metric, result.best_epoch, self.bad_evals = value, self.epoch, 0
-                self.best_state = cpu_state(self.model)
-            else:
-                self.bad_evals += 1
-                if self._patience_spent():
-                    result.stopped_early = self.epoch < self.n_epochs
-            if config.eval_every == "auto" and self.distributed is None:
-                self.eval_interval = auto_eval_interval(
-                    self.epoch_seconds(),
-                    self.eval_seconds,
-                    max_interval=config.patience_after(result.best_epoch or 0) // config.patience,
-                )
+            self._evaluate(record)
         log_epoch(record, self.n_epochs, self.metric_key, result.best_epoch)
         if stop is not None and self.epoch < self.n_epochs and not result.stopped_early:
             result.stopped_by = stop
@@ -383,6 +367,64 @@ class FitRun:
                 },
             )
         return record
+
+    def probe(self, max_pairs: int) -> dict[str, Any]:
+        """Train the first ``max_pairs`` pairs of the next epoch without counting it (no history,
+        no evaluation, no planner): the time budget's cost probe, whose caller restores the
+        weights (:mod:`~recsys_metric.training.negatives_budget`). Returns the epoch record."""
+        return run_epoch(
+            self.model,
+            self.step,
+            self.source,
+            self.config,
+            self.rng,
+            self.epoch,
+            self.n_epochs,
+            self.chunk_pairs,
+            self.epoch_order,
+            self.k,
+            None,
+            self.device,
+            None,
+            clock=self.clock,
+            max_pairs=max_pairs,
+        )
+
+    def _evaluate(self, record: dict[str, Any]) -> None:
+        """Validate the epoch just trained (``record``): keep its weights when they are the best
+        so far, count it against the patience, re-plan the ``eval_every: auto`` cadence."""
+        config, result = self.config, self.result
+        metrics = self._validate()
+        record["metrics"] = metrics
+        self.last_eval_epoch = self.epoch
+        value = metrics[self.metric_key]
+        if result.best_metric is None or value > result.best_metric:
+            result.best_metric, result.best_epoch, self.bad_evals = value, self.epoch, 0
+            self.best_state = cpu_state(self.model)
+        else:
+            self.bad_evals += 1
+            if self._patience_spent():
+                result.stopped_early = self.epoch < self.n_epochs
+        if config.eval_every == "auto" and self.distributed is None:
+            self.eval_interval = auto_eval_interval(
+                self.epoch_seconds(),
+                self.eval_seconds,
+                max_interval=config.patience_after(result.best_epoch or 0) // config.patience,
+            )
+
+    def evaluate_now(self) -> None:
+        """Evaluate the last epoch trained unless it already was (the learning-rate race compares
+        its candidates at one epoch before it ends under a time budget)."""
+        if self.validate is None or not self.result.history or self.result.history[-1].get("metrics"):
+            return
+        self._evaluate(self.result.history[-1])
+        record = self.result.history[-1]
+        logger.info(
+            "epoch %d evaluated for the race: %s %.4f",
+            self.epoch,
+            self.metric_key,
+            record["metrics"][self.metric_key],
+        )
 
     def run_to_end(self) -> TrainResult:
         """Train epoch after epoch until :attr:`done`, then :meth:`close`."""
@@ -482,7 +524,12 @@ def run_epoch(
     distributed: DistributedTraining | None = None,
     *,
     clock: Callable[[], float] = time.perf_counter,
+    max_pairs: int | None = None,
 ) -> dict[str, Any]:
+    """Train one epoch (or, with ``max_pairs``, its first chunks up to that many pairs: the
+    time budget's cost probe). The record's ``seconds`` is the whole epoch, ``pairs_seconds`` the
+    part that scales with the pairs (chunks: negatives and steps), the rest being per-epoch work
+    (the order, the end-of-epoch projection)."""
     start = clock()
     m = epoch_order.m
     if distributed is None:
@@ -490,6 +537,9 @@ def run_epoch(
     else:
         # This rank's share of one epoch order common to all ranks, and a generator of its own.
         order, rng = distributed.epoch_order(epoch_order, epoch)
+    if max_pairs is not None:
+        order = order[:max_pairs]
+    pairs_start = clock()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pairs_done = 0
     pairs_trained = 0
@@ -533,6 +583,7 @@ def run_epoch(
                 bar.set_postfix(
                     epoch=epoch + 1, loss=f"{float(loss_sum) / max(pairs_trained, 1):.4f}", refresh=False
                 )
+        pairs_seconds = clock() - pairs_start
         step.end_epoch(model)
     seconds = clock() - start
     triplets = pairs_trained * k
@@ -540,6 +591,8 @@ def run_epoch(
         "epoch": epoch + 1,
         "loss": float(loss_sum) / max(pairs_trained, 1),
         "seconds": seconds,
+        "pairs_seconds": pairs_seconds,
+        "pairs": pairs_trained,
         "triplets": triplets,
         "triplets_per_s": triplets / seconds if seconds > 0 else float("inf"),
         "lr": lr,

@@ -96,9 +96,11 @@ def race(
 
     With ``checkpoint_dir`` each candidate checkpoints into ``lr-<rate>`` (as the full search), so
     ``resume`` continues each where it was. ``planner`` is asked after every epoch of every
-    candidate; its ``cost_scale`` attribute, when it has one, is set to the number of live
-    candidates (one more epoch costs one epoch of each), and its ``affordable_epochs(run)``, when
-    it has one, sizes the first rung once every candidate has trained an epoch (:func:`first_rung`).
+    candidate; its ``fits(run, n)``, when it has one, is asked before every round of ``n`` live
+    candidates (after the first), and when the round does not fit the race ends: every live
+    candidate is evaluated at that epoch and the leader goes on alone. Its
+    ``affordable_epochs(run)``, when it has one, sizes the first rung once every candidate has
+    trained an epoch (:func:`first_rung`).
 
     Returns:
         The winner's :class:`TrainResult`, ``lr_search`` holding one dict per candidate: ``lr``,
@@ -172,9 +174,14 @@ def race(
                 live = _halve(runs, live, rung, target, outcome, metric_key)
                 rung, target = rung + 1, target * 2
                 continue
+            if _round_unaffordable(planner, runs, live):
+                # The budget cannot pay another epoch of every candidate, but may pay the leader's:
+                # compare them all at this epoch and go on with the best alone.
+                for j in live:
+                    runs[j].evaluate_now()
+                live = _end_race(runs, live, outcome, metric_key)
+                continue
             i = min(behind, key=lambda j: (race_progress(runs[j]), runs[j].epoch, j))
-            if planner is not None and hasattr(planner, "cost_scale"):
-                planner.cost_scale = float(len(live))
             # Under eval_every: auto the rung is an epoch, at which every candidate is scored.
             at_rung = runs[i].config.eval_every == "auto" and runs[i].epoch + 1 == target
             runs[i].train_epoch(evaluate=at_rung)
@@ -204,6 +211,39 @@ def race(
     chosen = results[winner]
     chosen.lr_search = trials
     return chosen
+
+
+def _round_unaffordable(planner: EpochPlanner | None, runs: list[FitRun], live: list[int]) -> bool:
+    """At the start of a round (every live candidate at the same epoch, at least one trained):
+    whether the planner says a round of all of them no longer fits."""
+    fits = getattr(planner, "fits", None)
+    if fits is None or len(live) < 2:
+        return False
+    epochs = {runs[i].epoch for i in live}
+    if len(epochs) != 1 or 0 in epochs:
+        return False
+    return not fits(runs[live[0]], len(live))
+
+
+def _end_race(runs: list[FitRun], live: list[int], outcome: dict[int, str], metric_key: str) -> list[int]:
+    """The leader alone (best validation so far, earlier candidates winning ties); the others
+    stop with the budget as their reason."""
+    leader = min(live, key=lambda i: (-(runs[i].result.best_metric or -math.inf), i))
+    for i in live:
+        if i == leader:
+            continue
+        run = runs[i]
+        outcome[i] = f"dropped at epoch {run.epoch}: the time budget pays for one candidate, not {len(live)}"
+        logger.info(
+            "train.lr auto: the budget cannot pay another round of %d candidates; rate %g stops "
+            "(best %s %.4f against %.4f)",
+            len(live),
+            run.config.lr,
+            metric_key,
+            run.result.best_metric or 0.0,
+            runs[leader].result.best_metric or 0.0,
+        )
+    return [leader]
 
 
 def _finished(result: TrainResult) -> str:

@@ -18,6 +18,7 @@ from recsys_metric.training.budget import (
     RefitPlanner,
     TimeBudget,
     after_training_seconds,
+    planning_seconds,
 )
 from recsys_metric.training.data import TrainResult
 from recsys_metric.training.validation import SampledValidation
@@ -42,6 +43,9 @@ class RunPlan:
         n_items: catalogue size (the index's cost).
         refit_scale: refit epoch seconds per holdout epoch second (full-log liked pairs over the
             fit's), 0 without a refit.
+        gate_evaluations: evaluations the quality gate makes after the run: 2 (the published
+            model and the popularity check of the rebuilt holdout) when a run is being served, 0
+            for a first run or outside the nightly flow.
     """
 
     budget: TimeBudget | None
@@ -49,6 +53,7 @@ class RunPlan:
     eval_users: int
     n_items: int
     refit_scale: float
+    gate_evaluations: int = 0
     holdout_planner: HoldoutPlanner | None = field(init=False, default=None)
     refit_planner: RefitPlanner | None = field(init=False, default=None)
     refit_note: str | None = field(init=False, default=None)
@@ -62,7 +67,10 @@ class RunPlan:
         """Seconds to keep for the stages after training (:func:`after_training_seconds`)."""
         per_user = self.validation.seconds_per_user or UNMEASURED_SECONDS_PER_USER_ITEM * self.n_items
         return after_training_seconds(
-            eval_users=self.eval_users, eval_seconds_per_user=per_user, n_items=self.n_items
+            eval_users=self.eval_users,
+            eval_seconds_per_user=per_user,
+            n_items=self.n_items,
+            gate_evaluations=self.gate_evaluations,
         )
 
     def refit_epochs(self, holdout: TrainResult) -> int:
@@ -72,7 +80,7 @@ class RunPlan:
         wanted = holdout.best_epoch if holdout.best_epoch is not None else holdout.epochs_run
         if self.refit_planner is None or wanted == 0:
             return wanted
-        seconds = [float(r["seconds"]) for r in holdout.history[-3:]]
+        seconds = planning_seconds([float(r["seconds"]) for r in holdout.history])
         per_epoch = SAFETY * self.refit_scale * max(seconds) if seconds else 0.0
         affordable = self.refit_planner.affordable_epochs(per_epoch)
         if affordable < wanted:
@@ -107,6 +115,9 @@ class RunPlan:
                 f"validation ran after {validation['evaluations']} of {holdout.epochs_run} epochs "
                 "(train.eval_every: auto keeps it near a fifth of the training time)"
             )
+        negatives = None if self.holdout_planner is None else self.holdout_planner.negatives
+        if negatives is not None:
+            traded.append(negatives["reason"])
         dropped = [t for t in holdout.lr_search if "dropped" in str(t.get("outcome", ""))]
         for trial in dropped:
             traded.append(f"learning rate {trial['lr']:g} {trial['outcome']}")
@@ -144,5 +155,6 @@ class RunPlan:
                 "standard_error": None if se is None or math.isnan(se) else se,
             },
             "lr_candidates": holdout.lr_search,
+            "negatives": negatives,
             "traded": traded,
         }
