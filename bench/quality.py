@@ -121,7 +121,6 @@ def _ours(
         from recsys_metric.train import TrainData, fit
         from recsys_metric.training.budget import TimeBudget
         from recsys_metric.training.run_budget import RunPlan
-        from recsys_metric.training.validation import SampledValidation
         from recsys_metric.triplets import popularity_probs
     except ImportError as err:
         raise SkipBaseline(f"recsys-metric trainer not available ({err})") from None
@@ -163,22 +162,18 @@ def _ours(
         ks = (train_config.early_stopping_k,)
         return evaluate_scores(scores(model, val), val.train, val.test, ks=ks, users=users)[key]
 
-    validate = SampledValidation(
-        validate_users,
-        np.flatnonzero(val.test.row_lengths() > 0),
-        metric_key=key,
-        seed=config.eval.seed,
-        max_users=config.eval.validation_max_users,
-    )
     fit_data = train_data(val)
     n_test_users = int((data.test.row_lengths() > 0).sum()) if eval_users is None else len(eval_users)
-    plan = RunPlan(
+    plan = RunPlan.for_fit(
         budget,
-        validate,
-        eval_users=min(n_test_users, config.eval.max_users or n_test_users),
+        validate_users,
+        np.flatnonzero(val.test.row_lengths() > 0),
+        config,
+        test_users=n_test_users,
         n_items=data.n_items,
         refit_scale=data.train_liked.nnz / max(fit_data.n_pairs, 1) if train_config.refit and refit else 0.0,
     )
+    validate = plan.validation
 
     t = time.perf_counter()
     model = new_model(val)

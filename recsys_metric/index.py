@@ -446,7 +446,10 @@ class ExactIndex(ItemIndex):
         with warnings.catch_warnings():
             # Arrays read from Parquet are read-only; the tensors are never written, so share them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            self._items = torch.from_numpy(self._scorer.items).to(self.device)
+            # Stored [D, n_items]: a product with a contiguous transpose is a plain GEMM, where the
+            # transposed view of [n_items, D] rows took a slow path on CPU (one query against 100k
+            # x 128: 2.8 ms against 10.3 ms; batches of 1,024 queries the same either way).
+            self._items_t = torch.from_numpy(self._scorer.items).to(self.device).T.contiguous()
             self._neg_sq_norms = (
                 None
                 if self._scorer.sq_norms is None
@@ -458,8 +461,8 @@ class ExactIndex(ItemIndex):
         import torch
 
         if self._neg_sq_norms is None:
-            return q @ self._items[start:end].T
-        return torch.addmm(self._neg_sq_norms[start:end], q, self._items[start:end].T, alpha=2.0)
+            return q @ self._items_t[:, start:end]
+        return torch.addmm(self._neg_sq_norms[start:end], q, self._items_t[:, start:end], alpha=2.0)
 
     def _search(
         self, q: np.ndarray, k: int, keys: np.ndarray, counts: np.ndarray

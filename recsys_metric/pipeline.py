@@ -83,7 +83,6 @@ from recsys_metric.store.faults import fault_point
 from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.training.budget import TimeBudget
 from recsys_metric.training.run_budget import RunPlan
-from recsys_metric.training.validation import SampledValidation
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
@@ -416,18 +415,12 @@ def train_and_evaluate(
 
     # Early stopping scores a seeded sample of validation users, shrunk to what its measured cost
     # affords (recsys_metric.training.validation); the run's time plan reads its cost too.
-    validate = SampledValidation(
+    run_plan = RunPlan.for_fit(
+        budget,
         validate_users,
         np.flatnonzero(val_relevant.row_lengths() > 0),
-        metric_key=f"recall@{k_stop}",
-        seed=config.eval.seed,
-        max_users=config.eval.validation_max_users,
-    )
-    test_users = int((test_relevant.row_lengths() > 0).sum())
-    run_plan = RunPlan(
-        budget,
-        validate,
-        eval_users=min(test_users, config.eval.max_users or test_users),
+        config,
+        test_users=int((test_relevant.row_lengths() > 0).sum()),
         n_items=n_items,
         refit_scale=full.filter(pl.col("label") == 1).height / max(fit_data.n_pairs, 1)
         if config.train.refit
@@ -436,6 +429,7 @@ def train_and_evaluate(
         # model and the popularity check on the same holdout sample.
         gate_evaluations=2 if warm_start_from is not None else 0,
     )
+    validate = run_plan.validation
 
     holdout_model = build_model(data, config, fit_liked, items_table)
     plan, warm_reason = None, "cold start: train.warm_start is off"

@@ -521,11 +521,11 @@ def test_search_k_tuning_may_spend_up_to_exact_searchs_latency(tmp_path, monkeyp
         return {"exact_p50_ms": 9.6, "exact_p99_ms": 12.0}
 
     monkeypatch.setattr(index_module, "_exact_latency", exact_latency)
-    result = build_index(tmp_path, IndexConfig(n_trees=1000, search_k=2000))
+    result = build_index(tmp_path, IndexConfig(n_trees=1000, search_k=2000, latency_budget_ms=5.0))
     assert (result["search_k"], result["recall_at_10"], result["serve"]) == (64000, 0.93, "annoy")
     assert result["latency_limit_ms"] == 9.6 and result["exact_p50_ms"] == 9.6 and len(exact_calls) == 1
     assert [t["search_k"] for t in result["search_k_tuning"]] == [2000, 4000, 8000, 16000, 32000, 64000]
     # Exact search no slower than the budget: the limit stays and the exact fallback serves.
     monkeypatch.setattr(index_module, "_exact_latency", lambda *a: {"exact_p50_ms": 3.0, "exact_p99_ms": 4.0})
-    result = build_index(tmp_path, IndexConfig(n_trees=1000, search_k=2000))
+    result = build_index(tmp_path, IndexConfig(n_trees=1000, search_k=2000, latency_budget_ms=5.0))
     assert (result["search_k"], result["serve"], result["latency_limit_ms"]) == (16000, "exact", 5.0)

@@ -9,8 +9,11 @@ and the measured costs, and hands out the planners of :mod:`recsys_metric.traini
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from recsys_metric.training.budget import (
     SAFETY,
@@ -23,13 +26,20 @@ from recsys_metric.training.budget import (
 from recsys_metric.training.data import TrainResult
 from recsys_metric.training.validation import SampledValidation
 
-UNMEASURED_SECONDS_PER_USER_ITEM = 2e-8
+if TYPE_CHECKING:
+    from recsys_metric.config import Config
+
+UNMEASURED_SECONDS_PER_USER_ITEM = 1e-8
 """Scoring seconds per user and catalogue item assumed for the reserve until validation has
-measured it: about twice what the evaluator took on 2 CPU cores here (citeulike-a, 5,551 users x
-16,980 items in 0.8 s). A flat 1 ms per user, as before, reserved 138 s for a 40k-item catalogue
-whose stages after training took about 20 s, and made a short budget drop a candidate rate on
-budget grounds after its first epoch (measured on a GPU); once validation has run, its measured
-cost replaces this guess."""
+measured it (the reserve adds :data:`~recsys_metric.training.budget.SAFETY` on top): 1.2-1.4x
+what the evaluator took on 2 quiet CPU cores here (citeulike-a, 5,551 users x 16,980 items in
+0.8 s: 8.5e-9; the generated 20M log's holdout, 2 x 50,000 users x 100k items in 45-72 s:
+4.5e-9-7.2e-9). It sizes the negatives a budget affords
+(:mod:`recsys_metric.training.negatives_budget`), which are chosen before validation has run:
+2e-8, as before, reserved about three times what the 20M log's evaluations took. A flat 1 ms per user, before that, reserved 138 s for a
+40k-item catalogue whose stages after training took about 20 s, and made a short budget drop a
+candidate rate on budget grounds after its first epoch (measured on a GPU); once validation has
+run, its measured cost replaces this guess."""
 
 
 @dataclass
@@ -62,6 +72,41 @@ class RunPlan:
         if self.budget is not None:
             self.holdout_planner = HoldoutPlanner(self.budget, self.refit_scale, self.reserve)
             self.refit_planner = RefitPlanner(self.budget, self.reserve)
+
+    @classmethod
+    def for_fit(
+        cls,
+        budget: TimeBudget | None,
+        validate_users: Callable[[Any, np.ndarray], float],
+        validation_users: np.ndarray,
+        config: Config,
+        *,
+        test_users: int,
+        n_items: int,
+        refit_scale: float,
+        gate_evaluations: int = 0,
+    ) -> RunPlan:
+        """The plan of a holdout fit and its refit as the pipeline makes it: early stopping on a
+        :class:`SampledValidation` of ``validation_users`` (int ``[N]``, seeded by
+        ``config.eval.seed``, at most ``config.eval.validation_max_users``) scored by
+        ``validate_users(model, users)``; the holdout evaluation after training scores
+        ``test_users`` users, at most ``config.eval.max_users``."""
+        key = f"recall@{config.train.early_stopping_k}"
+        validation = SampledValidation(
+            validate_users,
+            validation_users,
+            metric_key=key,
+            seed=config.eval.seed,
+            max_users=config.eval.validation_max_users,
+        )
+        return cls(
+            budget,
+            validation,
+            eval_users=min(test_users, config.eval.max_users or test_users),
+            n_items=n_items,
+            refit_scale=refit_scale,
+            gate_evaluations=gate_evaluations,
+        )
 
     def reserve(self) -> float:
         """Seconds to keep for the stages after training (:func:`after_training_seconds`)."""
