@@ -370,9 +370,16 @@ class DistributedTraining:
 
     def reduce_record(self, record: dict[str, Any]) -> None:
         """Turn this rank's epoch record into the group's (called by ``fit`` after each epoch):
-        loss per pair over all pairs, triplets of all ranks, the slowest rank's seconds."""
+        loss per pair over all pairs, triplets and pairs of all ranks, the slowest rank's seconds
+        (and pair seconds), so that every rank holds the same record."""
         local = torch.tensor(
-            [record["loss"] * record["triplets"], float(record["triplets"]), record["seconds"]],
+            [
+                record["loss"] * record["triplets"],
+                float(record["triplets"]),
+                record["seconds"],
+                float(record.get("pairs", 0)),
+                float(record.get("pairs_seconds", 0.0)),
+            ],
             dtype=torch.float64,
             device=self.device,
         )
@@ -384,6 +391,9 @@ class DistributedTraining:
         record["loss"] = float(table[:, 0].sum()) / max(triplets, 1.0)
         record["triplets"] = int(triplets)
         record["seconds"] = seconds
+        if "pairs" in record:
+            record["pairs"] = int(table[:, 3].sum())
+            record["pairs_seconds"] = float(table[:, 4].max())
         record["triplets_per_s"] = triplets / seconds if seconds > 0 else float("inf")
         record["lr"] = self._current().lr
         record["world_size"] = self.world_size
