@@ -212,7 +212,7 @@ def _ours(
         refitted = fit(
             model,
             train_data(data),
-            train_config.model_copy(update={"lr": result.lr, "negatives": result.negatives}),
+            plan.refit_config(train_config, result),
             explicit_share=train_config.explicit_share,
             epochs=epochs,
             progress=False,

@@ -528,9 +528,7 @@ def train_and_evaluate(
         refit = fit(
             final_model,
             train_data(full, n_users, n_items, config),
-            # The rate the holdout fit trained at (``train.lr: auto`` chose it on validation) and
-            # its negatives (``auto`` may have been lowered to the budget).
-            train_config.model_copy(update={"lr": holdout.lr, "negatives": holdout.negatives}),
+            run_plan.refit_config(train_config, holdout),
             explicit_share=config.train.explicit_share,
             epochs=epochs,
             progress=progress,

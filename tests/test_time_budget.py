@@ -443,6 +443,33 @@ def test_the_probe_restores_the_model_and_the_fit_trains_at_the_lowered_count(mo
     assert result.negatives == 5 and planner.negatives["negatives"] == 5
 
 
+class _ConfigPlanner:
+    """A planner that changes the fit's config before the first epoch and never stops it."""
+
+    def __init__(self, **update):
+        self.update, self.calls = update, []
+
+    def before_fit(self, model, data, config, explicit_share, *, candidates, clock):
+        self.calls.append((config.negatives, candidates))
+        return config.model_copy(update=self.update)
+
+    def after_epoch(self, run):
+        return None
+
+
+def test_fit_trains_with_the_config_the_planner_returns_before_the_first_epoch():
+    planner = _ConfigPlanner(negatives=2)
+    config = TrainConfig(**{**FAST, "negatives": 4, "epochs": 2, "lr": "auto", "lr_candidates": (0.05, 0.01)})
+    result = fit(_model(), _data(), config, validate=_rising_validation(FakeClock()), progress=False, planner=planner)
+    assert planner.calls == [(4, 2)], "asked once, told how many rates race"
+    assert result.negatives == 2
+    # The refit's planner keeps the holdout fit's settings.
+    refit_config = TrainConfig(**{**FAST, "negatives": 3})
+    assert RefitPlanner(TimeBudget(1e5), reserve=lambda: 0.0).before_fit(
+        _model(), _data(), refit_config, 0.0, candidates=1, clock=FakeClock()
+    ) is refit_config
+
+
 def test_race_keeps_the_later_candidate_when_it_leads():
     higher = [0.1 * i for i in range(1, 41)]
     model, result, validate = _race([[0.05, 0.1, 0.1, 0.1, 0.1], higher], epochs=4)

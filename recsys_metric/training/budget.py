@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from recsys_metric.durations import parse_duration
 
 if TYPE_CHECKING:
+    from recsys_metric.config import TrainConfig
+    from recsys_metric.model.towers import TwoTowerModel
+    from recsys_metric.training.data import TrainData
     from recsys_metric.training.loop import FitRun
 
 __all__ = [
@@ -70,7 +73,29 @@ class TimeBudget:
 
 
 class EpochPlanner(Protocol):
-    """Asked by :class:`~recsys_metric.training.loop.FitRun` after every epoch."""
+    """Consulted by :func:`~recsys_metric.training.rate_search.fit` once before the first epoch
+    and by :class:`~recsys_metric.training.loop.FitRun` after every epoch."""
+
+    def before_fit(
+        self,
+        model: TwoTowerModel,
+        data: TrainData,
+        config: TrainConfig,
+        explicit_share: float,
+        *,
+        candidates: int,
+        clock: Callable[[], float],
+    ) -> TrainConfig:
+        """The config the fit trains with (a planner may size settings to the budget); called
+        once, before any epoch, by a fit that is neither resumed nor distributed.
+
+        Args:
+            model, data, config, explicit_share: as the fit received them (``config`` resolved for
+                the split); the model's weights must be left as they were.
+            candidates: learning rates the fit races (1 when it trains one rate).
+            clock: the fit's clock.
+        """
+        ...
 
     def after_epoch(self, run: FitRun) -> str | None:
         """None to go on, or why the run must stop (the epoch just trained is then evaluated)."""
@@ -158,6 +183,28 @@ class HoldoutPlanner:
         refit = (run.epoch + 1) * epoch_s * self.refit_scale
         return self.budget.remaining(), evaluation, nxt, refit, self.reserve()
 
+    def before_fit(
+        self,
+        model: TwoTowerModel,
+        data: TrainData,
+        config: TrainConfig,
+        explicit_share: float,
+        *,
+        candidates: int,
+        clock: Callable[[], float],
+    ) -> TrainConfig:
+        """``negatives: auto`` sized to the budget
+        (:func:`~recsys_metric.training.negatives_budget.budget_negatives`); the decision is kept
+        in :attr:`negatives`."""
+        # Imported here: negatives_budget builds on this module (its probe reads SAFETY and this
+        # planner's budget), so a module-level import would be circular.
+        from recsys_metric.training.negatives_budget import budget_negatives
+
+        config, self.negatives = budget_negatives(
+            model, data, config, self, explicit_share, candidates=candidates, clock=clock
+        )
+        return config
+
     def fits(self, run: FitRun, scale: int = 1) -> bool:
         """Whether ``scale`` more epochs like ``run``'s next one (a round of ``scale`` race
         candidates) fit with their evaluations, the refit and the reserve."""
@@ -198,6 +245,19 @@ class RefitPlanner:
 
     budget: TimeBudget
     reserve: Callable[[], float]
+
+    def before_fit(
+        self,
+        model: TwoTowerModel,
+        data: TrainData,
+        config: TrainConfig,
+        explicit_share: float,
+        *,
+        candidates: int,
+        clock: Callable[[], float],
+    ) -> TrainConfig:
+        """The config unchanged: the refit trains at the holdout fit's settings."""
+        return config
 
     def after_epoch(self, run: FitRun) -> str | None:
         nxt = epoch_cost(run)

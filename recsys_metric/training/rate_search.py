@@ -17,11 +17,9 @@ from torch import Tensor
 from recsys_metric.config import TrainConfig
 from recsys_metric.errors import ConfigError, DataError
 from recsys_metric.model.towers import TwoTowerModel
-from recsys_metric.training.budget import HoldoutPlanner
 from recsys_metric.training.checkpoints import cpu_state
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.loop import fit_at_rate
-from recsys_metric.training.negatives_budget import budget_negatives
 from recsys_metric.training.rate_race import race
 from recsys_metric.training.sources import co_liked_data
 
@@ -83,7 +81,8 @@ def fit(
             model worse on validation than the one it started from.
         planner: asked after every epoch whether another still fits
             (:class:`~recsys_metric.training.budget.HoldoutPlanner` for ``train.time_budget``).
-            A holdout planner also sizes ``negatives: auto`` to the budget before the first epoch
+            Its ``before_fit`` may change the config before the first epoch: a holdout planner
+            sizes ``negatives: auto`` to the budget
             (:func:`~recsys_metric.training.negatives_budget.budget_negatives`; its decision is
             kept in ``planner.negatives``).
         clock: times epochs and evaluations (the planner's budget reads its own clock; tests
@@ -124,13 +123,12 @@ def fit(
     search = config.lr == "auto" and (
         validate is not None if distributed is None else distributed.rank0_validates(validate is not None)
     )
-    if isinstance(planner, HoldoutPlanner) and distributed is None and not resume:
-        # ``negatives: auto`` under a budget: as many as leave room for enough epochs.
-        config, planner.negatives = budget_negatives(
+    if planner is not None and distributed is None and not resume:
+        # E.g. ``negatives: auto`` under a budget: as many as leave room for enough epochs.
+        config = planner.before_fit(
             model,
             data,
             config,
-            planner,
             explicit_share,
             candidates=len(config.lr_candidates) if search and config.lr_search == "race" else 1,
             clock=clock,

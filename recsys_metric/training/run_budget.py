@@ -27,7 +27,7 @@ from recsys_metric.training.data import TrainResult
 from recsys_metric.training.validation import SampledValidation
 
 if TYPE_CHECKING:
-    from recsys_metric.config import Config
+    from recsys_metric.config import Config, TrainConfig
 
 UNMEASURED_SECONDS_PER_USER_ITEM = 1e-8
 """Scoring seconds per user and catalogue item assumed for the reserve until validation has
@@ -117,6 +117,13 @@ class RunPlan:
             n_items=self.n_items,
             gate_evaluations=self.gate_evaluations,
         )
+
+    @staticmethod
+    def refit_config(config: TrainConfig, holdout: TrainResult) -> TrainConfig:
+        """The refit's training config: ``config`` at the rate the holdout fit trained at
+        (``train.lr: auto`` chose it on validation) and at its negatives (``auto`` may have been
+        lowered to the budget)."""
+        return config.model_copy(update={"lr": holdout.lr, "negatives": holdout.negatives})
 
     def refit_epochs(self, holdout: TrainResult) -> int:
         """Epochs the refit trains: the holdout's best epoch, fewer when the budget cannot pay for
