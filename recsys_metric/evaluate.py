@@ -37,6 +37,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from recsys_metric import rank_kernel
 from recsys_metric.config import EvalConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.errors import DataError
@@ -354,6 +355,10 @@ def _top_k_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return _order_ties(items, scores.gather(1, items))
 
 
+_NEG_INF = torch.tensor(float("-inf"))
+"""Added to masked scores (a 0-d tensor, expanded to the masked entries without a copy)."""
+
+
 class _Workspace:
     """One ``[batch, n_items]`` score buffer reused by every batch of an evaluation.
 
@@ -387,7 +392,11 @@ def _model_top_k(
     device: torch.device | None,
     workspace: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score a batch of users, mask what they may not be shown, and take the top ``k``."""
+    """Score a batch of users, mask what they may not be shown, and take the top ``k``.
+
+    On CPU the compiled selection (:mod:`recsys_metric.rank_kernel`) applies the masks while it
+    selects; elsewhere (CUDA, half precision, no numba) the scores are masked, then :func:`top_k`
+    selects. Both give the same items in the same order."""
     n_items = prep.relevant.n_items
     if isinstance(score_fn, ScoresInto):
         # Scores written straight into the workspace: no [B, N] allocation, masked in place.
@@ -413,6 +422,8 @@ def _model_top_k(
             f"score_fn returned shape {tuple(scores.shape)}, expected [{users.shape[0]}, {n_items}]"
         )
     dev = scores.device
+    if _kernel_fits(dev, scores.dtype, k, n_items):
+        return _kernel_top_k(scores, prep, users, k)
     cut = torch.from_numpy(prep.cut_items).to(dev) if prep.cut_items is not None else None
     seen = None
     if prep.exclude_seen:
@@ -422,29 +433,61 @@ def _model_top_k(
             keep = prep.candidate_mask[cols]
             rows, cols = rows[keep], cols[keep]
         seen = (torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev))
-    # NaN anywhere is an error. Masked entries are checked before masking overwrites them (few:
-    # some columns, the seen items); every other NaN reaches the top k (top_k raises on it).
-    n_nan = 0
-    if cut is not None:
-        n_nan += int(torch.isnan(scores.index_select(1, cut)).sum())
-    if seen is not None:
-        n_nan += int(torch.isnan(scores[seen]).sum())
     if not owned and (cut is not None or seen is not None):
         target = workspace.get(scores.shape[0], n_items, scores.dtype, dev)
         target.copy_(scores)
         scores = target
+    # NaN anywhere is an error, masked entries included. Masking *adds* -inf: a finite score
+    # becomes -inf, a NaN stays NaN, and top_k raises on any NaN left in the matrix (it ranks NaN
+    # first). Checking the masked entries before overwriting them took a gather of its own, as
+    # long as the fill (a sixth of the evaluator's work beyond the product, issue 16).
     if cut is not None:
         # Whole columns: far cheaper than a [B, N] boolean mask broadcast over the rows.
-        scores.index_fill_(1, cut, float("-inf"))
+        scores.index_add_(1, cut, _NEG_INF.to(dev, scores.dtype).expand(scores.shape[0], cut.shape[0]))
     if seen is not None:
-        scores[seen] = float("-inf")
+        scores.index_put_(seen, _NEG_INF.to(dev, scores.dtype), accumulate=True)
     try:
-        if n_nan:
-            raise _NaNScores
         return top_k(scores, k)
     except _NaNScores:
-        n_nan += int(torch.isnan(scores).sum())
+        # A masked +inf would read as NaN here (inf - inf): such a score is as broken as a NaN.
+        n_nan = int(torch.isnan(scores).sum())
         raise ValueError(f"score_fn returned {n_nan} NaN scores for {users.shape[0]} users") from None
+
+
+def _kernel_fits(device: torch.device, dtype: torch.dtype, k: int, n_items: int) -> bool:
+    """Whether :func:`recsys_metric.rank_kernel.masked_top_k` selects these scores (CPU, float32
+    or float64, numba installed); elsewhere (CUDA) the tensor path does."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype in (torch.float32, torch.float64)
+        and k < n_items
+        and rank_kernel.available()
+    )
+
+
+def _kernel_top_k(
+    scores: torch.Tensor, prep: _Prepared, users: np.ndarray, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_model_top_k` on CPU through :func:`recsys_metric.rank_kernel.masked_top_k`: the
+    masks are applied while selecting, so the scores are never written (no copy, no fill), and
+    the NaN count comes from the same pass."""
+    excluded = ~prep.candidate_mask if prep.cut_items is not None else None
+    seen = None
+    if prep.exclude_seen:
+        matrix = prep.train_seen
+        seen = (
+            matrix.indptr.astype(np.int64, copy=False),
+            matrix.indices,
+            users.astype(np.int64, copy=False),
+        )
+    items, values, n_nan = rank_kernel.masked_top_k(
+        scores.detach().contiguous().numpy(), k, excluded=excluded, seen=seen, threads=torch.get_num_threads()
+    )
+    if n_nan:
+        raise ValueError(f"score_fn returned {n_nan} NaN scores for {users.shape[0]} users")
+    # Padding (-1) is never counted (its score is -inf), but item numbers must stay in range.
+    np.maximum(items, 0, out=items)
+    return torch.from_numpy(items), torch.from_numpy(values)
 
 
 class _GlobalRanking:

@@ -460,14 +460,19 @@ class _ConfigPlanner:
 def test_fit_trains_with_the_config_the_planner_returns_before_the_first_epoch():
     planner = _ConfigPlanner(negatives=2)
     config = TrainConfig(**{**FAST, "negatives": 4, "epochs": 2, "lr": "auto", "lr_candidates": (0.05, 0.01)})
-    result = fit(_model(), _data(), config, validate=_rising_validation(FakeClock()), progress=False, planner=planner)
+    result = fit(
+        _model(), _data(), config, validate=_rising_validation(FakeClock()), progress=False, planner=planner
+    )
     assert planner.calls == [(4, 2)], "asked once, told how many rates race"
     assert result.negatives == 2
     # The refit's planner keeps the holdout fit's settings.
     refit_config = TrainConfig(**{**FAST, "negatives": 3})
-    assert RefitPlanner(TimeBudget(1e5), reserve=lambda: 0.0).before_fit(
-        _model(), _data(), refit_config, 0.0, candidates=1, clock=FakeClock()
-    ) is refit_config
+    assert (
+        RefitPlanner(TimeBudget(1e5), reserve=lambda: 0.0).before_fit(
+            _model(), _data(), refit_config, 0.0, candidates=1, clock=FakeClock()
+        )
+        is refit_config
+    )
 
 
 def test_race_keeps_the_later_candidate_when_it_leads():
