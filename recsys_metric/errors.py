@@ -57,6 +57,11 @@ class UnknownIdError(DataError, KeyError):
         return str(self.args[0])
 
 
+class ServingError(RecsysMetricError):
+    """A serving process cannot do what was asked of it (e.g. its added-items journal cannot be
+    written); what it serves is unchanged."""
+
+
 class RejectLimitExceeded(DataError):
     """More rows were quarantined than ``data.max_reject_fraction`` allows."""
 

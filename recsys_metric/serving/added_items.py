@@ -523,29 +523,33 @@ def carry_over(old: AddedItems | None, embedder_of: Any, base_ids: pl.Series) ->
     """
     if old is None or len(old) == 0:
         return None
+    return placeable_rows(old.rows, embedder_of, base_ids, source="added to the previous run")
+
+
+def placeable_rows(
+    rows: pl.DataFrame, embedder_of: Any, base_ids: pl.Series, *, source: str
+) -> pl.DataFrame | None:
+    """The feature ``rows`` (tags as lists) a run should add: ids it does not know, with at least
+    one feature value it knows; the others are logged (``source`` says where they came from) and
+    dropped. None when none are left or the run cannot embed items at all (logged too)."""
     try:
         embedder: ItemEmbedder = embedder_of()
-        rows = old.rows.with_columns(_ids_as(old.rows["item_id"], base_ids))
+        rows = rows.with_columns(_ids_as(rows["item_id"], base_ids))
         unknown = embedder.items.numbers(rows["item_id"], missing="negative") < 0
         n_known = int((~unknown).sum())
         rows = rows.filter(pl.Series(unknown))
         _, has_feature = embedder.feature_vectors(embedder.encode(rows))
     except Exception as err:  # noqa: BLE001 - never keep a good run from being swapped in
-        log.warning(
-            "dropped the %d item(s) added to the previous run: the new run cannot embed them: %s",
-            len(old),
-            err,
-        )
+        log.warning("dropped the %d item(s) %s: the run cannot embed them: %s", rows.height, source, err)
         return None
     if n_known:
-        log.info(
-            "%d item(s) added to the previous run are in the new run: its own vectors serve them", n_known
-        )
+        log.info("%d item(s) %s are in the run: its own vectors serve them", n_known, source)
     if not has_feature.all():
         dropped = rows["item_id"].filter(pl.Series(~has_feature))
         log.warning(
-            "dropped %d item(s) added to the previous run: no feature value the new run knows (first: %s)",
+            "dropped %d item(s) %s: no feature value the run knows (first: %s)",
             dropped.len(),
+            source,
             dropped.head(5).to_list(),
         )
         rows = rows.filter(pl.Series(has_feature))

@@ -53,10 +53,16 @@ from pydantic import BaseModel, Field
 
 from recsys_metric import __version__
 from recsys_metric.data.vocab import UnknownIdError
-from recsys_metric.errors import DataError, RecsysMetricError
+from recsys_metric.errors import DataError, RecsysMetricError, ServingError
 from recsys_metric.registry import CURRENT_LINK
 from recsys_metric.serving.api_routes import QuickParamsRoute
-from recsys_metric.serving.cli_api import ENV_ARTIFACTS, ENV_INDEX, ENV_INTERVAL, ENV_VERIFY
+from recsys_metric.serving.cli_api import (
+    ENV_ADDED_ITEMS,
+    ENV_ARTIFACTS,
+    ENV_INDEX,
+    ENV_INTERVAL,
+    ENV_VERIFY,
+)
 from recsys_metric.serving.follow import FollowingRecommender
 from recsys_metric.serving.recommender import Recommender
 
@@ -217,6 +223,7 @@ def create_app(
     interval: float = 30.0,
     index: str = "auto",
     verify: bool = True,
+    added_items_dir: str | os.PathLike[str] | None = None,
     recommender: Recommender | FollowingRecommender | None = None,
 ) -> FastAPI:
     """The FastAPI app.
@@ -226,6 +233,10 @@ def create_app(
             loads and verifies) or a run directory (served as is). Loaded at startup.
         interval: seconds between checks of ``current``.
         index, verify: as :meth:`Recommender.load`.
+        added_items_dir: with a followed artifacts directory, the added-items journal that
+            ``POST /items`` writes and every worker process applies
+            (:mod:`~recsys_metric.serving.items_journal`); None: items posted stay in the process
+            that received them.
         recommender: serve this one instead of loading ``artifacts`` (tests, embedding the app).
 
     Once started, ``app.state.recommender`` is the :class:`Recommender` or
@@ -246,7 +257,13 @@ def create_app(
             link = os.path.join(os.fspath(artifacts), CURRENT_LINK)
             follow = os.path.lexists(link)
             state["rec"] = Recommender.load(
-                artifacts, index=index, verify=verify, output="records", follow=follow, interval=interval
+                artifacts,
+                index=index,
+                verify=verify,
+                output="records",
+                follow=follow,
+                interval=interval,
+                added_items_dir=added_items_dir if follow else None,
             )
         app.state.recommender = state["rec"]
         try:
@@ -285,6 +302,11 @@ def create_app(
     @app.exception_handler(TypeError)
     async def bad_type(request: Request, err: TypeError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(ServingError)
+    async def unavailable(request: Request, err: ServingError) -> JSONResponse:
+        # Nothing changed (e.g. the added-items journal could not be written): try again later.
+        return JSONResponse({"detail": str(err)}, status_code=503)
 
     @app.exception_handler(RecsysMetricError)
     async def run_error(request: Request, err: RecsysMetricError) -> JSONResponse:
@@ -418,7 +440,8 @@ def create_app(
 def app_from_env() -> FastAPI:
     """The app configured by environment variables (for ``uvicorn --factory`` and ``--workers``):
     ``RECSYS_METRIC_ARTIFACTS`` (required), ``RECSYS_METRIC_RELOAD_INTERVAL`` (seconds, default
-    30), ``RECSYS_METRIC_INDEX`` (auto|annoy|exact), ``RECSYS_METRIC_VERIFY`` (1|0)."""
+    30), ``RECSYS_METRIC_INDEX`` (auto|annoy|exact), ``RECSYS_METRIC_VERIFY`` (1|0),
+    ``RECSYS_METRIC_ADDED_ITEMS`` (the added-items journal's directory; unset or empty: none)."""
     # Reloads and refusals are logged by recsys_metric.serving.follow: make them visible beside
     # uvicorn's own lines in every worker process.
     if not logging.getLogger().handlers:
@@ -432,4 +455,5 @@ def app_from_env() -> FastAPI:
         interval=float(os.environ.get(ENV_INTERVAL, "30")),
         index=os.environ.get(ENV_INDEX, "auto"),
         verify=os.environ.get(ENV_VERIFY, "1") not in ("0", "false", "no"),
+        added_items_dir=os.environ.get(ENV_ADDED_ITEMS) or None,
     )

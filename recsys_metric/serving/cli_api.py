@@ -16,6 +16,7 @@ ENV_ARTIFACTS = "RECSYS_METRIC_ARTIFACTS"
 ENV_INTERVAL = "RECSYS_METRIC_RELOAD_INTERVAL"
 ENV_INDEX = "RECSYS_METRIC_INDEX"
 ENV_VERIFY = "RECSYS_METRIC_VERIFY"
+ENV_ADDED_ITEMS = "RECSYS_METRIC_ADDED_ITEMS"
 
 
 def add_api_parser(sub: Any, func: Callable[[argparse.Namespace], int], *, default_artifacts: str) -> None:
@@ -54,6 +55,14 @@ def add_api_parser(sub: Any, func: Callable[[argparse.Namespace], int], *, defau
         action="store_true",
         help="skip checking each run's files against its manifest (faster loads, no damage check)",
     )
+    p.add_argument(
+        "--added-items",
+        default=None,
+        metavar="DIR",
+        help="directory of the added-items journal: items posted to /items are written there and "
+        "every worker serves them, also after a restart (default: ARTIFACTS/added_items when "
+        "following an artifact store; 'none': each worker keeps the items posted to it)",
+    )
     p.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     p.set_defaults(func=func)
 
@@ -77,6 +86,7 @@ def run_api(args: argparse.Namespace) -> int:
     os.environ[ENV_INTERVAL] = str(args.interval)
     os.environ[ENV_INDEX] = args.index
     os.environ[ENV_VERIFY] = "0" if args.no_verify else "1"
+    os.environ[ENV_ADDED_ITEMS] = _added_items_dir(args.added_items, artifacts)
     uvicorn.run(
         "recsys_metric.serving.api:app_from_env",
         factory=True,
@@ -87,3 +97,16 @@ def run_api(args: argparse.Namespace) -> int:
         proxy_headers=True,
     )
     return 0
+
+
+def _added_items_dir(option: str | None, artifacts: Path) -> str:
+    """The journal directory for ``--added-items`` (empty: none). By default an artifact store's
+    ``added_items/``; a run directory served as is has none (nothing follows it)."""
+    from recsys_metric.registry import CURRENT_LINK
+    from recsys_metric.serving.items_journal import DEFAULT_DIR
+
+    if option is not None:
+        return "" if option.lower() == "none" else str(Path(option).resolve())
+    if not os.path.lexists(artifacts / CURRENT_LINK):
+        return ""
+    return str((artifacts / DEFAULT_DIR).resolve())

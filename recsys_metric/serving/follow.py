@@ -32,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsys_metric.errors import ConfigError, RecsysMetricError
+from recsys_metric.errors import ConfigError, RecsysMetricError, ServingError
 from recsys_metric.registry import CURRENT_LINK, resolve_run_dir
 from recsys_metric.serving.recommender import Recommender
 
 if TYPE_CHECKING:
     # added_items imports polars: read when items are added or carried over, never at load.
     from recsys_metric.serving.added_items import AddResult, ItemsInput
+    from recsys_metric.serving.items_journal import ItemsJournal
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class FollowingRecommender:
         search_k: int | None = None,
         output: str = "pandas",
         verify: bool = True,
+        added_items_dir: str | os.PathLike[str] | None = None,
     ):
         self.artifacts = Path(artifacts)
         link = self.artifacts / CURRENT_LINK
@@ -106,7 +108,16 @@ class FollowingRecommender:
             "output": output,
             "verify": verify,
         }
+        self._journal: ItemsJournal | None = None
+        self._applied: list[str] = []
+        """Journal entries applied to the run serving now, in order."""
+        if added_items_dir is not None:
+            from recsys_metric.serving.items_journal import ItemsJournal
+
+            self._journal = ItemsJournal(added_items_dir)
         self._current: Recommender = self._load(resolve_run_dir(self.artifacts))
+        if self._journal is not None:
+            self._applied = self._replay(self._current)
         self.reloads = 0
         """Runs swapped in since the first."""
         self.refusals: list[Refusal] = []
@@ -177,6 +188,7 @@ class FollowingRecommender:
                 )
                 return False
             if run_dir == self._current.run_dir or str(run_dir) in self._refused:
+                self._sync_journal()
                 return False
             if self._retired is not None and self._retired() is not None:
                 gc.collect()  # a reference cycle, not a query, may still hold it
@@ -196,7 +208,11 @@ class FollowingRecommender:
                 self.refusals.append(Refusal(str(run_dir), reason, dt.datetime.now(dt.UTC)))
                 log.warning("refused run %s, keep serving run %s: %s", run_dir, self.run_id, reason)
                 return False
-            if getattr(self._current, "_added", None) is not None:
+            if self._journal is not None:
+                # The journal holds every add (this process's and the others'): the new run gets
+                # all of them, embedded with its own item tower.
+                self._applied = self._replay(new)
+            elif getattr(self._current, "_added", None) is not None:
                 from recsys_metric.serving.added_items import carry_added_items
 
                 carry_added_items(self._current, new)
@@ -212,6 +228,35 @@ class FollowingRecommender:
             )
             del old
             return True
+
+    def _replay(self, rec: Recommender) -> list[str]:
+        from recsys_metric.serving.items_journal import replay
+
+        assert self._journal is not None
+        return replay(self._journal, rec)
+
+    def _sync_journal(self) -> dict[str, AddResult | None]:
+        """Apply the journal entries written since the last look (by any process) to the run
+        serving now, in order; under the refresh lock. Entries only ever appear in number order
+        (:mod:`~recsys_metric.serving.items_journal`), so every process applies the same sequence."""
+        if self._journal is None:
+            return {}
+        from recsys_metric.serving.items_journal import apply_entries
+
+        names = self._journal.entries()
+        done = len(self._applied)
+        if names[:done] != self._applied:
+            # Entries vanished or were replaced by hand: start again from the journal as it is.
+            log.warning(
+                "the added-items journal %s changed under this process; replaying it", self._journal.directory
+            )
+            rec = self._load(self._current.run_dir)
+            self._applied = self._replay(rec)
+            self._current = rec
+            return {}
+        results = apply_entries(self._journal, self._current, names[done:])
+        self._applied = names
+        return results
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -262,7 +307,28 @@ class FollowingRecommender:
         vector; an item the new run cannot place is dropped, with a warning in the log)."""
         # Under the refresh lock: an add never falls between a new run's carry-over and its swap.
         with self._refresh_lock:
-            return self._current.add_items(items, separator=separator)
+            if self._journal is None:
+                return self._current.add_items(items, separator=separator)
+            from recsys_metric.serving.added_items import read_items_frame
+
+            frame = read_items_frame(items)
+            # Checked first (DataError, nothing written), then journalled, then applied in the
+            # journal's order together with whatever other processes wrote before it.
+            self._current.check_items(frame, separator=separator)
+            try:
+                name = self._journal.append(frame, separator=separator)
+            except OSError as err:
+                raise ServingError(
+                    f"cannot write the added-items journal {self._journal.directory} ({err}); nothing was "
+                    "added. Free space or make the directory writable, or serve without a journal"
+                ) from err
+            result = self._sync_journal().get(name)
+            if result is None:
+                raise ServingError(
+                    f"the items were journalled as {self._journal.directory / name} but run "
+                    f"{self.run_id} could not add them (see the log)"
+                )
+            return result
 
     # Queries: each reads self._current once, so it runs on one run from start to end.
 

@@ -178,6 +178,7 @@ class Recommender:
         verify: bool = True,
         follow: bool = False,
         interval: float = 30.0,
+        added_items_dir: str | os.PathLike[str] | None = None,
     ) -> Any:
         """Open a run (or the run an artifacts directory's ``current`` names, see :func:`resolve_run_dir`).
 
@@ -198,6 +199,10 @@ class Recommender:
                 follows ``path``'s ``current`` (``path`` must be an artifacts directory), swapping
                 to each newly published run once it has loaded and verified completely.
             interval: with ``follow``, seconds between checks of ``current``.
+            added_items_dir: with ``follow``, a directory where :meth:`add_items` journals what it
+                adds and from which every process following the same store (and this one after a
+                restart) serves the items (:mod:`~recsys_metric.serving.items_journal`); None:
+                added items live in this process only.
 
         Raises:
             IntegrityError: a file differs from the manifest, or the manifest is missing in an
@@ -217,7 +222,10 @@ class Recommender:
                 search_k=search_k,
                 output=output,
                 verify=verify,
+                added_items_dir=added_items_dir,
             )
+        if added_items_dir is not None:
+            raise ConfigError("added_items_dir needs follow=True (an artifact store that is followed)")
         if index not in ("auto", "annoy", "exact"):
             raise ConfigError(f"index must be 'auto', 'annoy' or 'exact', got {index!r}")
         run_dir = resolve_run_dir(path)
@@ -395,6 +403,25 @@ class Recommender:
                 for name in added_items.PUBLISH_ORDER:
                     setattr(self, name, state[name])
         return result
+
+    def check_items(self, items: ItemsInput, *, separator: str = "|") -> None:
+        """Raise what :meth:`add_items` would raise for ``items``, changing nothing (the same
+        checks and embedding, nothing published).
+
+        Raises:
+            DataError: as :meth:`add_items`.
+        """
+        from recsys_metric.serving import added_items
+
+        frame = added_items.read_items_frame(items)
+        added_items.extend(
+            self._added,
+            frame,
+            self._item_embedder(),
+            self._base[2],
+            separator=separator,
+            base_lookup=self._base_tables["_item_num_of"],
+        )
 
     def _item_embedder(self) -> ItemEmbedder:
         embedder = self._embedder
