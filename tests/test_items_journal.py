@@ -145,7 +145,9 @@ def test_http_workers_share_posted_items_through_the_journal(tmp_path):
         second.app.state.recommender.refresh()  # the worker's next check of current
         similar = second.get("/similar/new%2F17", params={"k": 1}).json()
         assert [r["item_id"] for r in similar["items"]] == [ITEM_IDS[17]]
-        assert second.get("/health").json()["n_added_items"] == 1
+        health = second.get("/health").json()
+        assert health["n_added_items"] == 1 and health["journal_entries"] == 1
+        assert health["added_items_journal"] == journal
 
 
 def test_a_run_directory_has_no_journal(tmp_path):

@@ -268,7 +268,8 @@ class FollowingRecommender:
     def status(self) -> dict[str, Any]:
         """What is serving and what happened: ``run_id``, ``run_dir``, ``loaded_at`` (ISO UTC),
         ``verified``, ``n_users``, ``n_items``, ``reloads``, ``refused``, ``last_refusal``,
-        ``checked_at``, ``interval``."""
+        ``checked_at``, ``interval``, ``added_items_journal`` (its directory, or None) and
+        ``journal_entries`` (entries applied to the run serving)."""
         rec = self._current
         last = self.refusals[-1] if self.refusals else None
         return {
@@ -290,6 +291,8 @@ class FollowingRecommender:
             },
             "checked_at": None if self.checked_at is None else self.checked_at.isoformat(timespec="seconds"),
             "interval": self.interval,
+            "added_items_journal": None if self._journal is None else str(self._journal.directory),
+            "journal_entries": len(self._applied),
         }
 
     @property
