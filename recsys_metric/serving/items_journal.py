@@ -146,7 +146,11 @@ def replay(journal: ItemsJournal, rec: Recommender) -> list[str]:
     value it knows is dropped) are logged, and the run serves without them."""
     from recsys_metric.serving.added_items import _split_tag_strings, placeable_rows
 
-    names = journal.entries()
+    try:
+        names = journal.entries()
+    except OSError as err:  # e.g. no permission to list it: serve the run, say why
+        log.warning("cannot read the added-items journal %s, serving without it: %s", journal.directory, err)
+        return []
     if not names:
         return names
     source = f"in the added-items journal {journal.directory}"
