@@ -483,6 +483,21 @@ def test_race_keeps_the_later_candidate_when_it_leads():
     assert _same_weights(model, _plain(0.01, higher, 4)), "the winner's weights end in the model"
 
 
+def test_race_keeps_a_trailing_rate_that_gains_on_a_levelling_leader(caplog):
+    """The fast rate leads early and levels off; the slow one trails at every rung until epoch 4
+    but rises more after each rung's midpoint, so it is kept, overtakes, and wins."""
+    fast = [0.5, 0.6, 0.62, 0.62, 0.62, 0.62, 0.62, 0.62]
+    slow = [0.2, 0.35, 0.5, 0.6, 0.7, 0.75, 0.78, 0.8]
+    caplog.set_level("INFO", logger="recsys_metric.training.rate_race")
+    model, result, validate = _race([fast, slow], epochs=8)
+    assert result.lr == 0.01 and result.best_metric == pytest.approx(0.8)
+    first, second = result.lr_search
+    assert not first["outcome"].startswith("dropped at rung"), first["outcome"]
+    assert second["outcome"].startswith("chosen")
+    assert "is behind at rung 1 but gaining on the leader" in caplog.text
+    assert _same_weights(model, _plain(0.01, slow, 8)), "the winner trains as it would alone"
+
+
 def test_race_halves_three_candidates_rung_by_rung():
     """Rung 1 after 2 evaluations keeps ceil(3 / 2) = 2, rung 2 after 4 keeps 1."""
     high = [0.1 * i for i in range(1, 7)]
