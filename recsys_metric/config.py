@@ -367,9 +367,11 @@ class TrainConfig(_Section):
     lr_search: Literal["race", "full"] = "race"
     """How ``lr: auto`` compares ``lr_candidates``: ``race`` (default) trains them side by side and
     stops the worse half each time they have all made ``patience * 2**j`` validation evaluations
-    (successive halving, ``recsys_metric.training.rate_race``), so two candidates cost the loser's
-    first ``patience`` evaluations instead of a whole fit; ``full`` trains every candidate to its
-    own early stop, one after another (what torchrun runs always do)."""
+    (successive halving, ``recsys_metric.training.rate_race``; a trailing candidate whose
+    validation rose more than the leader's over the rung's second half goes on to the next rung),
+    so two candidates cost the loser's first ``patience`` evaluations instead of a whole fit;
+    ``full`` trains every candidate to its own early stop, one after another (what torchrun runs
+    always do)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimiser; sparse row updates for embedding tables."""
     weight_decay: float = Field(0.0, ge=0.0)

@@ -15,7 +15,9 @@ a whole fit.
 
 Halving compares candidates at equal evaluation counts, which favours the rate that climbs
 fastest early. The first rung is ``patience`` evaluations: as long as early stopping itself
-waits before it gives up on a flat stretch.
+waits before it gives up on a flat stretch. And a candidate in the worse half that is gaining on
+the leader (its best rose more than the leader's since the rung's midpoint, :func:`_gains`) is
+kept to the next rung instead of stopped.
 """
 
 from __future__ import annotations
@@ -171,7 +173,15 @@ def race(
                     )
             behind = [i for i in live if race_progress(runs[i]) < target]
             if not behind:
-                live = _halve(runs, live, rung, target, outcome, metric_key)
+                # A first rung the budget brought forward is said in the outcome (and so among
+                # what the run traded): with more time the race might have chosen otherwise.
+                early = rung == 0 and target < config.patience
+                note = (
+                    f"; the time budget brought the first rung forward from {config.patience}"
+                    if early
+                    else ""
+                )
+                live = _halve(runs, live, rung, target, outcome, metric_key, note=note)
                 rung, target = rung + 1, target * 2
                 continue
             if _round_unaffordable(planner, runs, live):
@@ -252,7 +262,14 @@ def _finished(result: TrainResult) -> str:
 
 
 def _halve(
-    runs: list[FitRun], live: list[int], rung: int, target: int, outcome: dict[int, str], metric_key: str
+    runs: list[FitRun],
+    live: list[int],
+    rung: int,
+    target: int,
+    outcome: dict[int, str],
+    metric_key: str,
+    *,
+    note: str = "",
 ) -> list[int]:
     """The live candidates that go on past rung ``rung``: the better half (rounded up) of the
     candidates that reached it (the live ones, and finished ones with ``target`` evaluations or
@@ -285,7 +302,7 @@ def _halve(
             )
             continue
         unit = "epochs" if run.config.eval_every == "auto" else "evaluations"
-        outcome[i] = f"dropped at rung {rung + 1} (after {target} {unit}, epoch {run.epoch})"
+        outcome[i] = f"dropped at rung {rung + 1} (after {target} {unit}, epoch {run.epoch}{note})"
         logger.info(
             "train.lr auto: rate %g stops at rung %d (best %s %.4f against %.4f)",
             run.config.lr,
