@@ -177,7 +177,10 @@ def test_refit_stops_at_the_budget(slow_epochs):
 
 
 def test_auto_eval_interval_keeps_validation_near_a_fifth_of_training():
-    assert auto_eval_interval([0.1, 0.1], [0.2]) == 1, "under 0.25 s an evaluation is always cheap enough"
+    assert auto_eval_interval([0.01, 0.01], [0.015]) == 1, "under 0.02 s an evaluation is always cheap enough"
+    # ml-latest-small: 40 ms epochs, 25 ms evaluations (every epoch under the old 0.25 s floor,
+    # validation then cost half as much as training).
+    assert auto_eval_interval([0.04, 0.04], [0.025]) == 4  # ceil(0.025 / 0.008)
     assert auto_eval_interval([10.0, 10.0], [0.5]) == 1, "under a fifth of an epoch"
     assert auto_eval_interval([10.0, 10.0], [2.0]) == 1, "2 s is a fifth of a 10 s epoch"
     assert auto_eval_interval([10.0, 10.0, 10.0], [9.0]) == 5  # ceil(9 / 2)

@@ -629,3 +629,77 @@ def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, caplog):
     fit(eager, data, config, progress=False)
     assert not result.compiled and "continuing without it" in caplog.text
     assert torch.equal(fallback.item_embedding.weight, eager.item_embedding.weight)
+
+
+def _chunk_tensors(chunk) -> list:
+    return [chunk.users, chunk.items, chunk.negs, chunk.valid, chunk.hist, chunk.seed, chunk.n_pairs]
+
+
+@pytest.mark.parametrize("compiled_sampler", [False, True])
+def test_chunks_drawn_ahead_across_epochs_are_the_chunks_drawn_epoch_by_epoch(compiled_sampler):
+    """ChunkFeed draws the next epoch's order and first chunk while the last chunk trains: the same
+    draws from the same generator in the same sequence, so the same chunks; discard() puts the
+    generator back as if nothing had been drawn ahead."""
+    from recsys_metric.epoch_order import EpochOrder
+    from recsys_metric.training.kernel_step import kernel_csr
+    from recsys_metric.training.sources import ChunkFeed, epoch_chunks
+
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    source = _NegativeSource(data, 3, 0.0, torch.device("cpu"), True)
+    if compiled_sampler and triplet_kernel.numba is not None:
+        source.compiled_sampler = kernel_csr(data.seen)
+    order_of = EpochOrder(data.user_num, 0.5)
+    chunk_pairs = 64  # several chunks an epoch (280 pairs)
+    plain, ahead = np.random.default_rng(7), np.random.default_rng(7)
+    feed = ChunkFeed(source, order_of, ahead, chunk_pairs)
+    for _epoch in range(3):
+        order = order_of(plain)
+        expected = [_chunk_tensors(c) for c in epoch_chunks(source, order, plain, chunk_pairs)]
+        got_order, chunks = feed.epoch(ahead=True)
+        got = [_chunk_tensors(c) for c in chunks]
+        assert np.array_equal(got_order, order)
+        assert len(got) == len(expected) == 5
+        for g, e in zip(got, expected, strict=True):
+            for a, b in zip(g, e, strict=True):
+                assert (a is None and b is None) or (
+                    torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                )
+        # The next epoch's start is drawn already; a checkpoint records the state before it.
+        assert feed.rng_state() == plain.bit_generator.state
+        assert ahead.bit_generator.state != plain.bit_generator.state
+    feed.close()
+    assert ahead.bit_generator.state == plain.bit_generator.state
+
+
+def test_validation_uses_the_callers_threads_and_training_keeps_its_own():
+    """train.threads (1) holds for the steps; the evaluation's product and selection run on the
+    threads the caller had set, and the caller gets its setting back."""
+    train, _ = _checkerboard()
+    data = TrainData.from_matrices(train)
+    seen_threads: list[int] = []
+
+    def validate(model):
+        seen_threads.append(torch.get_num_threads())
+        return {"recall@20": 0.5}
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+        fit(
+            model, data, TrainConfig(**{**FAST, "epochs": 2, "threads": 1}), validate=validate, progress=False
+        )
+        assert seen_threads == [2, 2]
+        assert torch.get_num_threads() == 2
+        # The learning-rate race too.
+        seen_threads.clear()
+        model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+        config = TrainConfig(
+            **{**FAST, "epochs": 2, "threads": 1, "lr": "auto", "lr_candidates": [0.05, 0.01]}
+        )
+        fit(model, data, config, validate=validate, progress=False)
+        assert seen_threads and set(seen_threads) == {2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

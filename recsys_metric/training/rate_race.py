@@ -143,6 +143,7 @@ def race(
                     evaluate_start=evaluate_start,
                     planner=planner,
                     clock=clock,
+                    validation_threads=threads_before,
                 )
             )
         del initial
