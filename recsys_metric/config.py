@@ -453,7 +453,9 @@ class TrainConfig(_Section):
     shared tables without locks (Hogwild!), faster on free cores but not reproducible
     (``bench/train_speed.py`` measures both); for the tensor step, on the shared 2-core machine 2
     torch threads ran 5-50x slower, and a compiled step with more than 1 thread is not
-    reproducible either (parallel scatter-adds)."""
+    reproducible either (parallel scatter-adds). Early stopping's validation inside the fit runs
+    on the threads torch had before (its product and top-k selection do not need one thread to
+    be reproducible; on one thread they left the second core idle)."""
     kernel: Literal["auto", "numba", "torch"] = "auto"
     """How the fused triplet step (free embeddings, triplet loss, sgd or adagrad) runs on CPU.
     ``numba``: a compiled loop that updates the rows after every triplet, as implicit's BPR does
