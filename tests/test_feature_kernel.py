@@ -172,12 +172,13 @@ def test_fit_takes_the_kernel_and_learns_from_the_features():
     assert float(scores[torch.from_numpy(own)].mean()) > float(scores[torch.from_numpy(~own)].mean())
 
 
-def test_auto_keeps_the_tensor_step_for_features_and_numba_opts_in():
+def test_auto_takes_the_compiled_feature_step_on_cpu_and_torch_keeps_the_tensor_step():
     from recsys_metric.errors import ConfigError
     from recsys_metric.training.kernel_step import use_feature_kernel
 
     cpu = torch.device("cpu")
-    assert not use_feature_kernel(TrainConfig(kernel="auto"), cpu), "auto: the tensor feature step"
+    assert use_feature_kernel(TrainConfig(kernel="auto"), cpu), "auto on CPU: the compiled step"
+    assert not use_feature_kernel(TrainConfig(kernel="auto"), torch.device("cuda")), "auto on CUDA: tensor"
     assert not use_feature_kernel(TrainConfig(kernel="torch"), cpu)
     assert use_feature_kernel(TrainConfig(kernel="numba"), cpu)
     with pytest.raises(ConfigError, match="train.kernel numba: it runs on CPU only, not cuda"):

@@ -228,7 +228,7 @@ def test_eval_every_auto_counts_the_patience_in_epochs(slow_epochs):
     def peaked(model):
         clock.now += 6.0
         calls.append(1)
-        return {"recall@20": [0.1, 0.2, 0.3, 0.25, 0.25, 0.25, 0.25][min(len(calls), 7) - 1]}
+        return {"recall@20": [0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1][min(len(calls), 7) - 1]}
 
     config = {**FAST, "epochs": 30, "eval_every": "auto", "patience": 1, "patience_growth": 1.0}
     result = fit(_model(), _data(), TrainConfig(**config), validate=peaked, progress=False, clock=clock)

@@ -291,10 +291,10 @@ def test_early_stopping_keeps_the_best_epoch():
 
     def validate(model):
         snapshots.append(model.item_embedding.weight.detach().clone())
-        return {"recall@20": [0.5, 0.7, 0.6, 0.65, 0.69, 0.9][len(snapshots) - 1]}
+        return {"recall@20": [0.5, 0.7, 0.4, 0.3, 0.2, 0.1, 0.9][len(snapshots) - 1]}
 
     model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
-    config = TrainConfig(**{**FAST, "epochs": 6, "patience": 3})
+    config = TrainConfig(**{**FAST, "epochs": 7, "patience": 3})
     result = fit(model, TrainData.from_matrices(train), config, validate=validate, progress=False)
     assert result.stopped_early and result.best_epoch == 2 and result.best_metric == 0.7
     assert len(result.history) == 5 and result.history[1]["metrics"] == {"recall@20": 0.7}
@@ -306,9 +306,10 @@ def test_early_stopping_keeps_the_best_epoch():
 
 
 def test_the_wait_grows_with_the_epoch_of_the_best_evaluation():
-    # Climbs for 8 evaluations, flat for 3, better at the 12th: a fixed patience of 3 stops after
-    # the 11th; with patience_growth 0.5 the wait after the 8th is ceil(0.5 * 8) = 4 evaluations.
-    curve = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.75, 0.75, 0.75, 0.85, 0.8, 0.8]
+    # Climbs for 8 evaluations, lower for 3 (the moving mean falls too), better at the 12th: a
+    # fixed patience of 3 stops after the 11th; with patience_growth 0.5 the wait after the 8th is
+    # ceil(0.5 * 8) = 4 evaluations.
+    curve = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.5, 0.5, 0.5, 0.85, 0.8, 0.8]
     train, _ = _checkerboard()
 
     def run(growth: float):
@@ -703,3 +704,28 @@ def test_validation_uses_the_callers_threads_and_training_keeps_its_own():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_plateau_still_creeping_up_is_not_stopped_by_one_lucky_evaluation():
+    """A lucky .60 at epoch 3, then a noisy plateau whose moving mean of 3 keeps rising: the wait
+    runs from the mean's last new high (epoch 8), so the run reaches .62 at epoch 10. Without the
+    mean, patience 3 after epoch 3 would have stopped it at epoch 6."""
+    from recsys_metric.training.early_stopping import trend_epoch
+
+    curve = [0.40, 0.50, 0.60, 0.52, 0.55, 0.56, 0.57, 0.59, 0.55, 0.62, 0.50, 0.50, 0.50, 0.50, 0.50]
+    train, _ = _checkerboard()
+    calls: list[None] = []
+
+    def validate(model):
+        calls.append(None)
+        return {"recall@20": curve[len(calls) - 1]}
+
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    config = TrainConfig(**{**FAST, "epochs": len(curve), "patience": 3, "patience_growth": 0.0})
+    result = fit(model, TrainData.from_matrices(train), config, validate=validate, progress=False)
+    assert result.best_epoch == 10 and result.best_metric == 0.62
+    assert result.stopped_early and result.epochs_run == 13
+    history = [{"epoch": e + 1, "metrics": {"recall@20": v}} for e, v in enumerate(curve[:9])]
+    # Means of 3 from the 3rd evaluation: .50 .54 .557 .543 .56 .573 .573 .57: last new high at 8.
+    assert trend_epoch(history, "recall@20") == 8
+    assert trend_epoch(history[:3], "recall@20") == 0, "the first mean has nothing to rise above"

@@ -25,7 +25,7 @@ from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.autograd import AutogradStep
 from recsys_metric.training.checkpoints import CHECKPOINT_NAME, CHECKPOINT_VERSION, cpu_state, save_checkpoint
 from recsys_metric.training.data import TrainData, TrainResult
-from recsys_metric.training.early_stopping import evaluation_number
+from recsys_metric.training.early_stopping import evaluation_number, trend_epoch
 from recsys_metric.training.fused import FusedTripletStep, fused_supported, use_compile
 from recsys_metric.training.kernel_step import NumbaTripletStep, feature_step_for, kernel_csr, use_numba
 from recsys_metric.training.sources import ChunkFeed, CoLikedSource, NegativeSource, epoch_chunks
@@ -424,6 +424,9 @@ class FitRun:
             self.best_state = cpu_state(self.model)
         else:
             self.bad_evals += 1
+            if trend_epoch(result.history, self.metric_key) == self.epoch:
+                # Not a new best, but the moving mean's new high: still improving (trend_epoch).
+                self.bad_evals = 0
             if self._patience_spent():
                 result.stopped_early = self.epoch < self.n_epochs
         if config.eval_every == "auto" and self.distributed is None:
@@ -462,12 +465,13 @@ class FitRun:
         ``eval_every: auto`` counts the patience in epochs since the best one
         (``patience_after(best_epoch)``), so that the measured cadence changes how often the run
         looks, not how long it waits; a fixed ``eval_every`` counts evaluations, as documented for
-        ``train.patience``. Both agree when every epoch is evaluated."""
+        ``train.patience``. Both agree when every epoch is evaluated. The wait runs from the later
+        of the best epoch and the moving mean's last high (:func:`trend_epoch`)."""
         config, result = self.config, self.result
+        anchor = max(result.best_epoch or 0, trend_epoch(result.history, self.metric_key))
         if config.eval_every == "auto":
-            best = result.best_epoch or 0
-            return self.epoch - best >= config.patience_after(best)
-        return self.bad_evals >= config.patience_after(evaluation_number(result.history, result.best_epoch))
+            return self.epoch - anchor >= config.patience_after(anchor)
+        return self.bad_evals >= config.patience_after(evaluation_number(result.history, anchor))
 
     def close(self) -> TrainResult:
         """End the run: close the progress bar, load the best evaluated weights into the model."""
