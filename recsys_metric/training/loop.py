@@ -424,10 +424,11 @@ class FitRun:
             self.best_state = cpu_state(self.model)
         else:
             self.bad_evals += 1
-            if trend_epoch(result.history, self.metric_key) == self.epoch:
+            trend = trend_epoch(result.history, self.metric_key)
+            if trend == self.epoch:
                 # Not a new best, but the moving mean's new high: still improving (trend_epoch).
                 self.bad_evals = 0
-            if self._patience_spent():
+            if self._patience_spent(trend):
                 result.stopped_early = self.epoch < self.n_epochs
         if config.eval_every == "auto" and self.distributed is None:
             self.eval_interval = auto_eval_interval(
@@ -459,16 +460,16 @@ class FitRun:
             result = self.close()
         return result
 
-    def _patience_spent(self) -> bool:
+    def _patience_spent(self, trend: int) -> bool:
         """Early stopping's test after an evaluation that did not beat the best.
 
         ``eval_every: auto`` counts the patience in epochs since the best one
         (``patience_after(best_epoch)``), so that the measured cadence changes how often the run
         looks, not how long it waits; a fixed ``eval_every`` counts evaluations, as documented for
         ``train.patience``. Both agree when every epoch is evaluated. The wait runs from the later
-        of the best epoch and the moving mean's last high (:func:`trend_epoch`)."""
+        of the best epoch and ``trend``, the moving mean's last high (:func:`trend_epoch`)."""
         config, result = self.config, self.result
-        anchor = max(result.best_epoch or 0, trend_epoch(result.history, self.metric_key))
+        anchor = max(result.best_epoch or 0, trend)
         if config.eval_every == "auto":
             return self.epoch - anchor >= config.patience_after(anchor)
         return self.bad_evals >= config.patience_after(evaluation_number(result.history, anchor))
