@@ -34,6 +34,9 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,6 +59,12 @@ _RENORM_EPS = 1e-7
 _ADAGRAD_EPS = 1e-10
 _MAX_TRIES = 32
 """Rejected draws before a negative is drawn exactly from the user's unseen items."""
+FILTER_BITS_PER_ITEM = 16
+"""A user's membership filter (:func:`seen_filter`) has at least this many bits per seen item
+(rounded up to a power of two, at least 64): one hash, so about 1 - e^(-1/16) = 6% or fewer of
+the unseen items pass it and need the binary search."""
+_FIBONACCI = 0x9E3779B97F4A7C15
+"""2^64 / golden ratio: multiplicative (Fibonacci) hashing, whose top bits spread item ids."""
 _PREFETCH_AHEAD = 4
 """The rows of triplet ``b + _PREFETCH_AHEAD`` are prefetched while triplet ``b`` runs."""
 
@@ -448,14 +457,37 @@ if numba is not None:
         return False
 
     @_inline
-    def _draw(state, indptr, indices, user, n_items, negs, valid, r) -> bool:  # fmt: skip
+    def _filter_bit(item: int, shift: int) -> np.uint64:
+        """The bit of ``item`` in a filter of ``2^(64 - shift)`` bits: the hash's top bits."""
+        return (np.uint64(item) * np.uint64(_FIBONACCI)) >> np.uint64(shift)
+
+    @_jit
+    def _fill_filter(indptr, indices, offsets, shifts, words):  # fmt: skip
+        """Set the bit of every seen item in its user's filter (see :func:`seen_filter`)."""
+        for u in range(indptr.shape[0] - 1):
+            base = offsets[u]
+            shift = shifts[u]
+            for t in range(indptr[u], indptr[u + 1]):
+                h = _filter_bit(indices[t], shift)
+                words[base + np.int64(h >> np.uint64(6))] |= np.uint64(1) << (h & np.uint64(63))
+
+    @_inline
+    def _draw(state, indptr, indices, user, n_items, negs, valid, r, words, offsets, shifts, has_filter) -> bool:  # fmt: skip
         """Fill ``negs[r]`` with uniform draws among the items ``user`` never interacted with (the
         CSR row ``indices[indptr[user]:indptr[user + 1]]``, sorted), as ``sample_negatives`` does:
         rejection first, then, for users who saw most of the catalogue, the exact r-th unseen item.
-        Returns False (slots invalid) when the user saw every item."""
+        With ``has_filter``, a draw whose bit is clear in the user's filter (``words``, ``offsets``,
+        ``shifts``: :func:`seen_filter`) is unseen without the binary search; the draws and the
+        result are the same either way. Returns False (slots invalid) when the user saw every
+        item."""
         lo = indptr[user]
         hi = indptr[user + 1]
         n_free = n_items - (hi - lo)
+        base = 0
+        shift = 0
+        if has_filter:
+            base = offsets[user]
+            shift = shifts[user]
         for j in range(negs.shape[1]):
             valid[r, j] = n_free > 0
             negs[r, j] = 0
@@ -464,6 +496,11 @@ if numba is not None:
             item = -1
             for _ in range(_MAX_TRIES):
                 c = _below(state, n_items)
+                if has_filter:
+                    h = _filter_bit(c, shift)
+                    if (words[base + np.int64(h >> np.uint64(6))] >> (h & np.uint64(63))) & np.uint64(1) == 0:
+                        item = c
+                        break
                 if not _contains(indices, lo, hi, c):
                     item = c
                     break
@@ -510,7 +547,7 @@ if numba is not None:
         return loss
 
     @_parallel
-    def _draw_threads(hist, indptr, indices, n_items, seed, n_threads, negs, valid):  # fmt: skip
+    def _draw_threads(hist, indptr, indices, n_items, seed, n_threads, negs, valid, words, offsets, shifts, has_filter):  # fmt: skip
         """Thread ``t`` fills rows ``t * B // n_threads`` up to the next thread's of ``negs`` and
         ``valid`` ``[B, k]`` from its own stream (:func:`_thread_seed`)."""
         n = hist.shape[0]
@@ -518,16 +555,31 @@ if numba is not None:
             state = np.empty(1, dtype=np.uint64)
             state[0] = _thread_seed(seed, t)
             for b in range(t * n // n_threads, (t + 1) * n // n_threads):
-                _draw(state, indptr, indices, hist[b], n_items, negs, valid, b)
+                _draw(
+                    state,
+                    indptr,
+                    indices,
+                    hist[b],
+                    n_items,
+                    negs,
+                    valid,
+                    b,
+                    words,
+                    offsets,
+                    shifts,
+                    has_filter,
+                )
 
     @_jit
-    def _draw_serial(hist, indptr, indices, n_items, seed, negs, valid):  # fmt: skip
+    def _draw_serial(hist, indptr, indices, n_items, seed, negs, valid, words, offsets, shifts, has_filter):  # fmt: skip
         """:func:`_draw_threads` on one thread, as a plain function: it does not enter numba's
         thread pool, so a Python thread may run it while another one trains."""
         state = np.empty(1, dtype=np.uint64)
         state[0] = seed
         for b in range(hist.shape[0]):
-            _draw(state, indptr, indices, hist[b], n_items, negs, valid, b)
+            _draw(
+                state, indptr, indices, hist[b], n_items, negs, valid, b, words, offsets, shifts, has_filter
+            )
 
     # One compiled function per metric, with the metric a constant inside it: the compiler then
     # drops the other metrics' branches from the inner loops (a third faster), and a run compiles
@@ -751,6 +803,32 @@ if numba is not None:
 
 
 _PARALLEL_LOCK = threading.Lock()
+_THREAD_SAFE_LAYERS = ("omp", "tbb")
+_layer_thread_safe: bool | None = None
+
+
+@contextmanager
+def _threads(n_threads: int) -> Iterator[None]:
+    """Run numba's parallel functions on ``n_threads`` threads (numba's setting is per Python
+    thread). numba's ``workqueue`` threading layer must not be entered from two Python threads at
+    once (two trainings in one process: the concurrent refit, Prefect's thread task runner), so
+    under it the calls take turns; ``omp`` and ``tbb`` are thread safe and two fits train side by
+    side on two cores. Until the first parallel call has chosen the layer, calls take turns too."""
+    global _layer_thread_safe
+    if _layer_thread_safe is None:
+        try:
+            _layer_thread_safe = numba.threading_layer() in _THREAD_SAFE_LAYERS
+        except ValueError:  # no parallel function has run yet: the layer is not chosen
+            pass
+    if _layer_thread_safe:
+        numba.set_num_threads(n_threads)
+        yield
+        return
+    with _PARALLEL_LOCK:
+        numba.set_num_threads(n_threads)
+        yield
+
+
 _NO_VALID = np.ones((0, 0), dtype=np.bool_)
 _NO_ACC = np.zeros(0, dtype=np.float32)
 
@@ -769,11 +847,67 @@ def warm_up(metric: str = "euclidean", threads: int = 1) -> float:
     options = dict(metric=metric, margin=1.0, weighting="hardest", n_items=16, weight_decay=0.0, project=True)
     negs = np.ones((rows.shape[0], 2), dtype=np.int64)
     triplet_step(users, items, None, None, rows, rows + 4, negs, None, 0.01, threads=threads, **options)
-    sample = (rows, seen_indptr, np.zeros(0, dtype=np.int32), 2, 1)
+    seen_indices = np.zeros(0, dtype=np.int32)
+    sample = (rows, seen_indptr, seen_indices, 2, 1)
+    seen = seen_filter(seen_indptr, seen_indices)
     triplet_step(
-        users, items, None, None, rows, rows + 4, None, None, 0.01, threads=threads, sample=sample, **options
+        users,
+        items,
+        None,
+        None,
+        rows,
+        rows + 4,
+        None,
+        None,
+        0.01,
+        threads=threads,
+        sample=sample,
+        seen=seen,
+        **options,
     )
     return time.perf_counter() - start
+
+
+class SeenFilter(NamedTuple):
+    """Per-user bit filters over the items each user interacted with (:func:`seen_filter`).
+
+    User ``u``'s filter is ``words[offsets[u]:offsets[u + 1]]``, ``2^(64 - shifts[u])`` bits; the
+    bit of item ``i`` is the top bits of ``i * 0x9E3779B97F4A7C15`` (mod 2^64). A seen item's bit
+    is always set, so a clear bit proves a draw unseen at one memory read; a set bit (seen, or
+    about 6% of the unseen items) falls back to the binary search of the user's row. It costs
+    2-4 bytes per interaction and 16 per user.
+    """
+
+    words: np.ndarray
+    """uint64 ``[W]``."""
+    offsets: np.ndarray
+    """int64 ``[U + 1]``: each user's first word."""
+    shifts: np.ndarray
+    """int64 ``[U]``: 64 minus the log2 of each user's filter bits."""
+
+
+def seen_filter(indptr: np.ndarray, indices: np.ndarray) -> SeenFilter:
+    """The membership filters of the CSR rows ``indices[indptr[u]:indptr[u + 1]]`` (int64
+    ``[U + 1]``, int32): at least :data:`FILTER_BITS_PER_ITEM` bits per seen item, rounded up to
+    a power of two, at least 64 per user. Built in one pass over the interactions."""
+    if numba is None:
+        raise RuntimeError("the seen filter needs numba: pip install numba")
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
+    lengths = np.diff(indptr)
+    bits = np.maximum(64, lengths * FILTER_BITS_PER_ITEM)
+    log2 = np.ceil(np.log2(bits)).astype(np.int64)
+    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.left_shift(1, log2 - 6), out=offsets[1:])
+    words = np.zeros(int(offsets[-1]), dtype=np.uint64)
+    shifts = 64 - log2
+    _fill_filter(indptr, indices, offsets, shifts, words)
+    return SeenFilter(words, offsets, shifts)
+
+
+_NO_FILTER = SeenFilter(
+    np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+)
 
 
 def draw_negatives(
@@ -784,6 +918,7 @@ def draw_negatives(
     k: int,
     seed: int,
     threads: int = 1,
+    seen: SeenFilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``k`` negatives per row, uniform among the items user ``users[b]`` never interacted with:
     the negatives :func:`triplet_step` trains on with ``sample=(users, indptr, indices, k, seed)``
@@ -798,6 +933,9 @@ def draw_negatives(
         seed: the random stream (any int, taken modulo 2^64); thread ``t`` of ``threads`` draws
             its share of the rows from a stream of its own. With one thread the draws do not
             enter numba's thread pool: a Python thread may draw while another trains.
+        seen: :func:`seen_filter` of the same rows, built once per fit: most draws are then
+            known unseen without searching the user's row (7x fewer cycles per draw on
+            citeulike-a). The draws are the same with and without it.
 
     Returns:
         int64 ``[B, k]`` items (0 where invalid) and bool ``[B, k]`` valid (False for a user who
@@ -810,13 +948,14 @@ def draw_negatives(
     valid = np.empty((users.shape[0], int(k)), dtype=np.bool_)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     indices = np.ascontiguousarray(indices, dtype=np.int32)
+    filt = _NO_FILTER if seen is None else seen
+    args = (negs, valid, filt.words, filt.offsets, filt.shifts, seen is not None)
     n_threads = _threads_for(users.shape[0], threads)
     if n_threads == 1:
-        _draw_serial(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), negs, valid)
+        _draw_serial(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), *args)
         return negs, valid
-    with _PARALLEL_LOCK:
-        numba.set_num_threads(n_threads)
-        _draw_threads(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), n_threads, negs, valid)
+    with _threads(n_threads):
+        _draw_threads(users, indptr, indices, int(n_items), np.uint64(seed % 2**64), n_threads, *args)
     return negs, valid
 
 
@@ -847,6 +986,7 @@ def triplet_step(
     item_weight: float = 0.0,
     threads: int = 1,
     sample: tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None = None,
+    seen: SeenFilter | None = None,
 ) -> float:
     """Train on one batch of triplets in place; returns the batch's summed loss.
 
@@ -867,6 +1007,7 @@ def triplet_step(
         sample: with ``negs`` None, ``(users, indptr, indices, k, seed)``: first draw ``k``
             negatives per triplet as :func:`draw_negatives` does (on the same threads), then
             train. A triplet whose user saw every item is skipped.
+        seen: with ``sample``, the :func:`seen_filter` of its rows (faster, same draws).
     """
     if numba is None:
         raise RuntimeError("the compiled triplet step needs numba: pip install numba")
@@ -879,13 +1020,10 @@ def triplet_step(
         hist, indptr, indices, k, seed = sample
         # Drawn in a pass of their own, not inside the training loop: interleaved with the
         # steps, the draws measured 5x slower than alone.
-        negs, valid = draw_negatives(hist, indptr, indices, n_items, k, seed, threads)
+        negs, valid = draw_negatives(hist, indptr, indices, n_items, k, seed, threads, seen)
     n_threads = _threads_for(queries.shape[0], threads)
     k = negs.shape[1]
-    with _PARALLEL_LOCK:
-        # numba's default threading layer (workqueue) must not be entered from two Python
-        # threads at once (two trainings in one process, e.g. Prefect's thread task runner).
-        numba.set_num_threads(n_threads)
+    with _threads(n_threads):
         return float(
             _LOOPS[METRICS[metric]](
                 user_table,
@@ -953,8 +1091,7 @@ def feature_vectors(
     given) and the vectors ``keep * item_table[uniq] + F`` the triplets train on."""
     feats = np.zeros((uniq.shape[0], item_table.shape[1]), dtype=np.float32)
     for table, _acc, indptr, rows, scale, _scratch in parts:
-        with _PARALLEL_LOCK:
-            numba.set_num_threads(1)
+        with _threads(1):
             _feature_gather(feats, uniq, indptr, rows, scale, table)
     if extra_features is not None:
         feats += extra_features(uniq)
@@ -1000,8 +1137,7 @@ def feature_triplets(
         raise ValueError("give both accumulators (row-wise Adagrad) or neither (SGD)")
     has_valid = valid is not None
     d = item_table.shape[1]
-    with _PARALLEL_LOCK:
-        numba.set_num_threads(1)
+    with _threads(1):
         loss = _FEATURE_LOOPS[METRICS[metric]](
             user_table,
             vectors,
@@ -1041,8 +1177,7 @@ def feature_flush(
     feature rows (row-wise Adagrad where the part has an accumulator, else sgd), as
     ``FeatureTripletStep`` applies a batch's."""
     for table, acc, indptr, rows, scale, (slot, summed, squares) in parts:
-        with _PARALLEL_LOCK:
-            numba.set_num_threads(1)
+        with _threads(1):
             _feature_scatter(
                 table, acc if acc is not None else _NO_ACC, grads, touched, uniq, indptr, rows, scale, slot,
                 summed, squares, float(lr), acc is not None,

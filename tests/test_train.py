@@ -424,7 +424,9 @@ def test_the_compiled_sampler_draws_unseen_items_and_drops_users_who_saw_everyth
     liked = InteractionMatrix.from_pairs(users, items, 3, N_ITEMS)
     data = TrainData.from_matrices(liked)
     source = _NegativeSource(data, 5, 0.0, torch.device("cpu"), True)
-    source.compiled_sampler = (data.seen.indptr.astype(np.int64), data.seen.indices.astype(np.int32))
+    from recsys_metric.training.kernel_step import kernel_csr
+
+    source.compiled_sampler = kernel_csr(data.seen)
     chunk = source.chunk(np.arange(data.n_pairs), np.random.default_rng(0))
     assert chunk.n_pairs == 4 and chunk.valid is None, "user 0 saw every item: its pairs are dropped"
     chunk_users, negs = chunk.users.numpy(), chunk.negs.numpy()

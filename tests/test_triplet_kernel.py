@@ -171,6 +171,53 @@ def test_the_same_seed_draws_the_same_negatives_and_another_seed_others():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def _random_seen(n_users: int = 300, n_items: int = 5000, seed: int = 0) -> InteractionMatrix:
+    """Users with 0 to 2,000 seen items each (row lengths spread over the filter sizes)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.geometric(1 / 60, n_users) - 1, 2000)
+    lengths[:3] = (0, 1, 2000)
+    users = np.repeat(np.arange(n_users), lengths)
+    items = np.concatenate([rng.choice(n_items, n, replace=False) for n in lengths])
+    return InteractionMatrix.from_pairs(users, items, n_users, n_items)
+
+
+def test_the_seen_filter_holds_every_seen_item_and_few_unseen_ones():
+    seen = _random_seen()
+    filt = triplet_kernel.seen_filter(seen.indptr, seen.indices)
+    bits = (filt.offsets[1:] - filt.offsets[:-1]) * 64
+    lengths = seen.row_lengths()
+    assert (bits >= np.maximum(64, triplet_kernel.FILTER_BITS_PER_ITEM * lengths)).all()
+    assert (bits < 2 * np.maximum(64, triplet_kernel.FILTER_BITS_PER_ITEM * lengths)).all(), (
+        "next power of two"
+    )
+
+    def passes(user: int, items: np.ndarray) -> np.ndarray:
+        h = (items.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(filt.shifts[user])
+        words = filt.words[filt.offsets[user] + (h >> np.uint64(6)).astype(np.int64)]
+        return ((words >> (h & np.uint64(63))) & np.uint64(1)).astype(bool)
+
+    false_positives = checked = 0
+    for user in range(seen.n_users):
+        row = seen.indices[seen.indptr[user] : seen.indptr[user + 1]]
+        assert passes(user, row).all(), f"user {user}: a seen item must always pass the filter"
+        unseen = np.setdiff1d(np.arange(seen.n_items), row)
+        false_positives += int(passes(user, unseen).sum())
+        checked += unseen.size
+    # One hash, at least 16 bits per seen item: at most 1 - e^(-1/16) = 6% pass.
+    assert false_positives / checked < 0.065, false_positives / checked
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_draws_with_the_seen_filter_are_the_draws_without_it(threads):
+    seen = _random_seen(seed=1)
+    users = np.random.default_rng(2).integers(0, seen.n_users, 4000)
+    filt = triplet_kernel.seen_filter(seen.indptr, seen.indices)
+    plain = triplet_kernel.draw_negatives(users, seen.indptr, seen.indices, seen.n_items, 8, 13, threads)
+    fast = triplet_kernel.draw_negatives(users, seen.indptr, seen.indices, seen.n_items, 8, 13, threads, filt)
+    assert np.array_equal(plain[0], fast[0]) and np.array_equal(plain[1], fast[1])
+    assert not seen.contains(np.repeat(users, 8), fast[0].ravel()).any()
+
+
 def _clusters() -> tuple[InteractionMatrix, InteractionMatrix]:
     """Users 0-99 like items 0-49, users 100-199 items 50-99 (40 each); 5 held out per user."""
     rng = np.random.default_rng(0)

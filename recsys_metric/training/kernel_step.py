@@ -59,7 +59,8 @@ class NumbaTripletStep(FusedTripletStep):
         if negs is None:
             if self.seen is None or hist is None:
                 raise ValueError("negs None needs the step built with seen, and hist")
-            sample = (hist.numpy(), *self.seen, self.k, seed)
+            indptr, indices, seen_filter = self.seen
+            sample = (hist.numpy(), indptr, indices, self.k, seed)
         item_acc = self.rows.accumulator("item")
         # Item-item mode: one table, so one accumulator on both sides.
         user_acc = item_acc if self.aliased else self.rows.accumulator("user")
@@ -75,18 +76,19 @@ class NumbaTripletStep(FusedTripletStep):
             lr,
             threads=self.threads,
             sample=sample,
+            seen=None if sample is None else seen_filter,
             **self._kernel_options,
         )
         return torch.tensor(loss, dtype=torch.float64)
 
 
-def kernel_csr(seen: InteractionMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """``(indptr, indices)`` of ``seen`` as :func:`triplet_kernel.draw_negatives` takes them
-    (int64, int32), converted once per fit rather than on every chunk."""
-    return (
-        np.ascontiguousarray(seen.indptr, dtype=np.int64),
-        np.ascontiguousarray(seen.indices, dtype=np.int32),
-    )
+def kernel_csr(seen: InteractionMatrix) -> tuple[np.ndarray, np.ndarray, triplet_kernel.SeenFilter]:
+    """``(indptr, indices, filter)`` of ``seen`` as :func:`triplet_kernel.draw_negatives` takes
+    them (int64, int32, :func:`triplet_kernel.seen_filter`), built once per fit rather than on
+    every chunk."""
+    indptr = np.ascontiguousarray(seen.indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(seen.indices, dtype=np.int32)
+    return indptr, indices, triplet_kernel.seen_filter(indptr, indices)
 
 
 def use_numba(config: TrainConfig, fused: bool, device: torch.device, distributed: bool) -> bool:

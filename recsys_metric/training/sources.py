@@ -51,8 +51,8 @@ class NegativeSource:
         self.defer_negatives = False
         """The step draws the negatives (:attr:`NumbaTripletStep.draws_negatives`); chunks carry
         the users to draw for and a seed instead."""
-        self.compiled_sampler: tuple[np.ndarray, np.ndarray] | None = None
-        """``(indptr, indices)`` of ``data.seen`` (int64, int32): draw uniform negatives with
+        self.compiled_sampler: tuple[np.ndarray, np.ndarray, triplet_kernel.SeenFilter] | None = None
+        """:func:`~recsys_metric.training.kernel_step.kernel_csr` of ``data.seen``: draw uniform negatives with
         :func:`triplet_kernel.draw_negatives` on one thread instead of :func:`sample_negatives`
         (the same distribution, 2x faster at 1M users, where the vectorised sampler's passes over
         the chunk miss the caches)."""
@@ -82,8 +82,9 @@ class NegativeSource:
             )
         if self.needs_negatives:
             if self.compiled_sampler is not None:
+                indptr, indices, seen = self.compiled_sampler
                 negs, ok = triplet_kernel.draw_negatives(
-                    users, *self.compiled_sampler, data.n_items, self.k, int(rng.integers(0, 2**63))
+                    users, indptr, indices, data.n_items, self.k, int(rng.integers(0, 2**63)), seen=seen
                 )
             else:
                 negs = sample_negatives(users, data.seen, self.k, rng, item_probs=data.item_probs)
