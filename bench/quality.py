@@ -27,6 +27,7 @@ and the output says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -120,6 +121,7 @@ def _ours(
         from recsys_metric.pipeline import model_score_fn
         from recsys_metric.train import TrainData, fit
         from recsys_metric.training.budget import TimeBudget
+        from recsys_metric.training.concurrent_refit import ConcurrentRefit
         from recsys_metric.training.run_budget import RunPlan
         from recsys_metric.triplets import popularity_probs
     except ImportError as err:
@@ -177,50 +179,70 @@ def _ours(
 
     t = time.perf_counter()
     model = new_model(val)
-    result = fit(
-        model,
-        fit_data,
-        train_config,
-        explicit_share=train_config.explicit_share,
-        validate=validate,
-        progress=False,
-        split_method=data.split_method,
-        planner=plan.holdout_planner,
-    )
-    info: dict[str, Any] = {
-        "params": (
-            f"defaults (user_balance {result.user_balance:g}, item_centric_weight "
-            f"{result.item_centric_weight:g} for a {data.split_method} split; lr {result.lr:g}"
-            f"{_lr_choice(result.lr_search)}; {result.negatives} negatives); "
-            f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
-        ),
-        "validation": {key: round(float(result.best_metric or 0.0), 5)},
-        "validation_history": [
-            round(record["metrics"][key], 5) for record in result.history if key in record["metrics"]
-        ],
-        "device": result.device,
-        "train_seconds": {"validation_fit": round(time.perf_counter() - t, 2)},
-    }
-    if not refit:
-        info["time_budget"] = plan.report(result, None, 0)
-        return None, info
-    epochs = plan.refit_epochs(result) if train_config.refit else 0
-    refitted = None
-    if epochs:
-        t = time.perf_counter()
-        model = new_model(data)
-        refitted = fit(
-            model,
+    # As the pipeline: the refit trains beside the holdout fit where it can (ConcurrentRefit).
+    beside = None
+    if refit and ConcurrentRefit.supported(train_config):
+        beside = ConcurrentRefit(
+            new_model(data),
             train_data(data),
-            plan.refit_config(train_config, result),
+            train_config,
             explicit_share=train_config.explicit_share,
-            epochs=epochs,
+            split_method=data.split_method,
+        )
+        plan.follow_refit(beside)
+    with beside or contextlib.nullcontext():
+        result = fit(
+            model,
+            fit_data,
+            train_config,
+            explicit_share=train_config.explicit_share,
+            validate=validate,
             progress=False,
             split_method=data.split_method,
-            planner=plan.refit_planner,
+            planner=plan.holdout_planner,
+            refit=beside,
         )
-        info["params"] += f", refitted on all training data ({refitted.epochs_run} epochs)"
-        info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
+        info: dict[str, Any] = {
+            "params": (
+                f"defaults (user_balance {result.user_balance:g}, item_centric_weight "
+                f"{result.item_centric_weight:g} for a {data.split_method} split; lr {result.lr:g}"
+                f"{_lr_choice(result.lr_search)}; {result.negatives} negatives); "
+                f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
+            ),
+            "validation": {key: round(float(result.best_metric or 0.0), 5)},
+            "validation_history": [
+                round(record["metrics"][key], 5) for record in result.history if key in record["metrics"]
+            ],
+            "device": result.device,
+            "train_seconds": {"validation_fit": round(time.perf_counter() - t, 2)},
+        }
+        if not refit:
+            info["time_budget"] = plan.report(result, None, 0)
+            return None, info
+        done = beside.epochs_done if beside is not None else 0
+        epochs = plan.refit_epochs(result, done) if train_config.refit else 0
+        refitted = None
+        if epochs:
+            t = time.perf_counter()
+            if beside is not None and beside.started:
+                refitted = beside.finish(epochs, plan.refit_planner)
+                model = beside.model
+                where = f"beside the holdout fit, {refitted.concurrent_epochs} trained"
+            else:
+                model = new_model(data)
+                refitted = fit(
+                    model,
+                    train_data(data),
+                    plan.refit_config(train_config, result),
+                    explicit_share=train_config.explicit_share,
+                    epochs=epochs,
+                    progress=False,
+                    split_method=data.split_method,
+                    planner=plan.refit_planner,
+                )
+                where = "after the holdout fit"
+            info["params"] += f", refitted on all training data ({refitted.epochs_run} epochs, {where})"
+            info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
     info["time_budget"] = plan.report(result, refitted, epochs)
     return scores(model, data), info
 

@@ -423,6 +423,11 @@ class TrainConfig(_Section):
     refit: bool = True
     """After the holdout chose the number of epochs, retrain on the full log for that many epochs
     and publish that model (it has seen all the data)."""
+    concurrent_refit: bool = True
+    """Train the refit in a second thread beside the holdout fit, from the moment the rate is
+    chosen, instead of after it: the same model, sooner, where a second core is free (CPU, at least
+    two cores, ``lr_schedule: constant``, no warm start, not under torchrun; elsewhere the refit
+    follows the holdout fit). See :mod:`recsys_metric.training.concurrent_refit`."""
     warm_start: bool = False
     """Start from the current run's models instead of random vectors (users and items it knew keep
     their vectors, new ones are appended; see ``recsys_metric.warm_start``): the holdout model from

@@ -43,6 +43,7 @@ it unchanged, and ``score = distance(user, item)`` reproduces the evaluated rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,6 +83,7 @@ from recsys_metric.registry import HOLDOUT_DIR, new_run_id
 from recsys_metric.store.faults import fault_point
 from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.training.budget import TimeBudget
+from recsys_metric.training.concurrent_refit import ConcurrentRefit
 from recsys_metric.training.run_budget import RunPlan
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
@@ -467,55 +469,59 @@ def train_and_evaluate(
             train_config = train_config.model_copy(update={"lr": train_config.warm_start_lr(base)})
             warm["lr_base"] = base
             warm["lr"] = train_config.lr
-    holdout = fit(
-        holdout_model,
-        fit_data,
-        train_config,
-        explicit_share=config.train.explicit_share,
-        validate=validate,
-        progress=progress,
-        distributed=distributed,
-        split_method=val_info.method,
-        # A warm start scores its starting point as epoch 0 and keeps it unless an epoch beats it.
-        evaluate_start=plan is not None,
-        planner=run_plan.holdout_planner,
-    )
-    seconds["train_holdout"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    evaluation = evaluate_with_baselines(
-        model_score_fn(holdout_model, train_liked),
-        train_seen,
-        test_relevant,
-        config.eval,
-        candidate_mask=candidates,
-    )
-    seconds["evaluate"] = time.perf_counter() - t
-    logger.info("holdout evaluation:\n%s", evaluation.to_table())
-
-    final_model, refit, final_liked = holdout_model, None, train_liked
-    epochs = run_plan.refit_epochs(holdout) if config.train.refit else 0
-    if epochs == 0 and config.train.refit and plan is not None and holdout.best_epoch == 0:
-        # The warm start's starting point beat every epoch: publish the source's model as it was.
-        t = time.perf_counter()
-        final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
-        final_model = build_model(data, config, final_liked, items_table)
-        warm["refit"] = warm_start_model(
-            final_model,
-            plan.final_state,
-            plan.users,
-            plan.items,
-            data.users,
-            data.items,
-            same_features=plan.same_features,
+    # The refit trains beside the holdout fit where it can (recsys_metric.training.concurrent_refit):
+    # from the moment the rate is chosen, through the holdout evaluation, to the chosen epoch.
+    beside, full_liked = None, None
+    if ConcurrentRefit.supported(
+        train_config, warm_start=plan is not None, distributed=distributed is not None
+    ):
+        full_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+        beside = ConcurrentRefit(
+            build_model(data, config, full_liked, items_table),
+            train_data(full, n_users, n_items, config),
+            train_config,
+            explicit_share=config.train.explicit_share,
+            split_method=val_info.method,
         )
-        warm["kept_starting_point"] = True
-        seconds["train_refit"] = time.perf_counter() - t
-    elif epochs > 0:
+        run_plan.follow_refit(beside)
+    with beside or contextlib.nullcontext():
+        holdout = fit(
+            holdout_model,
+            fit_data,
+            train_config,
+            explicit_share=config.train.explicit_share,
+            validate=validate,
+            progress=progress,
+            distributed=distributed,
+            split_method=val_info.method,
+            # A warm start scores its starting point as epoch 0 and keeps it unless an epoch beats it.
+            evaluate_start=plan is not None,
+            planner=run_plan.holdout_planner,
+            refit=beside,
+        )
+        seconds["train_holdout"] = time.perf_counter() - t
+
         t = time.perf_counter()
-        final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
-        final_model = build_model(data, config, final_liked, items_table)
-        if plan is not None:
+        evaluation = evaluate_with_baselines(
+            model_score_fn(holdout_model, train_liked),
+            train_seen,
+            test_relevant,
+            config.eval,
+            candidate_mask=candidates,
+        )
+        seconds["evaluate"] = time.perf_counter() - t
+        logger.info("holdout evaluation:\n%s", evaluation.to_table())
+
+        final_model, refit, final_liked = holdout_model, None, train_liked
+        started = beside is not None and beside.started
+        epochs = (
+            run_plan.refit_epochs(holdout, beside.epochs_done if started else 0) if config.train.refit else 0
+        )
+        if epochs == 0 and config.train.refit and plan is not None and holdout.best_epoch == 0:
+            # The warm start's starting point beat every epoch: publish the source's model as it was.
+            t = time.perf_counter()
+            final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+            final_model = build_model(data, config, final_liked, items_table)
             warm["refit"] = warm_start_model(
                 final_model,
                 plan.final_state,
@@ -525,18 +531,42 @@ def train_and_evaluate(
                 data.items,
                 same_features=plan.same_features,
             )
-        refit = fit(
-            final_model,
-            train_data(full, n_users, n_items, config),
-            run_plan.refit_config(train_config, holdout),
-            explicit_share=config.train.explicit_share,
-            epochs=epochs,
-            progress=progress,
-            distributed=distributed,
-            split_method=val_info.method,
-            planner=run_plan.refit_planner,
-        )
-        seconds["train_refit"] = time.perf_counter() - t
+            warm["kept_starting_point"] = True
+            seconds["train_refit"] = time.perf_counter() - t
+        elif epochs > 0 and started:
+            assert beside is not None and full_liked is not None
+            t = time.perf_counter()
+            final_liked = full_liked
+            refit = beside.finish(epochs, run_plan.refit_planner)
+            final_model = beside.model
+            # Only the wait after the holdout evaluation: the rest ran beside the holdout fit.
+            seconds["train_refit"] = time.perf_counter() - t
+        elif epochs > 0:
+            t = time.perf_counter()
+            final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
+            final_model = build_model(data, config, final_liked, items_table)
+            if plan is not None:
+                warm["refit"] = warm_start_model(
+                    final_model,
+                    plan.final_state,
+                    plan.users,
+                    plan.items,
+                    data.users,
+                    data.items,
+                    same_features=plan.same_features,
+                )
+            refit = fit(
+                final_model,
+                train_data(full, n_users, n_items, config),
+                run_plan.refit_config(train_config, holdout),
+                explicit_share=config.train.explicit_share,
+                epochs=epochs,
+                progress=progress,
+                distributed=distributed,
+                split_method=val_info.method,
+                planner=run_plan.refit_planner,
+            )
+            seconds["train_refit"] = time.perf_counter() - t
 
     time_budget = run_plan.report(holdout, refit, epochs)
     fault_point("train:after")

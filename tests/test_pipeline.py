@@ -12,6 +12,7 @@ from recsys_metric.config import config_from_dict
 from recsys_metric.data.synthetic import generate_log
 from recsys_metric.export import read_embeddings, score_embeddings
 from recsys_metric.pipeline import load_model, train_run
+from recsys_metric.training.concurrent_refit import usable_cores
 
 FAST = {"train": {"epochs": 6, "patience": 2, "batch_size": 512}, "eval": {"ks": [10, 20]}}
 
@@ -27,6 +28,8 @@ def log_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(log_path, tmp_path_factory):
+    # The data each fit trained on: the holdout fit's, then the refit's (trained beside the holdout
+    # fit where the machine has two cores, else after it).
     calls = []
     real_fit = pipeline.fit
 
@@ -34,8 +37,14 @@ def run(log_path, tmp_path_factory):
         calls.append(data)
         return real_fit(model, data, config, **kw)
 
+    class RecordingRefit(pipeline.ConcurrentRefit):
+        def finish(self, epochs, planner=None):
+            calls.append(self.data)
+            return super().finish(epochs, planner)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(pipeline, "fit", recording_fit)
+    mp.setattr(pipeline, "ConcurrentRefit", RecordingRefit)
     try:
         result = train_run(
             log_path / "interactions.parquet",
@@ -68,6 +77,12 @@ def test_run_directory_has_the_contract_files(run):
     assert metrics["published_model"] == "refit_on_full_log"
     assert metrics["training"]["refit"]["history"], "refit history recorded"
     assert len(metrics["training"]["refit"]["history"]) == metrics["early_stopping"]["best_epoch"]
+    # On two cores the refit trains beside the holdout fit (train.concurrent_refit), at least as far
+    # as the holdout's best epoch, and publishes its weights after that epoch.
+    beside = usable_cores() >= 2
+    assert metrics["time_budget"]["refit"]["beside_holdout"] is beside
+    concurrent = metrics["training"]["refit"]["concurrent_epochs"]
+    assert (concurrent >= metrics["early_stopping"]["best_epoch"]) if beside else concurrent is None
 
 
 def test_model_beats_popularity_on_learnable_data(run):

@@ -164,6 +164,27 @@ def test_budget_leaves_room_for_the_refit_and_what_follows(slow_epochs):
     assert budget.remaining() == pytest.approx(34.0)
 
 
+def test_a_refit_beside_the_holdout_fit_is_planned_for_the_epochs_it_has_not_trained(slow_epochs):
+    """As above, with a refit that trains beside the holdout fit and is one epoch behind it when
+    the planner asks (refit_done): the refit term is 2 epochs (25 s), so one more epoch needs 42.5
+    s; 102 - 12e covers it up to e = 4, and the fit stops after epoch 5 instead of 3."""
+    clock = slow_epochs
+    planner = HoldoutPlanner(TimeBudget(100.0, clock=clock), refit_scale=1.0, reserve=lambda: 0.0)
+    validate = _rising_validation(clock)
+    planner.refit_done = lambda: validate.calls  # evaluations so far: the epochs before this one
+    result = fit(
+        _model(),
+        _data(),
+        TrainConfig(**FAST),
+        validate=validate,
+        progress=False,
+        planner=planner,
+        clock=clock,
+    )
+    assert result.epochs_run == 5
+    assert planner.last_plan["refit_s"] == 25.0 and planner.last_plan["remaining_s"] == 42.0
+
+
 def test_refit_stops_at_the_budget(slow_epochs):
     clock = slow_epochs
     budget = TimeBudget(40.0, clock=clock)
@@ -672,7 +693,13 @@ def test_a_run_past_its_budget_still_evaluates_exports_and_indexes(log_path, tmp
     budget = metrics["time_budget"]
     assert budget["seconds"] == 1.0
     assert budget["holdout"]["epochs_run"] == 1 and budget["holdout"]["stopped_by"].startswith("time budget")
-    assert budget["refit"] == {"epochs_wanted": 1, "epochs_planned": 0, "epochs_run": 0, "stopped_by": None}
+    assert budget["refit"] == {
+        "epochs_wanted": 1,
+        "epochs_planned": 0,
+        "epochs_run": 0,
+        "stopped_by": None,
+        "beside_holdout": False,
+    }
     assert metrics["published_model"] == "holdout_model"
     assert any(line.startswith("holdout fit: time budget") for line in budget["traded"])
     assert any(line.startswith("the refit trains 0 of the 1 epochs") for line in budget["traded"])

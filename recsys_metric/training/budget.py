@@ -154,7 +154,8 @@ class HoldoutPlanner:
     One more epoch ``e + 1`` fits when ``remaining`` covers: epoch ``e``'s evaluation, the next
     epoch and its evaluation; the
     refit of up to ``e + 1`` epochs at ``refit_scale`` times the holdout epoch's cost (0 without a
-    refit); :attr:`reserve` seconds for the stages after training. The learning-rate race asks
+    refit), less the epochs a refit training beside the holdout fit has done already
+    (:attr:`refit_done`); :attr:`reserve` seconds for the stages after training. The learning-rate race asks
     :meth:`fits` whether a round of every live candidate still fits before it starts one, and ends
     the race with the leader when it does not.
 
@@ -166,6 +167,9 @@ class HoldoutPlanner:
             after each epoch from measured costs).
         negatives: what :func:`~recsys_metric.training.negatives_budget.budget_negatives`
             decided for ``train.negatives: auto`` (None: nothing changed).
+        refit_done: epochs the refit has trained so far
+            (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`; 0 for a refit that
+            follows the holdout fit).
     """
 
     budget: TimeBudget
@@ -173,6 +177,7 @@ class HoldoutPlanner:
     reserve: Callable[[], float]
     last_plan: dict[str, float] = field(default_factory=dict)
     negatives: dict[str, Any] | None = None
+    refit_done: Callable[[], int] = lambda: 0
 
     def _plan(self, run: FitRun, scale: int) -> tuple[float, float, float, float, float]:
         """``(remaining, evaluation, next, refit, reserve)`` seconds for ``scale`` more epochs
@@ -180,7 +185,7 @@ class HoldoutPlanner:
         epoch_s = epoch_cost(run)
         evaluation = eval_cost(run)  # this epoch's own evaluation, which comes first
         nxt = scale * (epoch_s + evaluation)
-        refit = (run.epoch + 1) * epoch_s * self.refit_scale
+        refit = max(0, run.epoch + 1 - self.refit_done()) * epoch_s * self.refit_scale
         return self.budget.remaining(), evaluation, nxt, refit, self.reserve()
 
     def before_fit(

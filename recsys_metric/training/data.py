@@ -120,6 +120,10 @@ class TrainResult:
             epoch cap did, or None.
         validation_seconds: wall seconds spent in validation (not part of ``history``'s
             ``seconds``; 0 under torchrun, where each rank would time its own wait).
+        concurrent_epochs: for a refit trained beside the holdout fit
+            (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`), the epochs it
+            trained, of which ``history`` holds those of the weights kept; None for a refit
+            trained after the holdout fit, and for every other fit.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -138,6 +142,7 @@ class TrainResult:
     start_metrics: dict[str, float] | None = None
     stopped_by: str | None = None
     validation_seconds: float = 0.0
+    concurrent_epochs: int | None = None
 
     @property
     def epochs_run(self) -> int:

@@ -33,6 +33,7 @@ from recsys_metric.training.sources import ChunkFeed, CoLikedSource, NegativeSou
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
     from recsys_metric.training.budget import EpochPlanner
+    from recsys_metric.training.concurrent_refit import ConcurrentRefit
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +75,10 @@ def fit_at_rate(
     evaluate_start: bool = False,
     planner: EpochPlanner | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    refit: ConcurrentRefit | None = None,
 ) -> TrainResult:
     """One fit at the fixed rate ``config.lr`` (``config`` resolved for the split); ``evaluate_start``,
-    ``planner`` and ``clock`` as :class:`FitRun`."""
+    ``planner`` and ``clock`` as :class:`FitRun`; ``refit`` starts with it and follows it."""
     if distributed is not None:
         config, validate, progress = distributed.setup(
             model,
@@ -98,7 +100,7 @@ def fit_at_rate(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return FitRun(
+        run = FitRun(
             model,
             data,
             config,
@@ -115,7 +117,10 @@ def fit_at_rate(
             planner=planner,
             clock=clock,
             validation_threads=threads_before,
-        ).run_to_end()
+        )
+        if refit is not None:
+            refit.start(run)
+        return run.run_to_end()
     finally:
         torch.set_num_threads(threads_before)
 
@@ -263,6 +268,11 @@ class FitRun:
         self.last_eval_epoch = max(
             (int(r["epoch"]) for r in result.history if r.get("metrics")), default=start_epoch
         )
+        self.observer: Callable[[FitRun], None] | None = None
+        """Called after every epoch (and its evaluation) with this run: the concurrent refit
+        follows the holdout fit through it (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`)."""
+        self.log_prefix = ""
+        """Put before this run's epoch lines (``refit ``: the concurrent refit's)."""
         self.bar = None
         if show_progress(progress):
             from tqdm.auto import tqdm
@@ -351,7 +361,7 @@ class FitRun:
         )
         if self.validate is not None and (due or stop is not None):
             self._evaluate(record)
-        log_epoch(record, self.n_epochs, self.metric_key, result.best_epoch)
+        log_epoch(record, self.n_epochs, self.metric_key, result.best_epoch, self.log_prefix)
         if stop is not None and self.epoch < self.n_epochs and not result.stopped_early:
             result.stopped_by = stop
             logger.info("stopping after epoch %d: %s", self.epoch, stop)
@@ -385,6 +395,8 @@ class FitRun:
                     "train_config": config.model_dump(mode="json"),
                 },
             )
+        if self.observer is not None:
+            self.observer(self)
         return record
 
     def probe(self, max_pairs: int) -> dict[str, Any]:
@@ -637,9 +649,11 @@ def run_epoch(
     }
 
 
-def log_epoch(record: dict[str, Any], n_epochs: int, metric_key: str, best_epoch: int | None) -> None:
+def log_epoch(
+    record: dict[str, Any], n_epochs: int, metric_key: str, best_epoch: int | None, prefix: str = ""
+) -> None:
     text = (
-        f"epoch {record['epoch']}/{n_epochs}: loss {record['loss']:.4f}, {record['seconds']:.1f} s, "
+        f"{prefix}epoch {record['epoch']}/{n_epochs}: loss {record['loss']:.4f}, {record['seconds']:.1f} s, "
         f"{record['triplets_per_s'] / 1e6:.2f}M triplets/s"
     )
     if metric_key in record["metrics"]:

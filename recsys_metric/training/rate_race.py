@@ -41,6 +41,7 @@ from recsys_metric.training.loop import FitRun
 
 if TYPE_CHECKING:
     from recsys_metric.training.budget import EpochPlanner
+    from recsys_metric.training.concurrent_refit import ConcurrentRefit
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def race(
     evaluate_start: bool = False,
     planner: EpochPlanner | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    refit: ConcurrentRefit | None = None,
 ) -> TrainResult:
     """Race the rates of ``config.lr_candidates`` (``config`` resolved for the split) by successive
     halving; the model ends with the winner's best weights.
@@ -109,6 +111,8 @@ def race(
         ``best_epoch``, ``best_metric``, ``epochs_run``, ``seconds`` (training) and ``outcome``
         (``chosen``, ``dropped at rung N (after E evaluations)``, ``early stop`` or the planner's
         reason).
+
+    ``refit`` starts once one candidate is left, at its rate, and follows it.
     """
     device = resolve_device(config.device)
     n_epochs = config.epochs if epochs is None else int(epochs)
@@ -184,6 +188,8 @@ def race(
                 )
                 live = _halve(runs, live, rung, target, outcome, metric_key, note=note)
                 rung, target = rung + 1, target * 2
+                if refit is not None and len(live) == 1:
+                    refit.start(runs[live[0]])
                 continue
             if _round_unaffordable(planner, runs, live):
                 # The budget cannot pay another epoch of every candidate, but may pay the leader's:
@@ -191,6 +197,8 @@ def race(
                 for j in live:
                     runs[j].evaluate_now()
                 live = _end_race(runs, live, outcome, metric_key)
+                if refit is not None and len(live) == 1:
+                    refit.start(runs[live[0]])
                 continue
             i = min(behind, key=lambda j: (race_progress(runs[j]), runs[j].epoch, j))
             # Under eval_every: auto the rung is an epoch, at which every candidate is scored.

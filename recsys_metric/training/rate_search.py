@@ -26,6 +26,7 @@ from recsys_metric.training.sources import co_liked_data
 if TYPE_CHECKING:
     from recsys_metric.distributed import DistributedTraining
     from recsys_metric.training.budget import EpochPlanner
+    from recsys_metric.training.concurrent_refit import ConcurrentRefit
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def fit(
     evaluate_start: bool = False,
     planner: EpochPlanner | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    refit: ConcurrentRefit | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the liked pairs of ``data``.
 
@@ -87,6 +89,10 @@ def fit(
             kept in ``planner.negatives``).
         clock: times epochs and evaluations (the planner's budget reads its own clock; tests
             inject the same fake one into both).
+        refit: the refit on the whole log, to train beside this fit
+            (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`): started once the
+            rate is known (at once for a fixed rate, when the race is down to one candidate; never
+            for ``lr_search: full``), then finished by the caller.
 
     ``config.lr: auto`` with ``validate``: every rate of ``config.lr_candidates`` trains from the
     model's weights at the call and with the same seed (with ``checkpoint_dir``, each in its own
@@ -149,6 +155,7 @@ def fit(
             evaluate_start=evaluate_start,
             planner=planner,
             clock=clock,
+            refit=refit,
         )
     if config.lr_search == "race" and distributed is None and len(config.lr_candidates) > 1:
         assert validate is not None
@@ -165,6 +172,7 @@ def fit(
             evaluate_start=evaluate_start,
             planner=planner,
             clock=clock,
+            refit=refit,
         )
         logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(result.lr_search))
         return result

@@ -28,6 +28,7 @@ from recsys_metric.training.validation import SampledValidation
 
 if TYPE_CHECKING:
     from recsys_metric.config import Config, TrainConfig
+    from recsys_metric.training.concurrent_refit import ConcurrentRefit
 
 UNMEASURED_SECONDS_PER_USER_ITEM = 1e-8
 """Scoring seconds per user and catalogue item assumed for the reserve until validation has
@@ -108,6 +109,12 @@ class RunPlan:
             gate_evaluations=gate_evaluations,
         )
 
+    def follow_refit(self, refit: ConcurrentRefit) -> None:
+        """The refit trains beside the holdout fit: the holdout planner plans only the refit
+        epochs it has not trained yet."""
+        if self.holdout_planner is not None:
+            self.holdout_planner.refit_done = lambda: refit.epochs_done
+
     def reserve(self) -> float:
         """Seconds to keep for the stages after training (:func:`after_training_seconds`)."""
         per_user = self.validation.seconds_per_user or UNMEASURED_SECONDS_PER_USER_ITEM * self.n_items
@@ -125,16 +132,17 @@ class RunPlan:
         lowered to the budget)."""
         return config.model_copy(update={"lr": holdout.lr, "negatives": holdout.negatives})
 
-    def refit_epochs(self, holdout: TrainResult) -> int:
+    def refit_epochs(self, holdout: TrainResult, done: int = 0) -> int:
         """Epochs the refit trains: the holdout's best epoch, fewer when the budget cannot pay for
         them (each planned at the holdout's slowest recent epoch times ``refit_scale`` and
-        :data:`~recsys_metric.training.budget.SAFETY`); 0 means no refit."""
+        :data:`~recsys_metric.training.budget.SAFETY`); 0 means no refit. ``done``: epochs a
+        concurrent refit has trained already (only the rest are paid for)."""
         wanted = holdout.best_epoch if holdout.best_epoch is not None else holdout.epochs_run
-        if self.refit_planner is None or wanted == 0:
+        if self.refit_planner is None or wanted == 0 or done >= wanted:
             return wanted
         seconds = planning_seconds([float(r["seconds"]) for r in holdout.history])
         per_epoch = SAFETY * self.refit_scale * max(seconds) if seconds else 0.0
-        affordable = self.refit_planner.affordable_epochs(per_epoch)
+        affordable = done + self.refit_planner.affordable_epochs(per_epoch)
         if affordable < wanted:
             self.refit_note = (
                 f"the refit trains {affordable} of the {wanted} epochs the holdout chose: "
@@ -200,6 +208,7 @@ class RunPlan:
                 "epochs_planned": refit_epochs,
                 "epochs_run": 0 if refit is None else refit.epochs_run,
                 "stopped_by": None if refit is None else refit.stopped_by,
+                "beside_holdout": refit is not None and refit.concurrent_epochs is not None,
             },
             "validation": {
                 **validation,
