@@ -225,3 +225,57 @@ class FitRunStub:
             best_epoch = 1
 
         self.result = Result()
+
+
+# -- the race's candidates side by side --------------------------------------------------------
+
+
+def _weights_validation(model: TwoTowerModel) -> dict[str, float]:
+    """A validation that depends on every weight: any difference in training shows."""
+    return {"recall@20": float(model.item_embedding.weight.double().abs().sum()) % 1.0}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_race_trained_side_by_side_is_the_race_trained_in_turns(kernel, monkeypatch):
+    from recsys_metric.training import rate_race
+
+    config = _config(kernel, lr="auto", lr_candidates=(0.05, 0.02, 0.01), patience=2, epochs=8)
+    groups = []
+    real = rate_race._train_steps
+
+    def recording(runs):
+        groups.append(len(runs))
+        return real(runs)
+
+    monkeypatch.setattr(rate_race, "_train_steps", recording)
+    outcomes = []
+    for side in (False, True):
+        monkeypatch.setattr(rate_race, "side_by_side", lambda run, device, side=side: side)
+        groups.clear()
+        model = _model()
+        result = fit(model, FIT, config, validate=_weights_validation, progress=False)
+        outcomes.append((result.lr, result.best_epoch, result.lr_search, _tables(model), list(groups)))
+    (lr_a, best_a, trials_a, tables_a, groups_a), (lr_b, best_b, trials_b, tables_b, groups_b) = outcomes
+    assert set(groups_a) == {1}, "in turns: one candidate's epoch at a time"
+    assert 3 in groups_b and groups_b[0] == 1, "side by side after the first epoch, three at a time"
+    strip = lambda trials: [{k: v for k, v in t.items() if k != "seconds"} for t in trials]  # noqa: E731
+    assert (lr_a, best_a, strip(trials_a)) == (lr_b, best_b, strip(trials_b))
+    for got, want in zip(tables_b, tables_a, strict=True):
+        assert np.array_equal(got, want)
+
+
+def test_the_race_trains_side_by_side_only_on_cpu_with_a_second_core(monkeypatch):
+    from recsys_metric.training import rate_race
+
+    class Run:
+        config = _config("auto")
+        distributed = None
+
+    monkeypatch.setattr(rate_race, "usable_cores", lambda: 2)
+    assert rate_race.side_by_side(Run(), torch.device("cpu"))
+    assert not rate_race.side_by_side(Run(), torch.device("cuda"))
+    Run.config = _config("auto", threads=2)
+    assert not rate_race.side_by_side(Run(), torch.device("cpu")), "the kernel's own threads use the cores"
+    Run.config = _config("auto")
+    monkeypatch.setattr(rate_race, "usable_cores", lambda: 1)
+    assert not rate_race.side_by_side(Run(), torch.device("cpu"))
