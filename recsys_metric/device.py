@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 import torch
@@ -49,14 +48,6 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 << 20
 _TRIM_THRESHOLD = 512 << 20
 _allocator_tuned = False
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
 
 
 def keep_freed_memory() -> bool:

@@ -27,6 +27,7 @@ false`` turns it off.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from recsys_metric.config import TrainConfig
-from recsys_metric.device import resolve_device, usable_cores
+from recsys_metric.device import resolve_device
 from recsys_metric.errors import DataError
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.budget import EpochPlanner
@@ -44,6 +45,14 @@ from recsys_metric.training.loop import FitRun
 from recsys_metric.training.sources import co_liked_data
 
 logger = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 class ConcurrentRefit:

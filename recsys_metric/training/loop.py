@@ -332,20 +332,15 @@ class FitRun:
     def train_epoch(self, *, evaluate: bool = False) -> dict[str, Any]:
         """Train the next epoch, evaluate it when due (or when ``evaluate``: the learning-rate race
         compares its candidates at the same epoch), checkpoint; returns its history record."""
-        return self.end_epoch(self.train_steps(), evaluate=evaluate)
-
-    def train_steps(self) -> dict[str, Any]:
-        """The first half of :meth:`train_epoch`: train the next epoch's steps and return its
-        record, without counting the epoch yet (no history, evaluation, planner or checkpoint).
-        The learning-rate race trains its candidates' steps side by side this way and ends their
-        epochs (:meth:`end_epoch`) one after the other, in order."""
-        return run_epoch(
+        config, result = self.config, self.result
+        epoch = self.epoch
+        record = run_epoch(
             self.model,
             self.step,
             self.source,
-            self.config,
+            config,
             self.rng,
-            self.epoch,
+            epoch,
             self.n_epochs,
             self.chunk_pairs,
             self.epoch_order,
@@ -356,13 +351,9 @@ class FitRun:
             clock=self.clock,
             feed=self.feed,
         )
-
-    def end_epoch(self, record: dict[str, Any], *, evaluate: bool = False) -> dict[str, Any]:
-        """The second half of :meth:`train_epoch` for the epoch :meth:`train_steps` trained."""
-        config, result = self.config, self.result
         if self.distributed is not None:
             self.distributed.reduce_record(record)
-        self.epoch += 1
+        self.epoch = epoch + 1
         result.history.append(record)
         stop = self.planner.after_epoch(self) if self.planner is not None else None
         due = (

@@ -27,14 +27,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from recsys_metric.config import TrainConfig
-from recsys_metric.device import resolve_device, usable_cores
+from recsys_metric.device import resolve_device
 from recsys_metric.errors import ConfigError
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.data import TrainData, TrainResult
@@ -202,17 +201,12 @@ def race(
                     refit.start(runs[live[0]])
                 continue
             i = min(behind, key=lambda j: (race_progress(runs[j]), runs[j].epoch, j))
-            # The candidates level with i, in the order they would take turns.
-            level = [j for j in behind if (race_progress(runs[j]), runs[j].epoch) == (race_progress(runs[i]), runs[i].epoch)]  # fmt: skip
-            group = level if len(level) > 1 and runs[i].epoch >= 1 and side_by_side(runs[i], device) else [i]
-            records = _train_steps([runs[j] for j in group])
-            for j, record in zip(group, records, strict=True):
-                # Under eval_every: auto the rung is an epoch, at which every candidate is scored.
-                at_rung = runs[j].config.eval_every == "auto" and runs[j].epoch + 1 == target
-                runs[j].end_epoch(record, evaluate=at_rung)
-                if runs[j].done:
-                    live.remove(j)
-                    outcome[j] = _finished(runs[j].result)
+            # Under eval_every: auto the rung is an epoch, at which every candidate is scored.
+            at_rung = runs[i].config.eval_every == "auto" and runs[i].epoch + 1 == target
+            runs[i].train_epoch(evaluate=at_rung)
+            if runs[i].done:
+                live.remove(i)
+                outcome[i] = _finished(runs[i].result)
     finally:
         results = [run.close() for run in runs]
         torch.set_num_threads(threads_before)
@@ -236,28 +230,6 @@ def race(
     chosen = results[winner]
     chosen.lr_search = trials
     return chosen
-
-
-def side_by_side(run: FitRun, device: torch.device) -> bool:
-    """Whether the race trains level candidates' epochs side by side, one thread each: on CPU with
-    a second core and one training thread per fit. Their steps are independent (own model,
-    generator and sampler); the epochs still end one after the other in the candidates' order
-    (evaluation, planner, checkpoint), so the race is the one trained in turns, bit for bit. The
-    first epoch is trained in turns: its time sizes the validation sample and the first rung."""
-    return (
-        device.type == "cpu" and run.config.threads <= 1 and run.distributed is None and usable_cores() >= 2
-    )
-
-
-def _train_steps(runs: list[FitRun]) -> list[dict[str, Any]]:
-    """:meth:`FitRun.train_steps` of each run, the first in this thread and the others in threads
-    of their own; the records in the runs' order."""
-    if len(runs) == 1:
-        return [runs[0].train_steps()]
-    with ThreadPoolExecutor(max_workers=len(runs) - 1, thread_name_prefix="recsys-metric-race") as pool:
-        others = [pool.submit(run.train_steps) for run in runs[1:]]
-        first = runs[0].train_steps()
-        return [first, *(future.result() for future in others)]
 
 
 def _round_unaffordable(planner: EpochPlanner | None, runs: list[FitRun], live: list[int]) -> bool:
