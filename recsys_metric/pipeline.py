@@ -471,11 +471,11 @@ def train_and_evaluate(
             warm["lr"] = train_config.lr
     # The refit trains beside the holdout fit where it can (recsys_metric.training.concurrent_refit):
     # from the moment the rate is chosen, through the holdout evaluation, to the chosen epoch.
-    beside, full_liked = None, None
+    full_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items) if config.train.refit else None
+    beside = None
     if ConcurrentRefit.supported(
         train_config, warm_start=plan is not None, distributed=distributed is not None
     ):
-        full_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
         beside = ConcurrentRefit(
             build_model(data, config, full_liked, items_table),
             train_data(full, n_users, n_items, config),
@@ -517,24 +517,32 @@ def train_and_evaluate(
         epochs = (
             run_plan.refit_epochs(holdout, beside.epochs_done if started else 0) if config.train.refit else 0
         )
+
+        def fresh_refit_model() -> TwoTowerModel:
+            # The refit's model when it trains after the holdout fit: built on the whole log's
+            # liked items, from the warm start's published state when there is one.
+            model = build_model(data, config, final_liked, items_table)
+            if plan is not None:
+                warm["refit"] = warm_start_model(
+                    model,
+                    plan.final_state,
+                    plan.users,
+                    plan.items,
+                    data.users,
+                    data.items,
+                    same_features=plan.same_features,
+                )
+            return model
+
         if epochs == 0 and config.train.refit and plan is not None and holdout.best_epoch == 0:
             # The warm start's starting point beat every epoch: publish the source's model as it was.
             t = time.perf_counter()
-            final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
-            final_model = build_model(data, config, final_liked, items_table)
-            warm["refit"] = warm_start_model(
-                final_model,
-                plan.final_state,
-                plan.users,
-                plan.items,
-                data.users,
-                data.items,
-                same_features=plan.same_features,
-            )
+            final_liked = full_liked
+            final_model = fresh_refit_model()
             warm["kept_starting_point"] = True
             seconds["train_refit"] = time.perf_counter() - t
         elif epochs > 0 and started:
-            assert beside is not None and full_liked is not None
+            assert beside is not None
             t = time.perf_counter()
             final_liked = full_liked
             refit = beside.finish(epochs, run_plan.refit_planner)
@@ -543,18 +551,8 @@ def train_and_evaluate(
             seconds["train_refit"] = time.perf_counter() - t
         elif epochs > 0:
             t = time.perf_counter()
-            final_liked = _matrix(full.filter(pl.col("label") == 1), n_users, n_items)
-            final_model = build_model(data, config, final_liked, items_table)
-            if plan is not None:
-                warm["refit"] = warm_start_model(
-                    final_model,
-                    plan.final_state,
-                    plan.users,
-                    plan.items,
-                    data.users,
-                    data.items,
-                    same_features=plan.same_features,
-                )
+            final_liked = full_liked
+            final_model = fresh_refit_model()
             refit = fit(
                 final_model,
                 train_data(full, n_users, n_items, config),

@@ -934,7 +934,7 @@ def draw_negatives(
             its share of the rows from a stream of its own. With one thread the draws do not
             enter numba's thread pool: a Python thread may draw while another trains.
         seen: :func:`seen_filter` of the same rows, built once per fit: most draws are then
-            known unseen without searching the user's row (7x fewer cycles per draw on
+            known unseen without searching the user's row (4.5x faster draws on
             citeulike-a). The draws are the same with and without it.
 
     Returns:
