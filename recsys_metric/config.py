@@ -241,14 +241,32 @@ class ModelConfig(_Section):
     init_scale: float = Field(0.1, gt=0.0)
     """Typical L2 norm of an initial embedding row: entries are drawn from N(0, init_scale^2 / dim),
     well inside the unit ball (CML). Id embeddings of a model with item features start at zero."""
+    feature_training: Literal["fitted", "joint"] = "fitted"
+    """How the item tower's features (``item_features``) learn. ``fitted``: the model trains as
+    an ids-only model (its speed, its warm quality), then the feature tables are fitted by ridge
+    regression to the trained item vectors, the strength chosen on items held out as if new
+    (``recsys_metric.model.feature_fit``); a warm item keeps its trained vector, an item without
+    interactions gets its features'. ``joint``: id and feature rows train together in every step
+    (the feature kernel; ``id_dropout`` applies). Fitted against joint, citeulike-a with tags:
+    warm test Recall@20 / NDCG@20 those of ids only (.331 / .271) against 2.7% below, fit time
+    about 1x ids only against 2.2x; cold items (seed 0) .380 against .393 (tag kNN .378);
+    ml-latest-small with genres and tags, cold items .183 against .089 (tag kNN .039)
+    (BENCHMARKS.md, "Cold start with the fitted feature tower")."""
     id_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """DropoutNet-style training of the item tower (with ``item_features``): each item occurrence in
-    a training step loses its id part with this probability, so that the features alone must place
-    it, as they must for an item without interactions. Inference is unchanged. Implemented by the
-    feature step (``recsys_metric.model.feature_step``; docs/cold-start.md)."""
+    """DropoutNet-style training of the item tower (with ``item_features`` and ``feature_training:
+    joint``): each item occurrence in a training step loses its id part with this probability, so
+    that the features alone must place it, as they must for an item without interactions.
+    Inference is unchanged. Implemented by the feature step (``recsys_metric.model.feature_step``;
+    docs/cold-start.md)."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:
+        if self.id_dropout > 0 and self.feature_training != "joint":
+            raise ValueError(
+                f"id_dropout {self.id_dropout} drops the id part in joint training only: set "
+                "model.feature_training = 'joint', or leave id_dropout at 0 (the default 'fitted' "
+                "tower learns the features after the ids)"
+            )
         if self.mode == "item_item" and self.user_tower != "embedding":
             raise ValueError(
                 f"user_tower {self.user_tower!r} has no meaning in mode 'item_item' (there is no user tower); "

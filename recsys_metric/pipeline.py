@@ -77,6 +77,7 @@ from recsys_metric.evaluate import (
 from recsys_metric.export import write_embeddings
 from recsys_metric.index import build_index
 from recsys_metric.model.catalog import add_catalog_items, save_item_tower
+from recsys_metric.model.feature_fit import fit_item_features
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.registry import HOLDOUT_DIR, new_run_id
@@ -164,26 +165,70 @@ def build_model(
     history: InteractionMatrix | None,
     items_table: pl.DataFrame | None,
 ) -> TwoTowerModel:
-    """A fresh model for the prepared vocabularies (features and history when the config needs them)."""
-    features = None
-    if config.model.item_features:
-        if items_table is None:
-            raise ConfigError(
-                f"model.item_features {list(config.model.item_features)} needs an item table: pass items=PATH "
-                "(a Parquet file with item_id and the feature columns)"
-            )
-        features = ItemFeatureTensors.from_frame(
-            items_table, prepared.items.ids(), config.model.item_features
-        )
+    """A fresh model to train for the prepared vocabularies (features and history when the config
+    needs them). Under ``model.feature_training: fitted`` it is an ids-only model: the feature
+    tower is fitted after training (:func:`fit_features`)."""
+    features = item_feature_tensors(prepared, config, items_table)
+    model_config = config.model
+    if features is not None and config.model.feature_training == "fitted":
+        features, model_config = None, config.model.model_copy(update={"item_features": ()})
     needs_history = config.model.user_tower in ("pooled", "hybrid")
     return TwoTowerModel(
         len(prepared.users),
         len(prepared.items),
-        config.model,
+        model_config,
         item_features=features,
         user_history=history if needs_history else None,
         seed=config.train.seed,
     )
+
+
+def item_feature_tensors(
+    prepared: PreparedData | RunData, config: Config, items_table: pl.DataFrame | None
+) -> ItemFeatureTensors | None:
+    """The vocabulary's items encoded by ``model.item_features`` (None without features).
+
+    Raises:
+        ConfigError: features are configured and there is no item table.
+    """
+    if not config.model.item_features:
+        return None
+    if items_table is None:
+        raise ConfigError(
+            f"model.item_features {list(config.model.item_features)} needs an item table: pass items=PATH "
+            "(a Parquet file with item_id and the feature columns)"
+        )
+    return ItemFeatureTensors.from_frame(items_table, prepared.items.ids(), config.model.item_features)
+
+
+def fit_features(
+    model: TwoTowerModel,
+    prepared: PreparedData | RunData,
+    config: Config,
+    items_table: pl.DataFrame | None,
+    liked: InteractionMatrix,
+) -> dict[str, Any] | None:
+    """Fit the feature tower of a model trained under ``model.feature_training: fitted``, in place
+    (:func:`recsys_metric.model.feature_fit.fit_item_features`); None when there is none to fit."""
+    if model.item_encoder is not None or config.model.feature_training != "fitted":
+        return None
+    features = item_feature_tensors(prepared, config, items_table)
+    if features is None:
+        return None
+    report = fit_item_features(
+        model,
+        features,
+        liked,
+        item_features=tuple(config.model.item_features),
+        seed=config.train.seed,
+    )
+    logger.info(
+        "item features fitted to the trained vectors: lambda %.4g, %d items, %.1f s",
+        report["lambda"],
+        report["targets"],
+        report["seconds"],
+    )
+    return report
 
 
 @dataclass
@@ -501,6 +546,12 @@ def train_and_evaluate(
         )
         seconds["train_holdout"] = time.perf_counter() - t
 
+        # model.feature_training: fitted: the feature tower learns now, from the trained vectors,
+        # before the evaluation, so that it scores the model exported.
+        t = time.perf_counter()
+        features_fit = {"holdout": fit_features(holdout_model, data, config, items_table, fit_liked)}
+        seconds["fit_features"] = time.perf_counter() - t
+
         t = time.perf_counter()
         evaluation = evaluate_with_baselines(
             model_score_fn(holdout_model, train_liked),
@@ -570,6 +621,10 @@ def train_and_evaluate(
     fault_point("train:after")
     t = time.perf_counter()
     refitted = final_model is not holdout_model
+    if refitted:
+        features_fit["published"] = fit_features(final_model, data, config, items_table, final_liked)
+    seconds["fit_features"] += time.perf_counter() - t
+    t = time.perf_counter()
     # The item table's items without interactions join both models after training (docs/cold-start.md).
     final_model, export_items, catalog = add_catalog_items(final_model, data.items, items_table)
     cold = {"items": export_items, "cold_items": config.data.cold_items}
@@ -635,6 +690,7 @@ def train_and_evaluate(
         },
         "index": None,
         "catalog": catalog.to_dict(),
+        "item_features_fit": features_fit if features_fit["holdout"] is not None else None,
         "data": data.report,
         "device": holdout.device,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},

@@ -82,7 +82,24 @@ def _model_shape(hparams: dict[str, Any]) -> dict[str, Any]:
     """What must agree between two models for one to start from the other (init_scale may differ)."""
     model = dict(hparams.get("model", {}))
     model.pop("init_scale", None)
+    # Runs from before the setting existed read as its default.
+    if model.setdefault("feature_training", "fitted") == "fitted":
+        # A fitted feature tower does not shape the trained model (it trains on ids only): a run
+        # may start from another whatever their item features.
+        model.pop("item_features", None)
     return model
+
+
+def _full_item_vectors(hparams: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` of a model with a feature tower as an ids-only model's: each item's id row
+    becomes its whole raw vector (id part plus features), the feature tables are dropped. What a
+    run under ``model.feature_training: fitted`` (it trains on ids only) starts from."""
+    previous = TwoTowerModel.from_hparams(hparams, state)
+    with torch.no_grad():
+        vectors = previous._item_raw(None).detach().clone()
+    out = {k: v for k, v in state.items() if not k.startswith("item_encoder.")}
+    out["item_embedding.weight"] = vectors
+    return out
 
 
 def plan_warm_start(
@@ -133,11 +150,16 @@ def plan_warm_start(
             f"{validation_cutoff.isoformat()}: its model saw rows this run validates or tests on"
         )
     try:
+        holdout_state = torch.load(holdout_path, weights_only=True, map_location="cpu")
+        final_state = torch.load(src / MODEL_FILE, weights_only=True, map_location="cpu")
+        if model.item_encoder is None and any(k.startswith("item_encoder.") for k in final_state):
+            holdout_state = _full_item_vectors(meta["hparams"], holdout_state)
+            final_state = _full_item_vectors(meta["hparams"], final_state)
         plan = WarmStartPlan(
             source_run_dir=src,
             source_run_id=run_id,
-            holdout_state=torch.load(holdout_path, weights_only=True, map_location="cpu"),
-            final_state=torch.load(src / MODEL_FILE, weights_only=True, map_location="cpu"),
+            holdout_state=holdout_state,
+            final_state=final_state,
             users=Vocabulary.load(src / USERS_FILE),
             items=Vocabulary.load(src / ITEMS_FILE),
             same_features=meta["hparams"].get("item_features") == model.hparams().get("item_features"),

@@ -33,7 +33,10 @@ def _items() -> pl.DataFrame:
 
 
 def _model(distance: str = "dot", **model) -> TwoTowerModel:
-    config = ModelConfig(dim=8, distance=distance, item_features=("category", "price", "tags"), **model)
+    # The feature step trains the joint tower (model.feature_training: joint; id_dropout needs it).
+    config = ModelConfig(
+        dim=8, distance=distance, item_features=("category", "price", "tags"), feature_training="joint", **model
+    )
     features = ItemFeatureTensors.from_frame(_items(), np.arange(N_ITEMS), config.item_features)
     m = TwoTowerModel(N_USERS, N_ITEMS, config, item_features=features, seed=1)
     with torch.no_grad():  # non-zero id rows, so that every part of the tower matters
