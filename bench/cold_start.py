@@ -14,8 +14,10 @@ interactions with the other 80%), the same item features and the same test:
   ``genres`` and ``tags``), trained on the warm items only (the model never sees a cold item, not
   even as a negative), early stopping on a warm validation split of the training pairs (random 20%
   of each user's liked training items, seed 1); cold items embedded from their features alone
-  (``TwoTowerModel.item_embeddings_from_features``). ``ours (id_dropout q)`` adds DropoutNet-style
-  training (``model.id_dropout``).
+  (``TwoTowerModel.item_embeddings_from_features``). The default ``model.feature_training:
+  fitted`` trains on ids and fits the feature tower to the trained vectors afterwards;
+  ``ours (joint training)`` trains id and feature rows together, ``ours (joint, id_dropout q)``
+  adds DropoutNet-style training (``model.id_dropout``).
 
 Features: citeulike-a ``item-tag.dat`` tags; ml-latest-small ``movies.csv`` genres and ``tags.csv``
 tags (read by :func:`recsys_metric.data.item_table.read_item_table`); tag kNN and LightFM use the
@@ -57,7 +59,7 @@ logger = logging.getLogger("bench.cold_start")
 K = 20
 COLD_FRACTION = 0.2
 DATASETS = ("citeulike-a", "ml-latest-small")
-METHODS = ("knn", "lightfm", "ours", "ours_dropout")
+METHODS = ("knn", "lightfm", "ours", "ours_joint", "ours_dropout")
 LIGHTFM_PARAMS = {"no_components": 64, "learning_rate": 0.05, "loss": "warp", "epochs": 30, "num_threads": 2}
 
 
@@ -277,17 +279,25 @@ def ours_scores(
     max_epochs: int | None,
     seed: int,
     lr: float | None = None,
+    training: str = "fitted",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
     from recsys_metric.config import Config, config_from_dict
     from recsys_metric.evaluate import evaluate_scores
+    from recsys_metric.model.feature_fit import fit_item_features
     from recsys_metric.model.features import ItemFeatureTensors
     from recsys_metric.model.towers import TwoTowerModel
     from recsys_metric.pipeline import model_score_fn
     from recsys_metric.train import TrainData, fit
 
-    overrides: dict[str, Any] = {"model": {"item_features": list(data.features), "id_dropout": id_dropout}}
+    overrides: dict[str, Any] = {
+        "model": {
+            "item_features": list(data.features),
+            "id_dropout": id_dropout,
+            "feature_training": training,
+        }
+    }
     overrides["train"] = {"epochs": min(max_epochs or Config().train.epochs, Config().train.epochs)}
     if lr is not None:
         overrides["train"]["lr"] = lr
@@ -298,8 +308,13 @@ def ours_scores(
     val_seen = InteractionMatrix.from_pairs(
         np.repeat(np.arange(data.n_users), inner.row_lengths()), inner.indices, data.n_users, split.warm.size
     )
+    fitted = config.model.feature_training == "fitted"
     model = TwoTowerModel(
-        data.n_users, split.warm.size, config.model, item_features=features, seed=config.train.seed
+        data.n_users,
+        split.warm.size,
+        config.model.model_copy(update={"item_features": ()}) if fitted else config.model,
+        item_features=None if fitted else features,
+        seed=config.train.seed,
     )
     t = time.perf_counter()
     result = fit(
@@ -312,6 +327,16 @@ def ours_scores(
         progress=False,
         split_method="user_holdout",
     )
+    fit_report = None
+    if fitted:
+        # As the pipeline: the feature tower fitted to the trained model (model/feature_fit.py).
+        fit_report = fit_item_features(
+            model,
+            features,
+            inner,
+            item_features=tuple(data.features),
+            seed=config.train.seed,
+        )
     seconds = time.perf_counter() - t
     cold_table = data.items_table.filter(pl.col("item_id").is_in(split.cold.tolist()))
     cold_features = ItemFeatureTensors.from_frame(cold_table, split.cold, (), state=model.feature_state())
@@ -327,7 +352,26 @@ def ours_scores(
         "train_seconds": round(seconds, 1),
         "train_seconds_per_epoch": round(seconds / max(result.epochs_run, 1), 2),
     }
+    if fit_report is not None:
+        info["feature_fit"] = {k: fit_report[k] for k in ("lambda", "seconds", "cg_steps")}
+    info["cold_share_of_mixed_top20"] = mixed_cold_share(model, cold_vectors, split, users)
     return scores.astype(np.float32), info
+
+
+def mixed_cold_share(model: Any, cold_vectors: Any, split: ColdSplit, users: np.ndarray) -> float:
+    """Share of the cold items in the test users' top 20 when they are ranked together with the
+    warm items (the user's liked training items excluded), as a service with
+    ``data.cold_items: eligible`` ranks them. Cold items are 20% of the catalog: a share far above
+    that means they crowd out the warm items for everyone."""
+    import torch
+
+    with torch.no_grad():
+        every = torch.cat([model.item_embeddings(), cold_vectors])
+        scores = model.distance.score(model.user_embeddings(users), every)
+    for row, user in enumerate(users):
+        scores[row, torch.from_numpy(split.train_liked.row(int(user)).astype(np.int64))] = -torch.inf
+    top = scores.topk(K, dim=1).indices
+    return round(float((top >= split.warm.size).float().mean()), 4)
 
 
 def run_cold(
@@ -355,14 +399,26 @@ def run_cold(
                 out["rows"][name] = {"skipped": f"lightfm not installed ({err})"}
                 continue
         elif method == "ours":
-            name = "ours (default + features)"
+            name = "ours (default + features, fitted tower)"
             scores, info = ours_scores(
                 data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed, lr=lr
             )
-        else:
-            name = f"ours (id_dropout {dropout:g})"
+        elif method == "ours_joint":
+            name = "ours (joint training)"
             scores, info = ours_scores(
-                data, split, users, id_dropout=dropout, max_epochs=max_epochs, seed=seed, lr=lr
+                data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed, lr=lr, training="joint"
+            )
+        else:
+            name = f"ours (joint, id_dropout {dropout:g})"
+            scores, info = ours_scores(
+                data,
+                split,
+                users,
+                id_dropout=dropout,
+                max_epochs=max_epochs,
+                seed=seed,
+                lr=lr,
+                training="joint",
             )
         metrics = rank_metrics(scores, split.test, users)
         out["rows"][name] = {**{k: round(v, 4) for k, v in metrics.items()}, **info,

@@ -129,6 +129,11 @@ def _ours(
 
     config = config or Config()
     model_config, train_config = config.model, config.train
+    # model.feature_training: fitted (the default): the model trains on ids, the feature tower is
+    # fitted to the trained model at the end, as the pipeline does.
+    fitted_features = features if features is not None and model_config.feature_training == "fitted" else None
+    if fitted_features is not None:
+        features, model_config = None, model_config.model_copy(update={"item_features": ()})
     budget_s = train_config.time_budget_seconds()
     budget = TimeBudget(float(budget_s)) if budget_s is not None else None
 
@@ -244,6 +249,19 @@ def _ours(
             info["params"] += f", refitted on all training data ({refitted.epochs_run} epochs, {where})"
             info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
     info["time_budget"] = plan.report(result, refitted, epochs)
+    if fitted_features is not None:
+        from recsys_metric.model.feature_fit import fit_item_features
+
+        trained_on = data if refitted is not None else val
+        t = time.perf_counter()
+        info["item_features_fit"] = fit_item_features(
+            model,
+            fitted_features,
+            trained_on.train_liked,
+            item_features=tuple(config.model.item_features),
+            seed=train_config.seed,
+        )
+        info["train_seconds"]["fit_features"] = round(time.perf_counter() - t, 2)
     return scores(model, data), info
 
 
