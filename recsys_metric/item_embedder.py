@@ -5,7 +5,7 @@ A model with item features writes ``item_tower.npz`` into the run directory
 its feature vocabularies as JSON. The item tower is a sum of lookups, so numpy reproduces it exactly:
 
     raw(item) = id_row(item) + sum_categorical E_c[code] + W_numeric @ standardised
-                + sum_tags mean(E_t[tag codes])
+                + sum_tags mean(E_t[tag codes]) + offset
     vector    = normalise(feature_map @ raw)
 
 with ``id_row`` zero for an item the run does not know (it is placed by its features alone), codes
@@ -69,7 +69,8 @@ class ItemEmbedder:
     Attributes:
         specs: the feature specs (``name``, ``kind``, ``vocabulary``, ``mean``, ``std``) in column order.
         weights: ``cat_j`` / ``tag_j`` ``[V + 1, D]`` (row 0 zero), ``numeric`` ``[D, n_numeric]``,
-            ``id`` ``[n_items, D]``, optionally ``feature_map`` ``[D, D]``.
+            ``id`` ``[n_items, D]``, optionally ``feature_map`` ``[D, D]`` and ``offset`` ``[D]``
+            (added to every feature part; ``model.cold_item_lift``).
         distance: ``euclidean``, ``cosine`` or ``dot``.
         items: the run's item vocabulary (rows of ``weights["id"]``).
     """
@@ -189,6 +190,8 @@ class ItemEmbedder:
                 np.add.at(sums, rows, self.weights[f"tag_{j}"][tag_codes])
                 out += (sums / np.maximum(lengths, 1)[:, None]).astype(np.float32)
             known |= lengths > 0
+        if "offset" in self.weights:  # model.cold_item_lift (recsys_metric.model.feature_fit)
+            out += self.weights["offset"]
         return out, known
 
     def finish(self, raw: np.ndarray) -> np.ndarray:

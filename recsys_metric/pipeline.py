@@ -221,6 +221,7 @@ def fit_features(
         liked,
         item_features=tuple(config.model.item_features),
         seed=config.train.seed,
+        lift=config.model.cold_item_lift,
     )
     logger.info(
         "item features fitted to the trained vectors: lambda %.4g, %d items, %.1f s",

@@ -1,6 +1,7 @@
 """The item feature tower fitted to a trained id model (model.feature_training: fitted; issue 18)."""
 
 import json
+import math
 
 import numpy as np
 import polars as pl
@@ -8,10 +9,12 @@ import pytest
 import torch
 
 from recsys_metric.config import config_from_dict
+from recsys_metric.data.item_table import read_item_table
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.data.synthetic import generate_log
 from recsys_metric.errors import ConfigError
 from recsys_metric.export import read_embeddings
+from recsys_metric.item_embedder import ItemEmbedder
 from recsys_metric.model import feature_fit
 from recsys_metric.model.feature_fit import design_matrix, fit_item_features, ridge
 from recsys_metric.model.features import ItemFeatureTensors
@@ -164,7 +167,7 @@ def fitted_run(tmp_path_factory):
             "train": {"epochs": 4, "batch_size": 512, "lr": 0.05},
             "eval": {"ks": [10]},
             "publish": {"gate_k": 10},
-            "model": {"item_features": ["category", "price", "tags"], "dim": 16},
+            "model": {"item_features": ["category", "price", "tags"], "dim": 16, "cold_item_lift": 1.0},
         }
     )
     result = train_run(
@@ -189,3 +192,34 @@ def test_a_fitted_run_trains_on_ids_and_records_the_fit(fitted_run):
     with torch.no_grad():
         feature_only = model.item_encoder(None)[-10:]
     np.testing.assert_allclose(table.vectors[-10:], feature_only.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_the_lift_sets_new_items_back_by_the_held_out_error(fitted_run, tmp_path):
+    result, run_dir, cold_ids = fitted_run
+    fit = json.loads((run_dir / "metrics.json").read_text())["item_features_fit"]["published"]
+    model = load_model(run_dir)
+    offset = model.item_encoder.offset
+    # 28 held-out items would be too few to choose lambda on: the error is the fit's own.
+    assert fit["held_out_error"] is None and fit["lift_error"] > 0
+    assert float(offset.norm()) == pytest.approx(math.sqrt(fit["lift_error"]), rel=1e-4)
+    assert fit["offset_norm"] == pytest.approx(float(offset.norm()), rel=1e-4)
+    # The numpy embedder (item_tower.npz) adds the same offset as the torch tower.
+    items = read_item_table(run_dir.parent / "items.parquet")
+    new = items.filter(pl.col("item_id").is_in(cold_ids)).with_columns(
+        pl.format("new-{}", pl.col("item_id")).alias("item_id")
+    )
+    numpy_vectors = ItemEmbedder.load(run_dir).embed(new)
+    features = ItemFeatureTensors.from_frame(new, new["item_id"], (), state=model.feature_state())
+    with torch.no_grad():
+        torch_vectors = model.item_embeddings_from_features(features).numpy()
+    np.testing.assert_allclose(numpy_vectors, torch_vectors, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_saved_before_the_offset_loads_with_a_zero_offset():
+    model, features, liked, _, _ = _fitted()
+    fit_item_features(model, features, liked, item_features=("category", "price", "tags"), seed=0, lam=0.1)
+    state = {k: v for k, v in model.state_dict().items() if k != "item_encoder.offset"}
+    again = TwoTowerModel.from_hparams(json.loads(json.dumps(model.hparams())), state)
+    assert torch.count_nonzero(again.item_encoder.offset) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(again.item_embeddings(), model.item_embeddings())

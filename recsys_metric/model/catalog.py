@@ -202,6 +202,8 @@ def save_item_tower(model: TwoTowerModel, run_dir: str | Path) -> Path | None:
         weights[f"tag_{j}"] = emb.weight.detach().cpu().numpy()
     if encoder.numeric_linear is not None:
         weights["numeric"] = encoder.numeric_linear.weight.detach().cpu().numpy()
+    if bool(encoder.offset.any()):
+        weights["offset"] = encoder.offset.detach().cpu().numpy()
     if model.feature_map is not None:
         weights["feature_map"] = model.feature_map.weight.detach().cpu().numpy()
     meta = {

@@ -234,7 +234,7 @@ def choose_lambda(
     rng = np.random.default_rng(seed)
     n_held = int(round(HOLDOUT_SHARE * targets.shape[0]))
     if n_held < MIN_HOLDOUT_ITEMS or model.item_item:
-        return {"lambda": DEFAULT_LAMBDA, "validation": None}
+        return {"lambda": DEFAULT_LAMBDA, "held_out_error": None, "validation": None}
     held_all = rng.choice(targets, size=n_held, replace=False)
     fitted = np.setdiff1d(targets, held_all)
     held = np.sort(held_all[:MAX_HOLDOUT_ITEMS])
@@ -269,8 +269,10 @@ def choose_lambda(
     for lam in (best * math.sqrt(10.0), best / math.sqrt(10.0)):
         score(lam, solutions[best])
     best = max(recalls, key=lambda lam: recalls[lam])
+    error = (vectors[torch.from_numpy(held)] - a_held @ solutions[best]).square().sum(1).mean()
     return {
         "lambda": best,
+        "held_out_error": round(float(error), 6),
         "validation": {
             f"recall@{TOP_K}": {
                 f"{lam:.4g}": round(v, 5) for lam, v in sorted(recalls.items(), reverse=True)
@@ -281,6 +283,18 @@ def choose_lambda(
     }
 
 
+def _least_varied_direction(model: TwoTowerModel, vectors: Tensor) -> Tensor:
+    """Unit ``[D]``: the eigenvector of the smallest eigenvalue of the covariance of the users'
+    vectors (none in item-item mode) and the items' ``vectors``: moving an item along it changes
+    its distance to every user by about the same amount."""
+    with torch.no_grad():
+        users = vectors if model.item_item else model.user_embeddings()
+        points = torch.cat([users.detach().double(), vectors.double()])
+        points = points - points.mean(0)
+        _, eigenvectors = torch.linalg.eigh(points.T @ points)
+    return eigenvectors[:, 0].float()
+
+
 def fit_item_features(
     model: TwoTowerModel,
     features: ItemFeatureTensors,
@@ -289,6 +303,7 @@ def fit_item_features(
     item_features: tuple[str, ...],
     seed: int,
     lam: float | None = None,
+    lift: float = 0.0,
 ) -> dict[str, Any]:
     """Give the trained ids-only ``model`` a feature tower fitted to its item vectors, in place.
 
@@ -300,6 +315,11 @@ def fit_item_features(
         item_features: the feature columns (``model.item_features`` of the run's config).
         seed: seeds the choice of the ridge strength.
         lam: a fixed ridge strength instead of the validated choice.
+        lift: ``model.cold_item_lift``: the feature part gets a constant offset of length
+            ``sqrt(lift * e)`` (``e``: the mean squared error of the fit on held-out items, on the
+            fitted items when none are held out) along the direction in which the users' and
+            items' vectors vary least, so that an item placed by its features alone is that much
+            (squared) farther from the users; the trained items keep their vectors.
 
     Returns:
         What ``metrics.json`` records: ``lambda``, its ``validation``, ``targets``,
@@ -323,8 +343,17 @@ def fit_item_features(
     if lam is None:
         report = choose_lambda(model, design, targets, vectors, liked, seed)
     else:
-        report = {"lambda": float(lam), "validation": None}
-    x, steps = ridge(design.rows(targets), vectors[torch.from_numpy(targets)], report["lambda"])
+        report = {"lambda": float(lam), "held_out_error": None, "validation": None}
+    a_targets = design.rows(targets)
+    x, steps = ridge(a_targets, vectors[torch.from_numpy(targets)], report["lambda"])
+    offset = torch.zeros(vectors.shape[1])
+    if lift > 0:
+        error = report["held_out_error"]
+        if error is None:
+            error = float((vectors[torch.from_numpy(targets)] - a_targets @ x).square().sum(1).mean())
+        report["lift_error"] = round(float(error), 6)
+        offset = math.sqrt(lift * error) * _least_varied_direction(model, vectors)
+    report["offset_norm"] = round(float(offset.norm()), 6)
     std = model.config.init_scale / math.sqrt(model.config.dim)
     encoder = ItemFeatureEncoder(features, model.config.dim, std, None)
     with torch.no_grad():
@@ -338,6 +367,7 @@ def fit_item_features(
         if num and encoder.numeric_linear is not None:
             _, start, width = num[0]
             encoder.numeric_linear.weight.copy_(x[start : start + width].T)
+        encoder.offset.copy_(offset)
         model.item_encoder = encoder
         model.config = model.config.model_copy(update={"item_features": tuple(item_features)})
         # Every item of the model keeps its trained vector, also one without likes or any rows

@@ -90,6 +90,9 @@ class ItemFeatureEncoder(nn.Module):
             _normal_(self.numeric_linear.weight, std, generator)
         for name, tensor in features.tensors().items():
             self.register_buffer(name, tensor.clone())
+        # A constant [D] added to every feature part; never trained (zero unless the fitted tower
+        # sets it: model.cold_item_lift, recsys_metric.model.feature_fit).
+        self.register_buffer("offset", torch.zeros(dim))
 
     def catalog(self) -> ItemFeatureTensors:
         """The training catalog's feature tensors (the buffers)."""
@@ -133,8 +136,8 @@ class ItemFeatureEncoder(nn.Module):
             values, _segment, offsets = csr_rows(features.tag_indptr[j], features.tag_indices[j], rows)
             add(F.embedding_bag(values, emb.weight, offsets, mode="mean", padding_idx=0))
         if out is None:
-            return torch.zeros((rows.shape[0], self.dim), device=device)
-        return out
+            return self.offset.to(device).expand(rows.shape[0], self.dim).clone()
+        return out + self.offset.to(out.device)
 
 
 class TwoTowerModel(nn.Module):
@@ -406,9 +409,11 @@ class TwoTowerModel(nn.Module):
             buffers = {
                 k[len(prefix) :]: v.cpu()
                 for k, v in state_dict.items()
-                if k.startswith(prefix) and "." not in k[len(prefix) :]
+                if k.startswith(prefix) and "." not in k[len(prefix) :] and k != f"{prefix}offset"
             }
             features = ItemFeatureTensors.from_tensors(hparams["item_features"], buffers)
+            if f"{prefix}offset" not in state_dict:  # a model saved before the offset existed
+                state_dict = {**state_dict, f"{prefix}offset": torch.zeros(int(config.dim))}
         history = None
         if hparams.get("user_history_nnz") is not None:
             history = InteractionMatrix(
