@@ -16,7 +16,9 @@ interactions with the other 80%), the same item features and the same test:
   of each user's liked training items, seed 1); cold items embedded from their features alone
   (``TwoTowerModel.item_embeddings_from_features``). The default ``model.feature_training:
   fitted`` trains on ids and fits the feature tower to the trained vectors afterwards;
-  ``ours (joint training)`` trains id and feature rows together, ``ours (joint, id_dropout q)``
+  ``ours (fitted tower, cold_item_lift 1)`` sets new items back from every user by the fit's
+  held-out error (``model.cold_item_lift``); ``ours (joint training)`` trains id and feature
+  rows together, ``ours (joint, id_dropout q)``
   adds DropoutNet-style training (``model.id_dropout``).
 
 Features: citeulike-a ``item-tag.dat`` tags; ml-latest-small ``movies.csv`` genres and ``tags.csv``
@@ -59,7 +61,7 @@ logger = logging.getLogger("bench.cold_start")
 K = 20
 COLD_FRACTION = 0.2
 DATASETS = ("citeulike-a", "ml-latest-small")
-METHODS = ("knn", "lightfm", "ours", "ours_joint", "ours_dropout")
+METHODS = ("knn", "lightfm", "ours", "ours_lift", "ours_joint", "ours_dropout")
 LIGHTFM_PARAMS = {"no_components": 64, "learning_rate": 0.05, "loss": "warp", "epochs": 30, "num_threads": 2}
 
 
@@ -280,6 +282,7 @@ def ours_scores(
     seed: int,
     lr: float | None = None,
     training: str = "fitted",
+    lift: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     import torch
 
@@ -336,6 +339,7 @@ def ours_scores(
             inner,
             item_features=tuple(data.features),
             seed=config.train.seed,
+            lift=lift,
         )
     seconds = time.perf_counter() - t
     cold_table = data.items_table.filter(pl.col("item_id").is_in(split.cold.tolist()))
@@ -353,7 +357,7 @@ def ours_scores(
         "train_seconds_per_epoch": round(seconds / max(result.epochs_run, 1), 2),
     }
     if fit_report is not None:
-        info["feature_fit"] = {k: fit_report[k] for k in ("lambda", "seconds", "cg_steps")}
+        info["feature_fit"] = {k: fit_report[k] for k in ("lambda", "seconds", "cg_steps", "offset_norm")}
     info["cold_share_of_mixed_top20"] = mixed_cold_share(model, cold_vectors, split, users)
     return scores.astype(np.float32), info
 
@@ -375,7 +379,13 @@ def mixed_cold_share(model: Any, cold_vectors: Any, split: ColdSplit, users: np.
 
 
 def run_cold(
-    data: ColdData, seed: int, methods: list[str], max_epochs: int | None, dropout: float, lr: float | None
+    data: ColdData,
+    seed: int,
+    methods: list[str],
+    max_epochs: int | None,
+    dropout: float,
+    lr: float | None,
+    lift: float = 1.0,
 ) -> dict[str, Any]:
     split = cold_split(data, seed)
     users = np.flatnonzero(split.test.row_lengths() > 0)
@@ -402,6 +412,11 @@ def run_cold(
             name = "ours (default + features, fitted tower)"
             scores, info = ours_scores(
                 data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed, lr=lr
+            )
+        elif method == "ours_lift":
+            name = f"ours (fitted tower, cold_item_lift {lift:g})"
+            scores, info = ours_scores(
+                data, split, users, id_dropout=0.0, max_epochs=max_epochs, seed=seed, lr=lr, lift=lift
             )
         elif method == "ours_joint":
             name = "ours (joint training)"
@@ -502,6 +517,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-epochs", type=int, default=None, help="cap train.epochs (bounded runs)")
     parser.add_argument("--id-dropout", type=float, default=0.5, help="model.id_dropout of ours_dropout")
     parser.add_argument("--lr", type=float, default=None, help="fix train.lr (default: auto, two fits)")
+    parser.add_argument("--lift", type=float, default=1.0, help="model.cold_item_lift of ours_lift")
     parser.add_argument("--warm", action="store_true", help="also warm quality with and without features")
     parser.add_argument("--out", default="cold_start")
     args = parser.parse_args(argv)
@@ -514,7 +530,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["skipped"][name] = str(err)
             continue
         results["cold"][name] = {
-            str(seed): run_cold(data, seed, args.methods, args.max_epochs, args.id_dropout, args.lr)
+            str(seed): run_cold(
+                data, seed, args.methods, args.max_epochs, args.id_dropout, args.lr, args.lift
+            )
             for seed in args.seeds
         }
         if args.warm:
