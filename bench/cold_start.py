@@ -357,7 +357,9 @@ def ours_scores(
         "train_seconds_per_epoch": round(seconds / max(result.epochs_run, 1), 2),
     }
     if fit_report is not None:
-        info["feature_fit"] = {k: fit_report[k] for k in ("lambda", "seconds", "cg_steps", "offset_norm")}
+        info["feature_fit"] = {
+            k: fit_report[k] for k in ("lambda", "seconds", "cg_steps", "intercept_norm", "lift_norm")
+        }
     info["cold_share_of_mixed_top20"] = mixed_cold_share(model, cold_vectors, split, users)
     return scores.astype(np.float32), info
 

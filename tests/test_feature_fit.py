@@ -201,8 +201,9 @@ def test_the_lift_sets_new_items_back_by_the_held_out_error(fitted_run, tmp_path
     offset = model.item_encoder.offset
     # 28 held-out items would be too few to choose lambda on: the error is the fit's own.
     assert fit["held_out_error"] is None and fit["lift_error"] > 0
-    assert float(offset.norm()) == pytest.approx(math.sqrt(fit["lift_error"]), rel=1e-4)
-    assert fit["offset_norm"] == pytest.approx(float(offset.norm()), rel=1e-4)
+    assert fit["lift_norm"] == pytest.approx(math.sqrt(fit["lift_error"]), rel=1e-4)
+    # The offset is the intercept (the fitted items' mean vector) plus the lift.
+    assert fit["intercept_norm"] > 0 and float(offset.norm()) > 0
     # The numpy embedder (item_tower.npz) adds the same offset as the torch tower.
     items = read_item_table(run_dir.parent / "items.parquet")
     new = items.filter(pl.col("item_id").is_in(cold_ids)).with_columns(
@@ -218,6 +219,8 @@ def test_the_lift_sets_new_items_back_by_the_held_out_error(fitted_run, tmp_path
 def test_a_model_saved_before_the_offset_loads_with_a_zero_offset():
     model, features, liked, _, _ = _fitted()
     fit_item_features(model, features, liked, item_features=("category", "price", "tags"), seed=0, lam=0.1)
+    with torch.no_grad():  # as a model of before the offset: no intercept
+        model.item_encoder.offset.zero_()
     state = {k: v for k, v in model.state_dict().items() if k != "item_encoder.offset"}
     again = TwoTowerModel.from_hparams(json.loads(json.dumps(model.hparams())), state)
     assert torch.count_nonzero(again.item_encoder.offset) == 0
