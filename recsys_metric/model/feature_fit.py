@@ -9,11 +9,12 @@ reproduces the trained vectors of the items that have liked interactions::
 
 ``X`` stacks every feature table's rows (``[n_columns, D]``); ``b``, the intercept, is the fitted
 items' mean vector (not penalised, so that an item with weak features lands at the catalog's
-mean rather than at the origin; kept in the encoder's ``offset``; ml-latest-small's cold items
-.205 without it, .226 with it in the prototype). ``lam`` is chosen on validation:
-a seeded share of those items is held out as if new, fitted without them at each ``lam`` of
-:data:`LAMBDAS`, and the users who liked them rank them among themselves by their ``F`` alone
-(Recall@20: the cold-start protocol on the training data). Finally every item of the model gets
+mean rather than at the origin; kept in the encoder's ``offset``; ml-latest-small's cold-item
+Recall@20 on seeds 0-2 went from .189 / .110 / .177 to .206 / .153 / .186 with it). ``lam`` is
+chosen on validation: a seeded share of those items is held out as if new, the rest fitted at
+each ``lam`` of :data:`DECADES` (then the half decades beside the best), and the users who liked
+the held-out items rank them among themselves by their ``F`` alone (Recall@20: the cold-start
+protocol on the training data). Finally every item of the model gets
 the id row ``v_i - F_i`` (its trained vector is unchanged, up to rounding); an item appended
 after training (from the item table, or added after the run) has no id row and is placed by
 ``F_i`` alone: the usual ``id + F`` tower, so the export,
@@ -221,7 +222,7 @@ def choose_lambda(
     liked: InteractionMatrix,
     seed: int,
 ) -> dict[str, Any]:
-    """The ridge strength of :data:`LAMBDAS` whose fit places held-out items best (module docstring).
+    """The ridge strength (:data:`DECADES`, then half decades) whose fit places held-out items best (module docstring).
 
     Args:
         model: the trained ids-only model (its user vectors rank the held-out items).
@@ -232,15 +233,16 @@ def choose_lambda(
         seed: seeds the held-out items and the users sampled.
 
     Returns:
-        ``lambda`` and the ``validation`` report (Recall@20 per strength, items, users).
+        ``lambda``, ``held_out_error`` (the chosen fit's mean squared error on the held-out items,
+        what ``model.cold_item_lift`` scales) and the ``validation`` report (Recall@20 per
+        strength, items, users).
     """
     rng = np.random.default_rng(seed)
     n_held = int(round(HOLDOUT_SHARE * targets.shape[0]))
     if n_held < MIN_HOLDOUT_ITEMS or model.item_item:
         return {"lambda": DEFAULT_LAMBDA, "held_out_error": None, "validation": None}
-    held_all = rng.choice(targets, size=n_held, replace=False)
-    fitted = np.setdiff1d(targets, held_all)
-    held = np.sort(held_all[:MAX_HOLDOUT_ITEMS])
+    held = np.sort(rng.choice(targets, size=min(n_held, MAX_HOLDOUT_ITEMS), replace=False))
+    fitted = np.setdiff1d(targets, held)
     column = np.full(liked.n_items, -1, dtype=np.int64)
     column[held] = np.arange(held.shape[0])
     users_of = np.repeat(np.arange(liked.n_users), liked.row_lengths())
