@@ -2,6 +2,8 @@
 
 import json
 import math
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -20,7 +22,10 @@ from recsys_metric.model.feature_fit import design_matrix, fit_item_features, ri
 from recsys_metric.model.features import ItemFeatureTensors
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.pipeline import load_model, train_run
-from recsys_metric.warm_start import _full_item_vectors, _model_shape
+from recsys_metric.warm_start import _full_item_vectors, _model_shape, plan_warm_start
+
+BUNDLED = Path(__file__).resolve().parent.parent / "data" / "interactions.parquet"
+BUNDLED_ITEMS = BUNDLED.with_name("items.parquet")
 
 
 def _items(n: int, seed: int = 0) -> pl.DataFrame:
@@ -226,3 +231,47 @@ def test_a_model_saved_before_the_offset_loads_with_a_zero_offset():
     assert torch.count_nonzero(again.item_encoder.offset) == 0
     with torch.no_grad():
         torch.testing.assert_close(again.item_embeddings(), model.item_embeddings())
+
+
+@pytest.mark.slow
+def test_a_fitted_run_warm_starts_from_the_previous_runs_whole_vectors(tmp_path):
+    """The next night trains ids only, so it starts from the previous model's id + feature parts,
+    not from its id rows alone (the residuals of the fit)."""
+    log = pl.read_parquet(BUNDLED)
+    cut = log["timestamp"].sort()[int(0.97 * log.height)]
+    log.filter(pl.col("timestamp") <= cut).write_parquet(tmp_path / "yesterday.parquet")
+    log.write_parquet(tmp_path / "today.parquet")
+    config = config_from_dict(
+        {
+            "train": {"epochs": 4, "patience": 2, "lr": 0.05, "warm_start": True},
+            "model": {"item_features": ["category", "price", "tags"]},
+        }
+    )
+    train_run(tmp_path / "yesterday.parquet", tmp_path / "a", config, items=BUNDLED_ITEMS, progress=False)
+    second = train_run(
+        tmp_path / "today.parquet",
+        tmp_path / "b",
+        config,
+        items=BUNDLED_ITEMS,
+        progress=False,
+        warm_start_from=tmp_path / "a",
+    )
+    warm = second.metrics["warm_start"]
+    assert warm["enabled"], warm["reason"]
+    assert warm["holdout"]["items_carried"] > 0
+    assert second.metrics["item_features_fit"]["holdout"]["targets"] > 0
+    # What the ids-only training model is given: the previous model's whole raw vectors.
+    previous = load_model(tmp_path / "a")
+    ids_only = TwoTowerModel(
+        previous.n_users, previous.n_items, previous.config.model_copy(update={"item_features": ()}), seed=0
+    )
+    cutoff = datetime.fromisoformat(second.metrics["early_stopping"]["validation_cutoff"])
+    plan, reason = plan_warm_start(
+        tmp_path / "a", ids_only, split_method="temporal", validation_cutoff=cutoff
+    )
+    assert plan is not None, reason
+    with torch.no_grad():
+        whole = previous._item_raw(None)
+    torch.testing.assert_close(plan.final_state["item_embedding.weight"], whole)
+    assert not torch.allclose(previous.item_embedding.weight, whole), "the id rows alone are not the vectors"
+    assert not any(k.startswith("item_encoder.") for k in plan.holdout_state)
