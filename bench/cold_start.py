@@ -315,7 +315,7 @@ def ours_scores(
     model = TwoTowerModel(
         data.n_users,
         split.warm.size,
-        config.model.model_copy(update={"item_features": ()}) if fitted else config.model,
+        config.model.trained(),
         item_features=None if fitted else features,
         seed=config.train.seed,
     )

@@ -133,7 +133,7 @@ def _ours(
     # fitted to the trained model at the end, as the pipeline does.
     fitted_features = features if features is not None and model_config.feature_training == "fitted" else None
     if fitted_features is not None:
-        features, model_config = None, model_config.model_copy(update={"item_features": ()})
+        features, model_config = None, model_config.trained()
     budget_s = train_config.time_budget_seconds()
     budget = TimeBudget(float(budget_s)) if budget_s is not None else None
 

@@ -271,6 +271,13 @@ class ModelConfig(_Section):
     Inference is unchanged. Implemented by the feature step (``recsys_metric.model.feature_step``;
     docs/cold-start.md)."""
 
+    def trained(self) -> ModelConfig:
+        """The model section a run trains: under ``feature_training: fitted`` without the item
+        features (they are fitted to the trained model afterwards), else this one."""
+        if self.item_features and self.feature_training == "fitted":
+            return self.model_copy(update={"item_features": ()})
+        return self
+
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:
         if self.id_dropout > 0 and self.feature_training != "joint":

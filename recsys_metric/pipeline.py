@@ -168,10 +168,9 @@ def build_model(
     """A fresh model to train for the prepared vocabularies (features and history when the config
     needs them). Under ``model.feature_training: fitted`` it is an ids-only model: the feature
     tower is fitted after training (:func:`fit_features`)."""
-    features = item_feature_tensors(prepared, config, items_table)
-    model_config = config.model
-    if features is not None and config.model.feature_training == "fitted":
-        features, model_config = None, config.model.model_copy(update={"item_features": ()})
+    _require_item_table(config, items_table)
+    model_config = config.model.trained()
+    features = item_feature_tensors(prepared, config, items_table) if model_config.item_features else None
     needs_history = config.model.user_tower in ("pooled", "hybrid")
     return TwoTowerModel(
         len(prepared.users),
@@ -193,27 +192,26 @@ def item_feature_tensors(
     """
     if not config.model.item_features:
         return None
-    if items_table is None:
+    _require_item_table(config, items_table)
+    assert items_table is not None
+    return ItemFeatureTensors.from_frame(items_table, prepared.items.ids(), config.model.item_features)
+
+
+def _require_item_table(config: Config, items_table: pl.DataFrame | None) -> None:
+    if config.model.item_features and items_table is None:
         raise ConfigError(
             f"model.item_features {list(config.model.item_features)} needs an item table: pass items=PATH "
             "(a Parquet file with item_id and the feature columns)"
         )
-    return ItemFeatureTensors.from_frame(items_table, prepared.items.ids(), config.model.item_features)
 
 
 def fit_features(
-    model: TwoTowerModel,
-    prepared: PreparedData | RunData,
-    config: Config,
-    items_table: pl.DataFrame | None,
-    liked: InteractionMatrix,
+    model: TwoTowerModel, features: ItemFeatureTensors | None, config: Config, liked: InteractionMatrix
 ) -> dict[str, Any] | None:
     """Fit the feature tower of a model trained under ``model.feature_training: fitted``, in place
-    (:func:`recsys_metric.model.feature_fit.fit_item_features`); None when there is none to fit."""
-    if model.item_encoder is not None or config.model.feature_training != "fitted":
-        return None
-    features = item_feature_tensors(prepared, config, items_table)
-    if features is None:
+    (:func:`recsys_metric.model.feature_fit.fit_item_features`); None when there is none to fit
+    (``features`` None: the run trains without item features or trains them jointly)."""
+    if features is None or model.item_encoder is not None:
         return None
     report = fit_item_features(
         model,
@@ -550,7 +548,10 @@ def train_and_evaluate(
         # model.feature_training: fitted: the feature tower learns now, from the trained vectors,
         # before the evaluation, so that it scores the model exported.
         t = time.perf_counter()
-        features_fit = {"holdout": fit_features(holdout_model, data, config, items_table, fit_liked)}
+        # Encoded once for both models; None unless the features are fitted.
+        fitted = config.model.feature_training == "fitted"
+        fitted_features = item_feature_tensors(data, config, items_table) if fitted else None
+        features_fit = {"holdout": fit_features(holdout_model, fitted_features, config, fit_liked)}
         seconds["fit_features"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -623,7 +624,7 @@ def train_and_evaluate(
     t = time.perf_counter()
     refitted = final_model is not holdout_model
     if refitted:
-        features_fit["published"] = fit_features(final_model, data, config, items_table, final_liked)
+        features_fit["published"] = fit_features(final_model, fitted_features, config, final_liked)
     seconds["fit_features"] += time.perf_counter() - t
     t = time.perf_counter()
     # The item table's items without interactions join both models after training (docs/cold-start.md).
