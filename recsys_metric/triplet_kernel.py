@@ -849,12 +849,28 @@ def _threads(n_threads: int) -> Iterator[None]:
         except ValueError:  # no parallel function has run yet: the layer is not chosen
             pass
     if _layer_thread_safe:
-        numba.set_num_threads(n_threads)
+        _set_num_threads(n_threads)
         yield
         return
     with _PARALLEL_LOCK:
-        numba.set_num_threads(n_threads)
+        _set_num_threads(n_threads)
         yield
+
+
+_numba_threads = threading.local()
+
+
+def _set_num_threads(n_threads: int) -> None:
+    """``numba.set_num_threads(n_threads)`` unless this Python thread already set that count.
+
+    Each call takes numba's process-wide initialisation locks: about 1 ms on the busy 2-core
+    machine, once per chunk of a step, 4% of an ml-latest-small fit. A count changed behind
+    this memo (by other code in the same thread) cannot change a result: the loops split their
+    work into ``n_threads`` parts themselves (``prange(n_threads)``), numba's count only decides
+    how many of the parts run at once."""
+    if getattr(_numba_threads, "count", None) != n_threads:
+        numba.set_num_threads(n_threads)
+        _numba_threads.count = n_threads
 
 
 _NO_VALID = np.ones((0, 0), dtype=np.bool_)
