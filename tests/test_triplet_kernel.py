@@ -62,6 +62,62 @@ def test_one_triplet_at_a_time_equals_the_tensor_step(metric, weighting, optimiz
                                    atol=1e-6, rtol=1e-5)  # fmt: skip
 
 
+def test_negatives_outside_the_ball_are_projected_as_the_tensor_step_projects_them():
+    # The euclidean kernel reads a negative's row once for its norm and its distance: a row
+    # outside the unit ball is rescaled in place and the violation is the rescaled row's, as the
+    # tensor step's projection on read gives.
+    config = TrainConfig(negatives=4, item_centric_weight=0.5)
+    tensor_model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=8, init_scale=0.6), seed=3)
+    with torch.no_grad():
+        tensor_model.item_embedding.weight[10:20] *= 6.0  # norms of about 3.6
+    kernel_model = copy.deepcopy(tensor_model)
+    tensor_step = FusedTripletStep(tensor_model, config, N_ITEMS)
+    kernel_step = NumbaTripletStep(kernel_model, config, N_ITEMS)
+    negs = torch.tensor([[10, 11, 25, 12]])
+    outside = kernel_model.item_embedding.weight.detach()[[10, 11, 12]].norm(dim=1)
+    assert bool((outside > 2.0).all())
+    expected = float(tensor_step(torch.tensor([0]), torch.tensor([1]), negs, None, 0.05))
+    got = float(kernel_step(torch.tensor([0]), torch.tensor([1]), negs, None, 0.05))
+    assert got == pytest.approx(expected, rel=1e-5)
+    weights = kernel_model.item_embedding.weight.detach()
+    assert float(weights[[10, 11, 12]].norm(dim=1).max()) <= 1.0 + 1e-5, "the negatives read were projected"
+    assert float(weights[13:20].norm(dim=1).min()) > 2.0, "rows nobody read keep their norm"
+    # The tensor step projects what it reads without writing back the rows it does not update;
+    # the kernel keeps them projected. Projected, the tensor step's table is the kernel's.
+    tensor_model.distance.project(tensor_model.item_embedding.weight, torch.tensor([1, 10, 11, 12, 25]))
+    torch.testing.assert_close(weights, tensor_model.item_embedding.weight.detach(), atol=2e-6, rtol=0)
+
+
+def test_numba_thread_count_is_set_once_per_python_thread(monkeypatch):
+    # numba.set_num_threads takes process-wide locks on every call: a thread that already set the
+    # count does not set it again, and a new Python thread sets its own.
+    import threading
+
+    import numba
+
+    calls = []
+    real = numba.set_num_threads
+
+    def counting(n):
+        calls.append(n)
+        real(n)
+
+    monkeypatch.setattr(numba, "set_num_threads", counting)
+    seen = _seen_matrix()
+
+    def draw_three_times():
+        for seed in range(3):
+            triplet_kernel.draw_negatives(
+                np.array([0, 1] * 4), seen.indptr, seen.indices, N_ITEMS, 2, seed, threads=2
+            )
+
+    for _ in range(2):
+        worker = threading.Thread(target=draw_three_times)
+        worker.start()
+        worker.join()
+    assert calls == [2, 2], "once in each of the two threads"
+
+
 def test_item_item_mode_updates_the_one_table_with_its_accumulator():
     config = TrainConfig(negatives=3)
     model_config = ModelConfig(dim=8, mode="item_item", init_scale=0.6)
