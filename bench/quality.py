@@ -159,15 +159,16 @@ def _ours(
             seed=train_config.seed,
         )
 
-    def scores(model: TwoTowerModel, part: BenchDataset) -> ScoreFn:
+    def scores(model: TwoTowerModel, part: BenchDataset, *, ranking: bool = False) -> ScoreFn:
         # An item-item model (model.mode: item_item) scores a user from their liked items.
-        return model_score_fn(model, part.train_liked if model.item_item else None)
+        return model_score_fn(model, part.train_liked if model.item_item else None, ranking=ranking)
 
     key = f"recall@{train_config.early_stopping_k}"
 
     def validate_users(model: TwoTowerModel, users: np.ndarray) -> float:
+        # As the pipeline's early stopping: ranks only (model_score_fn's ranking).
         ks = (train_config.early_stopping_k,)
-        return evaluate_scores(scores(model, val), val.train, val.test, ks=ks, users=users)[key]
+        return evaluate_scores(scores(model, val, ranking=True), val.train, val.test, ks=ks, users=users)[key]
 
     fit_data = train_data(val)
     n_test_users = int((data.test.row_lengths() > 0).sum()) if eval_users is None else len(eval_users)

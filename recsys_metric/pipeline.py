@@ -123,7 +123,9 @@ def train_data(frame: pl.DataFrame, n_users: int, n_items: int, config: Config) 
     )
 
 
-def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None) -> ScoreFn:
+def model_score_fn(
+    model: TwoTowerModel, liked: InteractionMatrix | None = None, *, ranking: bool = False
+) -> ScoreFn:
     """``user_nums -> [B, n_items]`` scores of ``model`` (no gradients, on the model's device).
 
     Item vectors are computed once per call of this factory, not per batch.
@@ -132,6 +134,9 @@ def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None)
         model: the model.
         liked: item-item mode only (required there): the liked items ``[n_users, n_items]`` a user
             is scored from; the user's vector is their fold-in (see the module docstring).
+        ranking: scores only in the model's order (:meth:`Distance.rank_into`: euclidean
+            ``2 u.i - ||i||^2``, one product), for early stopping's validation, which reads ranks
+            only; the holdout evaluation and the gate score what is exported (False).
 
     Raises:
         ConfigError: an item-item model without ``liked``.
@@ -146,7 +151,10 @@ def model_score_fn(model: TwoTowerModel, liked: InteractionMatrix | None = None)
         with torch.no_grad():
             nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
             users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
-            model.distance.score_into(users, items, out)
+            if ranking:
+                model.distance.rank_into(users, items, out)
+            else:
+                model.distance.score_into(users, items, out)
 
     # Written into the evaluator's reused buffer: no [B, n_items] allocation per batch.
     return ScoresInto(score, items.shape[0], dtype=items.dtype, device=items.device)
@@ -451,7 +459,7 @@ def train_and_evaluate(
 
     def validate_users(m: TwoTowerModel, users: np.ndarray) -> float:
         return evaluate_scores(
-            model_score_fn(m, fit_liked),
+            model_score_fn(m, fit_liked, ranking=True),
             fit_seen,
             val_relevant,
             ks=(k_stop,),

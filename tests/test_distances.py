@@ -238,3 +238,29 @@ def test_score_into_gives_the_same_floats_as_score(dist, name, squared, device):
         got = dist.score_into(q, r, out[:37])
         assert torch.equal(got, dist.score(q, r))
     assert got.data_ptr() == out.data_ptr() and torch.isnan(out[37:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dist", "name", "squared"), CASES)
+def test_rank_into_orders_each_row_as_score_into(dist, name, squared, device):
+    # Early stopping ranks rank_into's output: each row in rank_into's order must be in
+    # score_into's order too. Only score_into's ties may fall either way: its square root
+    # collapses distances a float apart, which one product keeps apart.
+    q = _rand(37, 16, seed=7, dtype=torch.float32, device=device) * 0.3
+    r = _rand(301, 16, seed=8, dtype=torch.float32, device=device) * 0.3
+    out = torch.full((40, 301), float("nan"), device=device)
+    with torch.no_grad():
+        exact = dist.score_into(q, r, torch.empty(37, 301, device=device))
+        got = dist.rank_into(q, r, out[:37])
+    assert got.data_ptr() == out.data_ptr() and torch.isnan(out[37:]).all()
+    order = torch.argsort(got, dim=1, descending=True, stable=True)
+    along = exact.gather(1, order)
+    assert bool((along[:, 1:] <= along[:, :-1]).all()), "a strict order of score_into reversed"
+    if name == "euclidean":
+        # ||q||^2 - ||q - r||^2: one product, no square root.
+        expected = (
+            q.square().sum(-1, keepdim=True) - (q[:, None, :] - r[None, :, :]).square().sum(-1)
+        ).double()
+        torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(got, exact), "the similarities rank by their own scores"

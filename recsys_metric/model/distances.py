@@ -94,6 +94,13 @@ class Distance(ABC):
         floats, without allocating the ``[B, N]`` result. Returns ``out``."""
         return out.copy_(self.score(q, r))
 
+    def rank_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """Scores in the order of :meth:`score_into`, written into ``out``, for an evaluation that
+        reads only ranks (early stopping's validation): :meth:`score_into` by default; cheaper
+        where a monotone transform can be left out (euclidean). Items whose scores tie in one may
+        be strictly ordered in the other. Returns ``out``."""
+        return self.score_into(q, r, out)
+
     def normalize(self, emb: Tensor) -> Tensor:
         """What the model applies to ``[..., D]`` embeddings before scoring; identity by default."""
         return emb
@@ -166,6 +173,14 @@ class EuclideanDistance(Distance):
         rr = r.square().sum(-1)
         torch.addmm(rr, q, r.mT, alpha=-2.0, out=out)
         return out.add_(qq).clamp_min_(0.0).add_(SQRT_EPS).sqrt_().neg_()
+
+    def rank_into(self, q: Tensor, r: Tensor, out: Tensor) -> Tensor:
+        """``2 q.r - ||r||^2`` into ``out``: ``||q||^2 - ||q - r||^2``, so the order of
+        :meth:`score_into` within each row, from one product. The row's ``||q||^2``, the clamp
+        and the square root are monotone in each row and left out: five element-wise passes over
+        ``[B, N]`` that cost an ml-latest-small validation about a third of its time while
+        another fit trains beside it."""
+        return torch.addmm(r.square().sum(-1), q, r.mT, beta=-1.0, alpha=2.0, out=out)
 
     def project(self, weight: Tensor, rows: Tensor | None = None) -> None:
         """Rescale rows of ``[n, D]`` ``weight`` with norm above 1 onto the unit sphere, in place.
