@@ -70,7 +70,7 @@ class ItemEmbedder:
         specs: the feature specs (``name``, ``kind``, ``vocabulary``, ``mean``, ``std``) in column order.
         weights: ``cat_j`` / ``tag_j`` ``[V + 1, D]`` (row 0 zero), ``numeric`` ``[D, n_numeric]``,
             ``id`` ``[n_items, D]``, optionally ``feature_map`` ``[D, D]`` and ``offset`` ``[D]``
-            (added to every feature part; ``model.cold_item_lift``).
+            (added to every feature part: the fitted tower's intercept plus ``model.cold_item_lift``).
         distance: ``euclidean``, ``cosine`` or ``dot``.
         items: the run's item vocabulary (rows of ``weights["id"]``).
     """
@@ -190,7 +190,7 @@ class ItemEmbedder:
                 np.add.at(sums, rows, self.weights[f"tag_{j}"][tag_codes])
                 out += (sums / np.maximum(lengths, 1)[:, None]).astype(np.float32)
             known |= lengths > 0
-        if "offset" in self.weights:  # model.cold_item_lift (recsys_metric.model.feature_fit)
+        if "offset" in self.weights:  # the fitted tower's intercept and lift (model.feature_fit)
             out += self.weights["offset"]
         return out, known
 

@@ -147,14 +147,13 @@ def model_score_fn(
         items = model.item_embeddings()
         folded = model.fold_in_rows(liked) if model.item_item and liked is not None else None
 
+    into = model.distance.rank_into if ranking else model.distance.score_into
+
     def score(user_nums: np.ndarray, out: torch.Tensor) -> None:
         with torch.no_grad():
             nums = torch.as_tensor(np.asarray(user_nums), device=model.device)
             users = folded[nums.long()] if folded is not None else model.user_embeddings(nums)
-            if ranking:
-                model.distance.rank_into(users, items, out)
-            else:
-                model.distance.score_into(users, items, out)
+            into(users, items, out)
 
     # Written into the evaluator's reused buffer: no [B, n_items] allocation per batch.
     return ScoresInto(score, items.shape[0], dtype=items.dtype, device=items.device)

@@ -91,7 +91,7 @@ class ItemFeatureEncoder(nn.Module):
         for name, tensor in features.tensors().items():
             self.register_buffer(name, tensor.clone())
         # A constant [D] added to every feature part; never trained (zero unless the fitted tower
-        # sets it: model.cold_item_lift, recsys_metric.model.feature_fit).
+        # sets it: its intercept plus model.cold_item_lift, recsys_metric.model.feature_fit).
         self.register_buffer("offset", torch.zeros(dim))
 
     def catalog(self) -> ItemFeatureTensors:
