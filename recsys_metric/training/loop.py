@@ -446,7 +446,7 @@ class FitRun:
             self.eval_interval = auto_eval_interval(
                 self.epoch_seconds(),
                 self.eval_seconds,
-                max_interval=config.patience_after(result.best_epoch or 0) // EVAL_LOOKS,
+                max_interval=config.patience_after(result.best_epoch or 0) // config.patience,
             )
 
     def evaluate_now(self) -> None:
@@ -512,17 +512,6 @@ class FitRun:
 VALIDATION_SHARE = 0.2
 """``train.eval_every: auto`` keeps validation under about this share of the training time."""
 
-EVAL_LOOKS = 2
-"""``train.eval_every: auto`` evaluates at most ``patience_after(best epoch) // EVAL_LOOKS`` epochs
-apart: the run looks at least this many times in the wait that ends it. It was ``patience`` (5
-looks), chosen when one lucky evaluation on a plateau could end a run: looking fewer times then
-stopped citeulike-a at epoch 60 instead of 100, test Recall@20 .324 against .331. Since the wait
-also runs from the moving mean's last high (:func:`~recsys_metric.training.early_stopping.trend_epoch`),
-two looks lose nothing and evaluate about half as often (BENCHMARKS.md "Goal (c): two looks per
-wait and the one-pass negatives"): citeulike-a .3313 / .2713 and .3306 / .2710 in 46 s (20-21
-evaluations) against .3291 / .2699 in 61-64 s (41); ml-latest-small .3616-.3648 in 6.3-6.9 s
-(23-24) against .3632-.3697 in 7.5-7.7 s (41-43)."""
-
 EVAL_FLOOR_S = 0.02
 """``train.eval_every: auto`` evaluates every epoch while an evaluation costs less than this (s):
 so cheap that a coarser cadence saves nothing worth it (and tiny runs, the bundled log's among
@@ -539,9 +528,11 @@ def auto_eval_interval(
     :data:`EVAL_FLOOR_S` or under :data:`VALIDATION_SHARE` of an epoch, else
     ``ceil(eval / (share * epoch))`` so that validation stays about that share of training, but
     at most ``max_interval``. The loop passes the wait in epochs after the best epoch
-    (``patience_after``) over :data:`EVAL_LOOKS`: the run looks at least twice before it gives
-    up, so early in a run (a short wait, a fast-moving curve) evaluations are close together and
-    the interval widens as ``patience_growth`` lengthens the wait.
+    (``patience_after``) over ``patience``: the run still looks ``patience`` times before it gives
+    up, as with an evaluation every epoch, so early in a run (a short wait, a fast-moving curve)
+    every epoch is evaluated and the interval widens only as ``patience_growth`` lengthens the
+    wait. Looking fewer times stopped citeulike-a at epoch 60 instead of 100 (its validation curve
+    is flat within noise from epoch 40 to 62, then climbs again), test Recall@20 .324 against .331.
 
     Args:
         epoch_seconds: training seconds of the epochs so far (the last three's median is used:
