@@ -12,12 +12,14 @@ from recsys_metric.config import EvalConfig
 from recsys_metric.data.matrix import InteractionMatrix
 from recsys_metric.errors import DataError
 from recsys_metric.evaluate import (
+    EVAL_BATCH_BYTES,
     EvaluationResult,
     ItemScores,
     ScoresInto,
     UserSample,
     _chunk_size,
     _top_k_candidates,
+    eval_batch_size,
     evaluate_scores,
     evaluate_with_baselines,
     interaction_matrices,
@@ -214,7 +216,8 @@ def test_batch_size_does_not_change_results():
     # Few distinct values: many ties, which must resolve the same way in every batch layout.
     scores = torch.from_numpy(rng.integers(0, 4, (n_users, n_items)).astype(np.float32))
     results = [
-        evaluate_scores(table_fn(scores), train, test, ks=(3, 10), batch_size=b) for b in (1, 4, 7, 1024)
+        evaluate_scores(table_fn(scores), train, test, ks=(3, 10), batch_size=b)
+        for b in (1, 4, 7, 1024, None)
     ]
     for other in results[1:]:
         assert other == pytest.approx(results[0], rel=1e-12)
@@ -583,3 +586,11 @@ def test_user_sample_is_seeded_and_recorded():
     # At or under the bound every eligible user is scored.
     assert sample_users(eligible, eligible.size, 3) is eligible
     assert sample_users(eligible, None, 3) is eligible
+
+
+def test_the_default_batch_keeps_its_score_buffers_under_the_bound():
+    """``batch_size=None``: 12 bytes a score, at most EVAL_BATCH_BYTES a batch, within [64, 1024]."""
+    assert eval_batch_size(9_742) == 1024  # ml-latest-small: the cap
+    assert eval_batch_size(100_000) == EVAL_BATCH_BYTES // (12 * 100_000) == 223
+    assert 12 * 100_000 * eval_batch_size(100_000) <= EVAL_BATCH_BYTES
+    assert eval_batch_size(10**8) == 64  # the floor, whatever the catalog

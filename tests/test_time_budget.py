@@ -540,6 +540,32 @@ def test_race_halves_three_candidates_rung_by_rung():
     assert validate.calls == {0: 6, 1: 4, 2: 2}
 
 
+def test_race_frees_each_candidate_when_it_stops(monkeypatch):
+    """A stopped candidate gives back its best weights' copy, optimiser, epoch order and (but the
+    first, whose model is the caller's) its model when it stops, not when the race ends; the
+    winner, released when it finishes, keeps its model."""
+    released = []
+    release = loop_module.FitRun.release
+
+    def spy(run):
+        result = release(run)
+        released.append((run, run.config.lr, sum(run.validate.calls.values())))
+        return result
+
+    monkeypatch.setattr(loop_module.FitRun, "release", spy)
+    high = [0.1 * i for i in range(1, 7)]
+    mid = [0.09 * i for i in range(1, 7)]
+    low = [0.01 * i for i in range(1, 7)]
+    model, result, _ = _race([high, mid, low], epochs=6, lr_candidates=(0.05, 0.02, 0.01))
+    # Evaluations made by then: 2 + 2 + 2 at rung 1, 4 + 4 + 2 at rung 2, 6 + 4 + 2 at the end.
+    assert [(lr, calls) for _, lr, calls in released] == [(0.01, 6), (0.02, 10), (0.05, 12)]
+    for run, lr, _ in released:
+        assert run.best_state is None and run.step is None and run.epoch_order is None
+        assert run.close() is run.released, "closing a released run again changes nothing"
+        assert (run.model is None) == (lr != 0.05)
+    assert result.lr == 0.05 and _same_weights(model, _plain(0.05, high, 6))
+
+
 def test_race_candidates_that_finish_before_a_rung_are_compared_on_their_best():
     _, result, _ = _race([[0.3], [0.4]], epochs=1)
     assert result.lr == 0.01

@@ -731,3 +731,22 @@ def test_a_plateau_still_creeping_up_is_not_stopped_by_one_lucky_evaluation():
     # Means of 3 from the 3rd evaluation: .50 .54 .557 .543 .56 .573 .573 .57: last new high at 8.
     assert trend_epoch(history, "recall@20") == 8
     assert trend_epoch(history[:3], "recall@20") == 0, "the first mean has nothing to rise above"
+
+
+def test_cpu_state_overwrites_an_earlier_copy_in_place_and_copies_afresh_otherwise():
+    from recsys_metric.training.checkpoints import cpu_state
+
+    model = TwoTowerModel(N_USERS, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    first = cpu_state(model)
+    tensors = {name: t for name, t in first.items()}
+    with torch.no_grad():
+        model.user_embedding.weight.add_(1.0)
+    again = cpu_state(model, into=first)
+    assert again is first and all(again[name] is tensors[name] for name in tensors), "no second copy"
+    assert all(torch.equal(t, model.state_dict()[name]) for name, t in again.items())
+    with torch.no_grad():
+        model.user_embedding.weight.add_(1.0)
+    assert not torch.equal(again["user_embedding.weight"], model.user_embedding.weight), "a copy, not a view"
+    other = TwoTowerModel(N_USERS + 1, N_ITEMS, ModelConfig(dim=DIM), seed=0)
+    fresh = cpu_state(other, into=first)
+    assert fresh is not first and fresh["user_embedding.weight"].shape[0] == N_USERS + 1

@@ -233,6 +233,7 @@ class ConcurrentRefit:
                 with self._cond:
                     if self._target is None and self._holdout_best == run.epoch:
                         # The holdout's best epoch so far: the weights to publish if it stays best.
-                        self._kept = (run.epoch, cpu_state(self.model))
+                        into = self._kept[1] if self._kept is not None else None
+                        self._kept = (run.epoch, cpu_state(self.model, into=into))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread by finish()
             self._error = err

@@ -268,6 +268,8 @@ class FitRun:
         self.last_eval_epoch = max(
             (int(r["epoch"]) for r in result.history if r.get("metrics")), default=start_epoch
         )
+        self.released: TrainResult | None = None
+        """The result of :meth:`release`, once called (the run trains no more)."""
         self.observer: Callable[[FitRun], None] | None = None
         """Called after every epoch (and its evaluation) with this run: the concurrent refit
         follows the holdout fit through it (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`)."""
@@ -433,7 +435,7 @@ class FitRun:
         value = metrics[self.metric_key]
         if result.best_metric is None or value > result.best_metric:
             result.best_metric, result.best_epoch, self.bad_evals = value, self.epoch, 0
-            self.best_state = cpu_state(self.model)
+            self.best_state = cpu_state(self.model, into=self.best_state)
         else:
             self.bad_evals += 1
             trend = trend_epoch(result.history, self.metric_key)
@@ -487,7 +489,11 @@ class FitRun:
         return self.bad_evals >= config.patience_after(evaluation_number(result.history, anchor))
 
     def close(self) -> TrainResult:
-        """End the run: close the progress bar, load the best evaluated weights into the model."""
+        """End the run: close the progress bar, load the best evaluated weights into the model.
+
+        A run already released (:meth:`release`) returns its result again and loads nothing."""
+        if self.released is not None:
+            return self.released
         if self.feed is not None:
             self.feed.close()
         if self.bar is not None:
@@ -506,6 +512,21 @@ class FitRun:
         # Under torchrun each rank waits on rank 0's validation for its own time: not recorded,
         # so that every rank returns the same result.
         result.validation_seconds = round(sum(self.eval_seconds), 3) if self.distributed is None else 0.0
+        return result
+
+    def release(self) -> TrainResult:
+        """:meth:`close` a run that will train no more, and free what only training needed: the
+        best weights' copy (now in the model), the optimiser's state, the epoch order and the
+        negatives' buffers. The model and the result stay. The learning-rate race releases each
+        candidate it stops: on the 20M log a stopped candidate held 1 GiB until the race ended,
+        which is the holdout fit's end, through the whole concurrent refit."""
+        result = self.close()
+        self.released = result
+        self.best_state = None
+        self.feed = None
+        self.step = None  # type: ignore[assignment]
+        self.source = None  # type: ignore[assignment]
+        self.epoch_order = None  # type: ignore[assignment]
         return result
 
 

@@ -186,7 +186,9 @@ def race(
                     if early
                     else ""
                 )
+                stopped = live
                 live = _halve(runs, live, rung, target, outcome, metric_key, note=note)
+                _release_stopped(runs, [i for i in stopped if i not in live])
                 rung, target = rung + 1, target * 2
                 if refit is not None and len(live) == 1:
                     refit.start(runs[live[0]])
@@ -196,7 +198,9 @@ def race(
                 # compare them all at this epoch and go on with the best alone.
                 for j in live:
                     runs[j].evaluate_now()
+                stopped = live
                 live = _end_race(runs, live, outcome, metric_key)
+                _release_stopped(runs, [i for i in stopped if i not in live])
                 if refit is not None and len(live) == 1:
                     refit.start(runs[live[0]])
                 continue
@@ -207,6 +211,7 @@ def race(
             if runs[i].done:
                 live.remove(i)
                 outcome[i] = _finished(runs[i].result)
+                runs[i].release()  # it may still win: its model (with its best weights) stays
     finally:
         results = [run.close() for run in runs]
         torch.set_num_threads(threads_before)
@@ -214,6 +219,9 @@ def race(
     scores = [-math.inf if r.best_metric is None else r.best_metric for r in results]
     winner = max(range(len(runs)), key=lambda i: (scores[i], -i))
     if winner != 0:
+        # Never a stopped candidate (_release_stopped dropped their models): one that stopped
+        # trailed a candidate whose best only rose since, or tied it later in the list.
+        assert runs[winner].model is not None
         model.load_state_dict(runs[winner].model.state_dict())
     trials: list[dict[str, Any]] = []
     for i, (lr, result) in enumerate(zip(rates, results, strict=True)):
@@ -230,6 +238,15 @@ def race(
     chosen = results[winner]
     chosen.lr_search = trials
     return chosen
+
+
+def _release_stopped(runs: list[FitRun], stopped: list[int]) -> None:
+    """Free the memory of the candidates the race just stopped (:meth:`FitRun.release`), and the
+    models of those but the first (whose model is the caller's): a stopped candidate cannot win."""
+    for i in stopped:
+        runs[i].release()
+        if i != 0:
+            runs[i].model = None  # type: ignore[assignment]
 
 
 def _round_unaffordable(planner: EpochPlanner | None, runs: list[FitRun], live: list[int]) -> bool:
