@@ -5,13 +5,10 @@ the refit trains that many epochs at that rate on the whole log and is published
 two facts from the holdout fit, the rate (known once the learning-rate race is down to one
 candidate, after a few epochs) and the epoch count (known only at the end); in between it has
 nothing to wait for. :class:`ConcurrentRefit` starts it as soon as the rate is known and lets it
-follow the holdout fit's best epoch: it trains epoch ``e`` once the holdout fit has evaluated an
-epoch ``>= e`` as its best so far, never further. The epochs early stopping waits after the best are
-trained by the refit only when the best moves on (each such epoch would otherwise be trained twice
-and the second copy thrown away: a third of the refit's epochs on ml-latest-small, whose best
-epoch is about two thirds of its last); after a new best the holdout fit trains at least
-``patience`` more epochs, in which the refit catches up. When the holdout fit ends with best epoch
-``B``, the refit holds its weights after ``B`` epochs already or trains on alone to ``B``.
+follow the holdout fit epoch by epoch, never ahead of it: after refit epoch ``e`` the holdout fit
+has already evaluated its epoch ``e``, so the refit knows whether ``e`` is the best epoch so far and
+then keeps a copy of its weights. When the holdout fit ends with best epoch ``B``, the refit either
+holds its weights after ``B`` epochs already or trains on alone to ``B``.
 
 The published model is the sequential refit's, bit for bit: the same seed, data and rate, and the
 epochs trained in the same order on their own random stream (tests/test_concurrent_refit.py).
@@ -35,12 +32,14 @@ import threading
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from recsys_metric.config import TrainConfig
 from recsys_metric.device import resolve_device
 from recsys_metric.errors import DataError
 from recsys_metric.model.towers import TwoTowerModel
 from recsys_metric.training.budget import EpochPlanner
+from recsys_metric.training.checkpoints import cpu_state
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.loop import FitRun
 from recsys_metric.training.sources import co_liked_data
@@ -92,10 +91,12 @@ class ConcurrentRefit:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._run: FitRun | None = None
+        self._holdout_epoch = 0
         self._holdout_best: int | None = None
         self._target: int | None = None
         self._cancelled = False
         self._error: BaseException | None = None
+        self._kept: tuple[int, dict[str, Tensor]] | None = None
         self._planner: EpochPlanner | None = None
 
     @staticmethod
@@ -161,6 +162,7 @@ class ConcurrentRefit:
     def follow(self, holdout: FitRun) -> None:
         """The holdout fit trained (and evaluated) up to ``holdout.epoch``."""
         with self._cond:
+            self._holdout_epoch = holdout.epoch
             self._holdout_best = holdout.result.best_epoch
             self._cond.notify_all()
 
@@ -171,8 +173,8 @@ class ConcurrentRefit:
         None when the refit never started (the race ended with several candidates): the caller
         refits as before.
 
-        When the budget cut ``epochs`` below epochs the refit already trained (never more than
-        the holdout's best), the model keeps its latest weights, the nearest it has."""
+        When the budget cut ``epochs`` below epochs the refit already trained, the model keeps
+        the nearest weights it has: those after the holdout's best epoch, or its latest."""
         if not self.started:
             return None
         assert self._run is not None and self._thread is not None
@@ -186,14 +188,20 @@ class ConcurrentRefit:
         run = self._run
         result = run.close()
         trained = run.epoch
-        if trained > epochs:
+        used = trained
+        if trained > epochs and self._kept is not None:
+            # It had run ahead of a target below the holdout's best (the budget cut the refit):
+            # the weights after the holdout's best epoch are the nearest it kept.
+            used = self._kept[0]
+            self.model.load_state_dict(self._kept[1])
+        if trained > used:
             logger.info(
-                "refit: had trained %d epochs beside the holdout fit, more than the %d the budget leaves; "
-                "it keeps them",
+                "refit: trained %d epochs beside the holdout fit, kept the weights after epoch %d",
                 trained,
-                epochs,
+                used,
             )
         result.concurrent_epochs = trained
+        result.history = result.history[:used]
         return result
 
     def cancel(self) -> None:
@@ -212,9 +220,8 @@ class ConcurrentRefit:
         try:
             while True:
                 with self._cond:
-                    # Following: the next epoch only up to the holdout fit's best so far.
                     self._cond.wait_for(lambda: self._cancelled or self._target is not None
-                                        or (self._holdout_best or 0) > run.epoch)  # fmt: skip
+                                        or self._holdout_epoch > run.epoch)  # fmt: skip
                     if self._cancelled or run.done:
                         return
                     if self._target is not None:
@@ -223,5 +230,10 @@ class ConcurrentRefit:
                         # From here on it is the sequential refit of ``target`` epochs.
                         run.n_epochs, run.planner = self._target, self._planner
                 run.train_epoch()
+                with self._cond:
+                    if self._target is None and self._holdout_best == run.epoch:
+                        # The holdout's best epoch so far: the weights to publish if it stays best.
+                        into = self._kept[1] if self._kept is not None else None
+                        self._kept = (run.epoch, cpu_state(self.model, into=into))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread by finish()
             self._error = err
