@@ -93,6 +93,7 @@ class ConcurrentRefit:
         self._run: FitRun | None = None
         self._holdout_epoch = 0
         self._holdout_best: int | None = None
+        self._holdout_done = False
         self._target: int | None = None
         self._cancelled = False
         self._error: BaseException | None = None
@@ -164,6 +165,7 @@ class ConcurrentRefit:
         with self._cond:
             self._holdout_epoch = holdout.epoch
             self._holdout_best = holdout.result.best_epoch
+            self._holdout_done = holdout.done
             self._cond.notify_all()
 
     def finish(self, epochs: int, planner: EpochPlanner | None = None) -> TrainResult | None:
@@ -214,6 +216,16 @@ class ConcurrentRefit:
         if self._run is not None and self._target is None:
             self._run.close()
 
+    def _may_train(self, trained: int) -> bool:
+        """Whether the refit, ``trained`` epochs in, may train the next while it follows: never
+        ahead of the holdout fit, and once that has stopped only up to its best epoch (the target
+        :meth:`finish` sets is never more). Until then it trains every epoch the holdout fit has:
+        any could be the best. On the 20M log the refit trained 3 epochs past the stopped holdout
+        fit's best through the holdout evaluation, which it slowed, and the wait for its last one."""
+        if self._holdout_done:
+            return (self._holdout_best or 0) > trained
+        return self._holdout_epoch > trained
+
     def _train(self) -> None:
         run = self._run
         assert run is not None
@@ -221,7 +233,7 @@ class ConcurrentRefit:
             while True:
                 with self._cond:
                     self._cond.wait_for(lambda: self._cancelled or self._target is not None
-                                        or self._holdout_epoch > run.epoch)  # fmt: skip
+                                        or self._may_train(run.epoch))  # fmt: skip
                     if self._cancelled or run.done:
                         return
                     if self._target is not None:
