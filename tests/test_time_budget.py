@@ -547,8 +547,8 @@ def test_race_frees_each_candidate_when_it_stops(monkeypatch):
     released = []
     release = loop_module.FitRun.release
 
-    def spy(run):
-        result = release(run)
+    def spy(run, **kwargs):
+        result = release(run, **kwargs)
         released.append((run, run.config.lr, sum(run.validate.calls.values())))
         return result
 

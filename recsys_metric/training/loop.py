@@ -514,13 +514,16 @@ class FitRun:
         result.validation_seconds = round(sum(self.eval_seconds), 3) if self.distributed is None else 0.0
         return result
 
-    def release(self) -> TrainResult:
+    def release(self, *, keep_model: bool = True) -> TrainResult:
         """:meth:`close` a run that will train no more, and free what only training needed: the
         best weights' copy (now in the model), the optimiser's state, the epoch order and the
-        negatives' buffers. The model and the result stay. The learning-rate race releases each
-        candidate it stops: on the 20M log a stopped candidate held 1 GiB until the race ended,
-        which is the holdout fit's end, through the whole concurrent refit."""
+        negatives' buffers; the model too unless ``keep_model`` (its best weights are then lost).
+        The result stays. The learning-rate race releases each candidate it stops: on the 20M log
+        a stopped candidate held 1 GiB until the race ended, which is the holdout fit's end,
+        through the whole concurrent refit."""
         result = self.close()
+        if not keep_model:
+            self.model = None  # type: ignore[assignment]
         self.released = result
         self.best_state = None
         self.feed = None

@@ -244,9 +244,7 @@ def _release_stopped(runs: list[FitRun], stopped: list[int]) -> None:
     """Free the memory of the candidates the race just stopped (:meth:`FitRun.release`), and the
     models of those but the first (whose model is the caller's): a stopped candidate cannot win."""
     for i in stopped:
-        runs[i].release()
-        if i != 0:
-            runs[i].model = None  # type: ignore[assignment]
+        runs[i].release(keep_model=i == 0)
 
 
 def _round_unaffordable(planner: EpochPlanner | None, runs: list[FitRun], live: list[int]) -> bool:
