@@ -123,6 +123,7 @@ def _ours(
         from recsys_metric.training.budget import TimeBudget
         from recsys_metric.training.concurrent_refit import ConcurrentRefit
         from recsys_metric.training.run_budget import RunPlan
+        from recsys_metric.training.second_phase import refit_epochs_by_phase, replay_second_phase
         from recsys_metric.triplets import popularity_probs
     except ImportError as err:
         raise SkipBaseline(f"recsys-metric trainer not available ({err})") from None
@@ -214,6 +215,7 @@ def _ours(
                 f"{result.item_centric_weight:g} for a {data.split_method} split; lr {result.lr:g}"
                 f"{_lr_choice(result.lr_search)}; {result.negatives} negatives); "
                 f"best epoch {result.best_epoch} of {result.epochs_run} on validation"
+                + (f"; second phase: {result.second_phase['outcome']}" if result.second_phase else "")
             ),
             "validation": {key: round(float(result.best_metric or 0.0), 5)},
             "validation_history": [
@@ -230,23 +232,43 @@ def _ours(
         refitted = None
         if epochs:
             t = time.perf_counter()
+            first_epochs, second_epochs = refit_epochs_by_phase(result, epochs)
             if beside is not None and beside.started:
-                refitted = beside.finish(epochs, plan.refit_planner)
+                # In the holdout's second phase (train.lr_drop) the refit beside it follows it there.
+                phase_epochs = second_epochs if beside.in_second_phase else first_epochs
+                refitted = beside.finish(phase_epochs, plan.refit_planner)
                 model = beside.model
                 where = f"beside the holdout fit, {refitted.concurrent_epochs} trained"
+                if second_epochs:
+                    where += f", then {second_epochs} at lr {result.second_phase['lr']:g}"
             else:
-                model = new_model(data)
+                model, refit_data = new_model(data), train_data(data)
                 refitted = fit(
                     model,
-                    train_data(data),
+                    refit_data,
                     plan.refit_config(train_config, result),
                     explicit_share=train_config.explicit_share,
-                    epochs=epochs,
+                    epochs=first_epochs,
                     progress=False,
                     split_method=data.split_method,
                     planner=plan.refit_planner,
                 )
                 where = "after the holdout fit"
+                if second_epochs:
+                    # As the pipeline: the refit replays the holdout's second phase (train.lr_drop).
+                    refitted = replay_second_phase(
+                        model,
+                        refit_data,
+                        plan.refit_config(train_config, result),
+                        result,
+                        refitted,
+                        second_epochs,
+                        explicit_share=train_config.explicit_share,
+                        split_method=data.split_method,
+                        progress=False,
+                        planner=plan.refit_planner,
+                    )
+                    where += f", then {second_epochs} at lr {result.second_phase['lr']:g}"
             info["params"] += f", refitted on all training data ({refitted.epochs_run} epochs, {where})"
             info["train_seconds"]["refit"] = round(time.perf_counter() - t, 2)
     info["time_budget"] = plan.report(result, refitted, epochs)

@@ -409,6 +409,14 @@ class TrainConfig(_Section):
     so two candidates cost the loser's first ``patience`` evaluations instead of a whole fit;
     ``full`` trains every candidate to its own early stop, one after another (what torchrun runs
     always do)."""
+    lr_drop: Annotated[float, Field(gt=0.0, lt=1.0)] | None = 0.2
+    """When the fit at the chosen rate ends by early stopping (not the epoch cap, not the time
+    budget), it goes on from its best weights at ``lr_drop`` times that rate, the optimiser's
+    statistics started afresh, until early stopping ends that too; its best epoch is kept only
+    if it beats the first phase on validation, and the refit replays both phases
+    (:mod:`recsys_metric.training.second_phase`). ``none``: no second phase. Needs validation,
+    ``lr_schedule: constant``, and room in the time budget for ``patience`` more epochs; not
+    under torchrun. What it cost and bought is in ``metrics.json`` (``second_phase``)."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimiser; sparse row updates for embedding tables."""
     weight_decay: float = Field(0.0, ge=0.0)
@@ -554,6 +562,12 @@ class TrainConfig(_Section):
                 "item_centric_weight": self.item_centric_weight_for(split_method),
             }
         )
+
+    @field_validator("lr_drop", mode="before")
+    @classmethod
+    def _lr_drop_none(cls, value: Any) -> Any:
+        # TOML has no null: ``lr_drop = "none"`` (and ``--set train.lr_drop=none``) turns it off.
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("time_budget", mode="after")
     @classmethod

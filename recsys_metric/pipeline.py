@@ -86,6 +86,7 @@ from recsys_metric.training import TrainData, TrainResult, fit
 from recsys_metric.training.budget import TimeBudget
 from recsys_metric.training.concurrent_refit import ConcurrentRefit
 from recsys_metric.training.run_budget import RunPlan
+from recsys_metric.training.second_phase import refit_epochs_by_phase, replay_second_phase
 from recsys_metric.triplets import popularity_probs
 from recsys_metric.warm_start import plan_warm_start, warm_start_model
 
@@ -610,7 +611,10 @@ def train_and_evaluate(
             assert beside is not None
             t = time.perf_counter()
             final_liked = full_liked
-            refit = beside.finish(epochs, run_plan.refit_planner)
+            # In the holdout's second phase (train.lr_drop) the refit beside it follows it there.
+            first_epochs, second_epochs = refit_epochs_by_phase(holdout, epochs)
+            phase_epochs = second_epochs if beside.in_second_phase else first_epochs
+            refit = beside.finish(phase_epochs, run_plan.refit_planner)
             final_model = beside.model
             # Only the wait after the holdout evaluation: the rest ran beside the holdout fit.
             seconds["train_refit"] = time.perf_counter() - t
@@ -618,17 +622,36 @@ def train_and_evaluate(
             t = time.perf_counter()
             final_liked = full_liked
             final_model = fresh_refit_model()
-            refit = fit(
-                final_model,
-                train_data(full, n_users, n_items, config),
-                run_plan.refit_config(train_config, holdout),
-                explicit_share=config.train.explicit_share,
-                epochs=epochs,
-                progress=progress,
-                distributed=distributed,
-                split_method=val_info.method,
-                planner=run_plan.refit_planner,
-            )
+            refit_data = train_data(full, n_users, n_items, config)
+            first_epochs, second_epochs = refit_epochs_by_phase(holdout, epochs)
+            refit = None
+            if first_epochs:
+                refit = fit(
+                    final_model,
+                    refit_data,
+                    run_plan.refit_config(train_config, holdout),
+                    explicit_share=config.train.explicit_share,
+                    epochs=first_epochs,
+                    progress=progress,
+                    distributed=distributed,
+                    split_method=val_info.method,
+                    planner=run_plan.refit_planner,
+                )
+            if second_epochs:
+                # Never under torchrun: the holdout fit trains no second phase there.
+                refit = replay_second_phase(
+                    final_model,
+                    refit_data,
+                    run_plan.refit_config(train_config, holdout),
+                    holdout,
+                    refit,
+                    second_epochs,
+                    explicit_share=config.train.explicit_share,
+                    split_method=val_info.method,
+                    progress=progress,
+                    planner=run_plan.refit_planner,
+                )
+            del refit_data
             seconds["train_refit"] = time.perf_counter() - t
 
     time_budget = run_plan.report(holdout, refit, epochs)

@@ -35,7 +35,8 @@ def with_time_budget(config: Config, value: str | None) -> Config:
 
 
 def time_budget_lines(metrics: dict[str, Any]) -> list[str]:
-    """What the run summary says about the budget: the allowance and what it traded, if anything."""
+    """What the run summary says about training's plan: the validation sample, the second phase
+    after an early stop (``train.lr_drop``), and the budget's allowance and what it traded."""
     budget = metrics.get("time_budget") or {}
     lines: list[str] = []
     validation = budget.get("validation") or {}
@@ -46,6 +47,15 @@ def time_budget_lines(metrics: dict[str, Any]) -> list[str]:
         if best is not None:
             text += f", best Recall {best:.4f}" + (f" (standard error {se:.4f})" if se is not None else "")
         lines.append(text)
+    phase = budget.get("second_phase")
+    if phase:
+        # train.lr_drop after an early stop: what the second phase did, or why it did not run.
+        where = (
+            f" from epoch {phase['from_epoch']}, {phase['epochs_run']} epochs"
+            if "epochs_run" in phase
+            else ""
+        )
+        lines.append(f"second phase at lr {phase['lr']:g}{where}: {phase['outcome']}")
     if budget.get("seconds") is not None:
         head = f"time budget {budget['seconds']:.0f} s: training ended after {budget['elapsed_at_training_end']:.0f} s"
         traded = budget.get("traded") or []

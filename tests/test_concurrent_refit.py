@@ -38,7 +38,7 @@ FULL = TrainData.from_matrices(_log(900))
 
 def _config(kernel: str, **overrides) -> TrainConfig:
     base = dict(epochs=12, batch_size=64, negatives=3, device="cpu", compile="off", lr=0.05, patience=2, patience_growth=0,
-                eval_every=1, kernel=kernel)  # fmt: skip
+                eval_every=1, kernel=kernel, lr_drop=None)  # fmt: skip
     return TrainConfig(**{**base, **overrides})
 
 

@@ -25,7 +25,9 @@ from recsys_metric.training.rate_race import first_rung
 from recsys_metric.training.validation import SampledValidation
 
 N_USERS, N_ITEMS = 40, 20
-FAST = {"epochs": 40, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off", "lr": 0.05}
+# No second phase after an early stop (train.lr_drop; tests/test_second_phase.py).
+FAST = {"epochs": 40, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off", "lr": 0.05,
+        "lr_drop": None}  # fmt: skip
 
 
 def _data() -> TrainData:

@@ -30,8 +30,10 @@ from recsys_metric.train import (
 )
 
 N_USERS, N_ITEMS, HALF = 40, 20, 10
-# A fixed rate: with ``lr: auto`` every fit with validation would train once per candidate.
-FAST = {"epochs": 15, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off", "lr": 0.05}
+# A fixed rate: with ``lr: auto`` every fit with validation would train once per candidate. No
+# second phase after an early stop (tests/test_second_phase.py has its own).
+FAST = {"epochs": 15, "batch_size": 64, "negatives": 3, "device": "cpu", "compile": "off", "lr": 0.05,
+        "lr_drop": None}  # fmt: skip
 DIM = 4
 
 

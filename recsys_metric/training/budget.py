@@ -24,7 +24,7 @@ from recsys_metric.durations import parse_duration
 if TYPE_CHECKING:
     from recsys_metric.config import TrainConfig
     from recsys_metric.model.towers import TwoTowerModel
-    from recsys_metric.training.data import TrainData
+    from recsys_metric.training.data import TrainData, TrainResult
     from recsys_metric.training.loop import FitRun
 
 __all__ = [
@@ -170,6 +170,8 @@ class HoldoutPlanner:
         refit_done: epochs the refit has trained so far
             (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`; 0 for a refit that
             follows the holdout fit).
+        refit_before: refit epochs that come before the current fit's (a second phase's: the
+            first phase's best epoch; :mod:`~recsys_metric.training.second_phase` sets it).
     """
 
     budget: TimeBudget
@@ -178,6 +180,7 @@ class HoldoutPlanner:
     last_plan: dict[str, float] = field(default_factory=dict)
     negatives: dict[str, Any] | None = None
     refit_done: Callable[[], int] = lambda: 0
+    refit_before: int = 0
 
     def _plan(self, run: FitRun, scale: int) -> tuple[float, float, float, float, float]:
         """``(remaining, evaluation, next, refit, reserve)`` seconds for ``scale`` more epochs
@@ -185,8 +188,30 @@ class HoldoutPlanner:
         epoch_s = epoch_cost(run)
         evaluation = eval_cost(run)  # this epoch's own evaluation, which comes first
         nxt = scale * (epoch_s + evaluation)
-        refit = max(0, run.epoch + 1 - self.refit_done()) * epoch_s * self.refit_scale
+        refit = self.refit_owed(run.epoch + 1) * epoch_s * self.refit_scale
         return self.budget.remaining(), evaluation, nxt, refit, self.reserve()
+
+    def refit_owed(self, epochs: int) -> int:
+        """Refit epochs still to train when this fit's kept weights end up after its ``epochs``-th
+        epoch: :attr:`refit_before` (a second phase's: the first phase's best epoch) plus
+        ``epochs``, less what a concurrent refit has trained of them."""
+        return max(0, self.refit_before + epochs - self.refit_done())
+
+    def second_phase_epochs(self, first: TrainResult) -> int:
+        """Epochs a second phase after ``first`` (a finished fit) could train, each with its
+        evaluation and its refit epoch, once the refit owes ``first``'s best epochs: planned at
+        ``first``'s recent epoch and mean evaluation costs (:data:`SAFETY`-scaled), leaving the
+        reserve."""
+        seconds = planning_seconds([float(r["seconds"]) for r in first.history])
+        epoch_s = SAFETY * max(seconds) if seconds else 0.0
+        evaluations = sum(1 for r in first.history if r.get("metrics"))
+        eval_s = SAFETY * first.validation_seconds / evaluations if evaluations else 0.0
+        owed = max(0, (first.best_epoch or 0) - self.refit_done()) * epoch_s * self.refit_scale
+        per_epoch = epoch_s + eval_s + epoch_s * self.refit_scale
+        room = self.budget.remaining() - self.reserve() - owed
+        if per_epoch <= 0:
+            return 1 << 30
+        return int(max(0.0, room) // per_epoch)
 
     def before_fit(
         self,

@@ -42,6 +42,7 @@ from recsys_metric.training.budget import EpochPlanner
 from recsys_metric.training.checkpoints import cpu_state
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.loop import FitRun
+from recsys_metric.training.second_phase import merge_phases
 from recsys_metric.training.sources import co_liked_data
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,12 @@ class ConcurrentRefit:
         self._error: BaseException | None = None
         self._kept: tuple[int, dict[str, Tensor]] | None = None
         self._planner: EpochPlanner | None = None
+        self._first: TrainResult | None = None
+        """The refit's first phase, once the holdout fit went on to a second
+        (:meth:`start_second_phase`)."""
+        self._phase_start: dict[str, Tensor] | None = None
+        """The weights the second phase started from (the first phase's), to go back to when
+        the holdout fit did not keep its second phase."""
 
     @staticmethod
     def supported(config: TrainConfig, *, warm_start: bool = False, distributed: bool = False) -> bool:
@@ -125,15 +132,18 @@ class ConcurrentRefit:
 
     @property
     def epochs_done(self) -> int:
-        """Epochs the refit has trained so far."""
-        return 0 if self._run is None else self._run.epoch
+        """Epochs the refit has trained so far (in a second phase: the first phase's kept epochs
+        and the second's)."""
+        first = 0 if self._first is None else self._first.epochs_run
+        return first + (0 if self._run is None else self._run.epoch)
 
     def start(self, holdout: FitRun) -> None:
         """Start the refit at the rate and negatives of ``holdout`` (the race's winner, or the
         only fit) and follow it from here on."""
         if self.started:
             return
-        config = self.config.model_copy(update={"lr": float(holdout.config.lr), "negatives": holdout.k})
+        update = {"lr": float(holdout.config.lr), "negatives": holdout.k, "seed": holdout.config.seed}
+        config = self.config.model_copy(update=update)
         # FitRun seeds torch's global generator: keep the holdout fit's stream as it was.
         torch_state = torch.get_rng_state()
         try:
@@ -160,6 +170,28 @@ class ConcurrentRefit:
         self._thread = threading.Thread(target=self._train, name="recsys-metric-refit", daemon=True)
         self._thread.start()
 
+    @property
+    def in_second_phase(self) -> bool:
+        """Whether it follows the holdout fit's second phase (:meth:`start_second_phase`)."""
+        return self._first is not None
+
+    def start_second_phase(self, holdout: FitRun) -> None:
+        """The holdout fit goes on in a second phase (``holdout``: at a lower rate from its first
+        phase's best weights, ``train.lr_drop``; :mod:`~recsys_metric.training.second_phase`).
+        The refit ends its first phase at that best epoch (training on to it, or taking the
+        weights it kept after it: it waits for that, at most the epoch it is behind), keeps a copy
+        of those weights, and follows ``holdout`` from them at its rate and seed as it followed
+        the first phase. :meth:`finish` then takes the second phase's epochs."""
+        if not self.started or self._first is not None:
+            return
+        self._first = self.finish(self._holdout_best or 0)
+        self._phase_start = cpu_state(self.model)
+        with self._cond:
+            self._thread, self._run, self._kept = None, None, None
+            self._holdout_epoch, self._holdout_best, self._holdout_done = 0, None, False
+            self._target, self._planner = None, None
+        self.start(holdout)
+
     def follow(self, holdout: FitRun) -> None:
         """The holdout fit trained (and evaluated) up to ``holdout.epoch``."""
         with self._cond:
@@ -176,7 +208,12 @@ class ConcurrentRefit:
         refits as before.
 
         When the budget cut ``epochs`` below epochs the refit already trained, the model keeps
-        the nearest weights it has: those after the holdout's best epoch, or its latest."""
+        the nearest weights it has: those after the holdout's best epoch, or its latest.
+
+        In a second phase (:attr:`in_second_phase`) ``epochs`` counts the second phase's epochs
+        (:func:`~recsys_metric.training.second_phase.refit_epochs_by_phase`) and the result holds
+        both phases; 0 (the holdout fit did not keep its second phase) goes back to the first
+        phase's weights."""
         if not self.started:
             return None
         assert self._run is not None and self._thread is not None
@@ -204,7 +241,17 @@ class ConcurrentRefit:
             )
         result.concurrent_epochs = trained
         result.history = result.history[:used]
-        return result
+        first, self._first = self._first, None
+        if first is None:
+            return result
+        start, self._phase_start = self._phase_start, None
+        if epochs == 0:
+            assert start is not None
+            self.model.load_state_dict(start)
+            logger.info("refit: the holdout fit kept no epoch of its second phase; so does the refit")
+            return first
+        info = {"lr": float(run.config.lr), "from_epoch": first.epochs_run, "epochs_run": used}
+        return merge_phases(first, result, info, validated=False)
 
     def cancel(self) -> None:
         """Stop the thread (the holdout fit failed, or :meth:`finish` was not reached)."""

@@ -124,6 +124,15 @@ class TrainResult:
             (:class:`~recsys_metric.training.concurrent_refit.ConcurrentRefit`), the epochs it
             trained, of which ``history`` holds those of the weights kept; None for a refit
             trained after the holdout fit, and for every other fit.
+        second_phase: what ``train.lr_drop`` did after early stopping
+            (:func:`~recsys_metric.training.second_phase.second_phase`): ``lr``, ``from_epoch``
+            (the first phase's best), ``epochs_run``, ``best_epoch`` (within the phase; 0: the
+            first phase's weights stayed), ``best_metric``, ``seconds``, ``outcome``; or why it
+            did not run (``outcome`` only); None when it did not apply (no early stop, turned
+            off). With a kept second phase ``best_epoch`` is the first phase's best plus the
+            second's (the epochs of training behind the model's weights, what the refit trains)
+            and ``history`` holds both phases' epochs in the order trained, the second's marked
+            ``phase: 2``. For a refit, the second phase's epochs it replayed.
     """
 
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -143,6 +152,7 @@ class TrainResult:
     stopped_by: str | None = None
     validation_seconds: float = 0.0
     concurrent_epochs: int | None = None
+    second_phase: dict[str, Any] | None = None
 
     @property
     def epochs_run(self) -> int:

@@ -76,9 +76,12 @@ def fit_at_rate(
     planner: EpochPlanner | None = None,
     clock: Callable[[], float] = time.perf_counter,
     refit: ConcurrentRefit | None = None,
+    start_metric: float | None = None,
+    on_start: Callable[[FitRun], None] | None = None,
 ) -> TrainResult:
     """One fit at the fixed rate ``config.lr`` (``config`` resolved for the split); ``evaluate_start``,
-    ``planner`` and ``clock`` as :class:`FitRun`; ``refit`` starts with it and follows it."""
+    ``planner``, ``clock`` and ``start_metric`` as :class:`FitRun`; ``refit`` starts with it and
+    follows it; ``on_start`` is called with the run before its first epoch."""
     if distributed is not None:
         config, validate, progress = distributed.setup(
             model,
@@ -117,9 +120,12 @@ def fit_at_rate(
             planner=planner,
             clock=clock,
             validation_threads=threads_before,
+            start_metric=start_metric,
         )
         if refit is not None:
             refit.start(run)
+        if on_start is not None:
+            on_start(run)
         return run.run_to_end()
     finally:
         torch.set_num_threads(threads_before)
@@ -136,7 +142,9 @@ class FitRun:
     Evaluations are due every ``config.eval_every`` epochs and after the last one; with
     ``eval_every: auto`` the interval follows the measured costs (:func:`auto_eval_interval`).
     ``evaluate_start`` evaluates the model before the first epoch (a warm start's starting point)
-    as epoch 0, which then stays the best unless an epoch beats it. ``planner`` (e.g.
+    as epoch 0, which then stays the best unless an epoch beats it; ``start_metric``, the starting
+    weights' validation Recall@K measured already on the same sample, does the same without the
+    evaluation (a second phase, :mod:`~recsys_metric.training.second_phase`). ``planner`` (e.g.
     :class:`~recsys_metric.training.budget.HoldoutPlanner`) is asked after every epoch whether
     another one still fits; when it answers with a reason, the epoch is evaluated and the run stops.
     ``clock`` times epochs and evaluations (tests inject a fake one). ``validation_threads``:
@@ -165,6 +173,7 @@ class FitRun:
         planner: EpochPlanner | None = None,
         clock: Callable[[], float] = time.perf_counter,
         validation_threads: int | None = None,
+        start_metric: float | None = None,
     ):
         if distributed is not None:
             # Every rank must evaluate and stop after the same epochs (validation is collective), and
@@ -292,6 +301,11 @@ class FitRun:
             result.best_metric, result.best_epoch = value, 0
             self.best_state = cpu_state(model)
             logger.info("epoch 0 (the starting point): %s %.4f", metric_key, value)
+        elif start_metric is not None and validate is not None and start_epoch == 0:
+            # The starting weights were scored already on the same validation sample (a second
+            # phase starts from the first's best): epoch 0 without evaluating it again.
+            result.best_metric, result.best_epoch = float(start_metric), 0
+            self.best_state = cpu_state(model)
 
     @property
     def done(self) -> bool:

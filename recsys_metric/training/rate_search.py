@@ -21,6 +21,7 @@ from recsys_metric.training.checkpoints import cpu_state
 from recsys_metric.training.data import TrainData, TrainResult
 from recsys_metric.training.loop import fit_at_rate
 from recsys_metric.training.rate_race import race
+from recsys_metric.training.second_phase import second_phase
 from recsys_metric.training.sources import co_liked_data
 
 if TYPE_CHECKING:
@@ -139,43 +140,76 @@ def fit(
             candidates=len(config.lr_candidates) if search and config.lr_search == "race" else 1,
             clock=clock,
         )
+    if not search and config.lr == "auto":
+        config = config.model_copy(update={"lr": config.first_lr()})
+    args = (model, data, config, explicit_share, validate, epochs, checkpoint_dir, resume, progress)
+    timing: dict[str, Any] = {"evaluate_start": evaluate_start, "planner": planner, "clock": clock}
     if not search:
-        config = config.model_copy(update={"lr": config.first_lr()}) if config.lr == "auto" else config
-        return fit_at_rate(
-            model,
-            data,
-            config,
-            explicit_share,
-            validate,
-            epochs,
-            checkpoint_dir,
-            resume,
-            progress,
-            distributed,
-            evaluate_start=evaluate_start,
-            planner=planner,
-            clock=clock,
-            refit=refit,
-        )
-    if config.lr_search == "race" and distributed is None and len(config.lr_candidates) > 1:
+        result = fit_at_rate(*args, distributed, refit=refit, **timing)
+    elif config.lr_search == "race" and distributed is None and len(config.lr_candidates) > 1:
         assert validate is not None
-        result = race(
+        result = race(*args, refit=refit, **timing)
+        logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(result.lr_search))
+    else:
+        result = _full_search(*args, distributed, **timing)
+    if second_phase_applies(config, result, validate, distributed):
+        assert validate is not None
+        result = second_phase(
             model,
             data,
             config,
-            explicit_share,
-            validate,
-            epochs,
-            checkpoint_dir,
-            resume,
-            progress,
-            evaluate_start=evaluate_start,
+            result,
+            explicit_share=explicit_share,
+            validate=validate,
+            n_epochs=config.epochs if epochs is None else int(epochs),
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
             planner=planner,
             clock=clock,
             refit=refit,
         )
-        logger.info("train.lr auto: chose %g (validation %s)", result.lr, lr_search_summary(result.lr_search))
-        return result
+    return result
+
+
+def second_phase_applies(
+    config: TrainConfig,
+    result: TrainResult,
+    validate: Callable[[TwoTowerModel], dict[str, float]] | None,
+    distributed: DistributedTraining | None,
+) -> bool:
+    """Whether ``train.lr_drop`` trains a second phase after ``result``: it ended by early
+    stopping (not the cap, not a planner), with validation, a constant schedule, not under
+    torchrun (:mod:`~recsys_metric.training.second_phase`)."""
+    return (
+        config.lr_drop is not None
+        and validate is not None
+        and distributed is None
+        and config.lr_schedule == "constant"
+        and result.stopped_early
+        and result.stopped_by is None
+        and result.best_metric is not None
+    )
+
+
+def _full_search(
+    model: TwoTowerModel,
+    data: TrainData,
+    config: TrainConfig,
+    explicit_share: float,
+    validate: Callable[[TwoTowerModel], dict[str, float]] | None,
+    epochs: int | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    progress: bool | None,
+    distributed: DistributedTraining | None,
+    *,
+    evaluate_start: bool,
+    planner: EpochPlanner | None,
+    clock: Callable[[], float],
+) -> TrainResult:
+    """``lr_search: full`` (and under torchrun): every candidate to its own early stop, one after
+    another; the model keeps the best one's best weights."""
     last = len(config.lr_candidates) - 1
     initial = cpu_state(model) if last > 0 else None
     # The winner's weights: None while they are the ones in the model (the last candidate's).

@@ -216,6 +216,7 @@ class RunPlan:
                 "standard_error": None if se is None or math.isnan(se) else se,
             },
             "lr_candidates": holdout.lr_search,
+            "second_phase": holdout.second_phase,
             "negatives": negatives,
             "traded": traded,
         }
