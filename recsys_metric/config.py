@@ -416,7 +416,8 @@ class TrainConfig(_Section):
     if it beats the first phase on validation, and the refit replays both phases
     (:mod:`recsys_metric.training.second_phase`). ``none``: no second phase. Needs validation,
     ``lr_schedule: constant``, and room in the time budget for ``patience`` more epochs; not
-    under torchrun. What it cost and bought is in ``metrics.json`` (``second_phase``)."""
+    under torchrun. What it cost and bought is in ``metrics.json`` (``time_budget.second_phase``)
+    and the run summary."""
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
     """Optimiser; sparse row updates for embedding tables."""
     weight_decay: float = Field(0.0, ge=0.0)

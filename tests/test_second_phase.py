@@ -239,3 +239,38 @@ def test_the_run_summary_says_what_the_second_phase_did():
         "second phase at lr 0.002: not run: the time budget affords 3 more epochs, fewer than the patience (5)"
     ]
     assert time_budget_lines({"time_budget": {"second_phase": None}}) == []
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_a_run_interrupted_in_its_second_phase_resumes_to_the_same_model(tmp_path):
+    def scripted(offset: int, crash_at: int | None = None):
+        calls = [offset]
+
+        def validate(model):
+            calls[0] += 1
+            if calls[0] == crash_at:
+                raise _Crash
+            return {"recall@20": KEPT[min(calls[0], len(KEPT)) - 1]}
+
+        return validate
+
+    straight = _model()
+    expected = fit(
+        straight, FIT, _config(), validate=scripted(0), checkpoint_dir=tmp_path / "a", progress=False
+    )
+    assert expected.second_phase["best_epoch"] == 2
+    interrupted = _model()
+    with pytest.raises(_Crash):
+        # The 8th evaluation is the second phase's third epoch.
+        fit(interrupted, FIT, _config(), validate=scripted(0, crash_at=8), checkpoint_dir=tmp_path / "b",
+            progress=False)  # fmt: skip
+    assert (tmp_path / "b" / "second-phase").is_dir()
+    resumed_model = _model()
+    resumed = fit(resumed_model, FIT, _config(), validate=scripted(7), checkpoint_dir=tmp_path / "b", resume=True,
+                  progress=False)  # fmt: skip
+    assert resumed.best_epoch == expected.best_epoch == 4 and resumed.epochs_run == expected.epochs_run
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in expected.history]
+    assert _same(resumed_model, straight)
