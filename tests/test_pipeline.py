@@ -189,3 +189,23 @@ def test_item_features_need_an_item_table(log_path, tmp_path):
         progress=False,
     )
     assert result.model.item_encoder is not None
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="the refit trains beside the holdout fit on two cores or more")
+def test_a_kept_second_phase_is_replayed_by_the_refit_beside_or_after_the_holdout_fit(log_path, tmp_path):
+    # A rate too high for this log early-stops on a plateau that a tenth of it climbs off.
+    train = {"epochs": 30, "batch_size": 512, "lr": 0.3, "lr_drop": 0.1, "patience": 2, "patience_growth": 0}
+    published = {}
+    for beside in (True, False):
+        cfg = config_from_dict({**FAST, "train": {**train, "concurrent_refit": beside}})
+        result = train_run(log_path / "interactions.parquet", tmp_path / str(beside), cfg, progress=False)
+        phase = result.metrics["time_budget"]["second_phase"]
+        assert phase["lr"] == pytest.approx(0.03) and phase["best_epoch"] > 0, phase
+        stopping, refit = result.metrics["early_stopping"], result.metrics["training"]["refit"]
+        assert stopping["best_epoch"] == phase["from_epoch"] + phase["best_epoch"]
+        assert result.metrics["time_budget"]["refit"]["beside_holdout"] is beside
+        assert len(refit["history"]) == stopping["best_epoch"]
+        assert [r.get("phase") for r in refit["history"]].count(2) == phase["best_epoch"]
+        assert refit["second_phase"]["lr"] == pytest.approx(0.03)
+        published[beside] = read_embeddings(tmp_path / str(beside) / "item_embeddings.parquet").vectors
+    np.testing.assert_array_equal(published[True], published[False])
