@@ -453,9 +453,9 @@ class TrainConfig(_Section):
     """Evaluate on the validation split every this many epochs, or ``auto`` (default): every epoch
     while an evaluation costs under 0.02 s or under 20% of an epoch's training, else every
     ``ceil(evaluation / (0.2 * epoch))`` epochs, re-planned after each evaluation from the measured
-    seconds, but at most ``patience_after(best epoch) // patience`` epochs apart, so that the run
-    still looks ``patience`` times before it gives up; early in a run every epoch is evaluated and
-    the interval widens as ``patience_growth`` lengthens the wait
+    seconds, but at most ``patience_after(best epoch) // 2`` epochs apart, so that the run still
+    looks twice before it gives up; early in a run evaluations are close together and the
+    interval widens as ``patience_growth`` lengthens the wait
     (``recsys_metric.training.loop.auto_eval_interval``). Under ``auto``, ``patience``
     (and ``patience_growth``) count epochs since the best one, and the learning-rate race's rungs
     are epochs at which every candidate is scored: the measured cadence changes how often the run

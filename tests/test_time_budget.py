@@ -20,7 +20,7 @@ from recsys_metric.run_summary import time_budget_lines
 from recsys_metric.training import TrainData, fit
 from recsys_metric.training import loop as loop_module
 from recsys_metric.training.budget import HoldoutPlanner, RefitPlanner, TimeBudget
-from recsys_metric.training.loop import auto_eval_interval
+from recsys_metric.training.loop import EVAL_LOOKS, auto_eval_interval
 from recsys_metric.training.rate_race import first_rung
 from recsys_metric.training.validation import SampledValidation
 
@@ -211,13 +211,17 @@ def test_auto_eval_interval_keeps_validation_near_a_fifth_of_training():
     assert auto_eval_interval([], []) == 1
     assert auto_eval_interval([10.0, 10.0, 10.0], [9.0], max_interval=2) == 2, "capped"
     assert auto_eval_interval([10.0, 10.0, 10.0], [9.0], max_interval=0) == 1
+    # An evaluation of at most 2M user-item pairs runs every epoch whatever it measured: a loaded
+    # machine must not change a small run's cadence (the bundled log scores 898 x 1,000).
+    assert auto_eval_interval([0.01, 0.01], [0.04], eval_scores=898 * 1000) == 1
+    assert auto_eval_interval([0.01, 0.01], [0.04], eval_scores=2_000_001) == 20  # ceil(0.04 / 0.002)
 
 
 def test_eval_every_auto_spaces_out_costly_evaluations(slow_epochs):
     """10 s epochs, 6 s evaluations: every ceil(6 / 2) = 3 epochs (and after the last); a wait of
-    max(1, ceil(5 * 1)) = 5 epochs after the first epoch over a patience of 1 allows 5."""
+    max(1, ceil(10 * 1)) = 10 epochs after the first epoch allows 10 // EVAL_LOOKS = 5."""
     clock = slow_epochs
-    config = {**FAST, "epochs": 10, "eval_every": "auto", "patience": 1, "patience_growth": 5.0}
+    config = {**FAST, "epochs": 10, "eval_every": "auto", "patience": 1, "patience_growth": 10.0}
     result = fit(
         _model(), _data(), TrainConfig(**config),
         validate=_rising_validation(clock, seconds=6.0), progress=False, clock=clock,
@@ -227,24 +231,39 @@ def test_eval_every_auto_spaces_out_costly_evaluations(slow_epochs):
     assert result.validation_seconds == pytest.approx(24.0)
 
 
-def test_eval_every_auto_still_looks_patience_times_before_giving_up(slow_epochs):
-    """The same costs with a patience of 2 and patience_growth 1: after the best epoch n the wait
-    is max(2, n) epochs, so the interval is capped at max(2, n) // 2: 1 until epoch 3, then it
-    widens with the best epoch (3 from epoch 6 on, the share's own interval)."""
+def test_eval_every_auto_evaluates_a_small_validation_every_epoch_however_slow(slow_epochs):
+    """The costs of the test above, but a validation that says it scores 40 users x 20 items (a
+    :class:`SampledValidation` does): under EVAL_FLOOR_SCORES, so every epoch is evaluated; the
+    measured seconds (a loaded machine's) do not change a small run's cadence."""
     clock = slow_epochs
-    config = {**FAST, "epochs": 12, "eval_every": "auto", "patience": 2, "patience_growth": 1.0}
+    config = {**FAST, "epochs": 10, "eval_every": "auto", "patience": 1, "patience_growth": 10.0}
+    validate = _rising_validation(clock, seconds=6.0)
+    validate.n_users = N_USERS
+    result = fit(_model(), _data(), TrainConfig(**config), validate=validate, progress=False, clock=clock)
+    assert [r["epoch"] for r in result.history if r["metrics"]] == list(range(1, 11))
+
+
+def test_eval_every_auto_still_looks_twice_before_giving_up(slow_epochs):
+    """The same costs with a patience of 5 and patience_growth 1: after the best epoch n the wait
+    is max(5, n) epochs, so the interval is capped at max(5, n) // EVAL_LOOKS (2): every 2 epochs
+    until the best is at epoch 6, then 3 (the share's own interval); the last epoch is always
+    evaluated. With the cap at the wait over the patience (5 looks) it was every epoch to 10."""
+    assert EVAL_LOOKS == 2
+    clock = slow_epochs
+    config = {**FAST, "epochs": 12, "eval_every": "auto", "patience": 5, "patience_growth": 1.0}
     result = fit(
         _model(), _data(), TrainConfig(**config),
         validate=_rising_validation(clock, seconds=6.0), progress=False, clock=clock,
     )  # fmt: skip
-    assert [r["epoch"] for r in result.history if r["metrics"]] == [1, 2, 3, 4, 6, 9, 12]
+    assert [r["epoch"] for r in result.history if r["metrics"]] == [1, 3, 5, 7, 10, 12]
 
 
 def test_eval_every_auto_counts_the_patience_in_epochs(slow_epochs):
-    """A curve that peaks at epoch 4 (interval 2 by then) with patience 1 and growth 1: the run
-    waits max(1, 4) = 4 epochs after its best, evaluating every 3 (the share's interval, under
-    the cap of 4): it stops at epoch 10, the first evaluation 4 or more epochs on, not after
-    a fixed number of evaluations."""
+    """A curve that peaks at its third evaluation with patience 1 and growth 2: evaluated at
+    epochs 1, 2 (the cap is max(1, 2 n) // 2 = n after the best epoch n) and 4, the peak. The run
+    then waits max(1, 8) = 8 epochs, evaluating every 3 (the share's interval, under the cap of
+    4): it stops at epoch 13, the first evaluation 8 or more epochs on, after three evaluations
+    without improvement, not after ``patience`` (one) of them."""
     clock = slow_epochs
     calls = []
 
@@ -253,11 +272,12 @@ def test_eval_every_auto_counts_the_patience_in_epochs(slow_epochs):
         calls.append(1)
         return {"recall@20": [0.1, 0.2, 0.3, 0.1, 0.1, 0.1, 0.1][min(len(calls), 7) - 1]}
 
-    config = {**FAST, "epochs": 30, "eval_every": "auto", "patience": 1, "patience_growth": 1.0}
+    config = {**FAST, "epochs": 30, "eval_every": "auto", "patience": 1, "patience_growth": 2.0}
     result = fit(_model(), _data(), TrainConfig(**config), validate=peaked, progress=False, clock=clock)
     evaluated = [r["epoch"] for r in result.history if r["metrics"]]
-    assert result.stopped_early and evaluated[-1] - result.best_epoch >= 4
-    assert evaluated[-2] - result.best_epoch < 4, "it stopped at the first evaluation past the wait"
+    assert evaluated == [1, 2, 4, 7, 10, 13]
+    assert result.best_epoch == 4 and result.stopped_early
+    assert evaluated[-2] - result.best_epoch < 8, "it stopped at the first evaluation past the wait"
 
 
 # -- the race --------------------------------------------------------------------------------------

@@ -462,8 +462,15 @@ class FitRun:
             self.eval_interval = auto_eval_interval(
                 self.epoch_seconds(),
                 self.eval_seconds,
-                max_interval=config.patience_after(result.best_epoch or 0) // config.patience,
+                max_interval=config.patience_after(result.best_epoch or 0) // EVAL_LOOKS,
+                eval_scores=self._eval_scores(),
             )
+
+    def _eval_scores(self) -> int | None:
+        """User-item pairs one validation scores, when ``validate`` says how many users it scores
+        (:class:`~recsys_metric.training.validation.SampledValidation` does); None otherwise."""
+        users = getattr(self.validate, "n_users", None)
+        return None if users is None else int(users) * int(self.data.n_items)
 
     def evaluate_now(self) -> None:
         """Evaluate the last epoch trained unless it already was (the learning-rate race compares
@@ -550,35 +557,61 @@ class FitRun:
 VALIDATION_SHARE = 0.2
 """``train.eval_every: auto`` keeps validation under about this share of the training time."""
 
+EVAL_LOOKS = 2
+"""``train.eval_every: auto`` evaluates at most ``patience_after(best epoch) // EVAL_LOOKS`` epochs
+apart: the run looks at least this many times in the wait that ends it. It was ``patience`` (5
+looks), chosen when one lucky evaluation on a plateau could end a run: looking fewer times then
+stopped citeulike-a at epoch 60 instead of 100, test Recall@20 .324 against .331. Since the wait
+also runs from the moving mean's last high (:func:`~recsys_metric.training.early_stopping.trend_epoch`),
+two looks lose nothing and evaluate about half as often (BENCHMARKS.md "Goal (c): two looks per
+wait and the one-pass negatives"): citeulike-a .3313 / .2713 and .3306 / .2710 in 46 s (20-21
+evaluations) against .3291 / .2699 in 61-64 s (41); ml-latest-small .3616-.3648 in 6.3-6.9 s
+(23-24) against .3632-.3697 in 7.5-7.7 s (41-43)."""
+
 EVAL_FLOOR_S = 0.02
 """``train.eval_every: auto`` evaluates every epoch while an evaluation costs less than this (s):
-so cheap that a coarser cadence saves nothing worth it (and tiny runs, the bundled log's among
-them, keep an evaluation schedule independent of the machine's load). It was 0.25 s, which kept
+so cheap that a coarser cadence saves nothing worth it (:data:`EVAL_FLOOR_SCORES` is the floor
+that does not move with the machine's load). It was 0.25 s, which kept
 ml-latest-small (25 ms evaluations, 40 ms epochs) evaluating every epoch: validation cost half as
 much as training there; at 0.02 s its default run is 2 s (15%) shorter, best epoch 93 instead of 95,
 test Recall@20 .3637 against .3653 (NDCG@20 .3305 both)."""
 
+EVAL_FLOOR_SCORES = 2_000_000
+"""``train.eval_every: auto`` evaluates every epoch while an evaluation scores at most this many
+user-item pairs (validation users x catalogue items), whatever it measured: :data:`EVAL_FLOOR_S`
+alone let the machine's load decide the cadence of small runs. The bundled log's evaluation
+(898 users x 1,000 items, 15 ms) crossed 0.02 s under load, and with fewer looks per wait
+(:data:`EVAL_LOOKS`) its run then skipped epochs on a loaded machine and not on a quiet one
+(a CI run printed "validation ran after 16 of 18 epochs"). 2M pairs take about 0.01-0.02 s to
+score and rank here; ml-latest-small's 599 x 9,742 (5.8M) stays with the measured cadence."""
+
 
 def auto_eval_interval(
-    epoch_seconds: list[float], eval_seconds: list[float], *, max_interval: int | None = None
+    epoch_seconds: list[float],
+    eval_seconds: list[float],
+    *,
+    max_interval: int | None = None,
+    eval_scores: int | None = None,
 ) -> int:
     """Epochs between evaluations for ``train.eval_every: auto``: 1 while an evaluation costs under
     :data:`EVAL_FLOOR_S` or under :data:`VALIDATION_SHARE` of an epoch, else
     ``ceil(eval / (share * epoch))`` so that validation stays about that share of training, but
     at most ``max_interval``. The loop passes the wait in epochs after the best epoch
-    (``patience_after``) over ``patience``: the run still looks ``patience`` times before it gives
-    up, as with an evaluation every epoch, so early in a run (a short wait, a fast-moving curve)
-    every epoch is evaluated and the interval widens only as ``patience_growth`` lengthens the
-    wait. Looking fewer times stopped citeulike-a at epoch 60 instead of 100 (its validation curve
-    is flat within noise from epoch 40 to 62, then climbs again), test Recall@20 .324 against .331.
+    (``patience_after``) over :data:`EVAL_LOOKS`: the run looks at least twice before it gives
+    up, so early in a run (a short wait, a fast-moving curve) evaluations are close together and
+    the interval widens as ``patience_growth`` lengthens the wait.
 
     Args:
         epoch_seconds: training seconds of the epochs so far (the last three's median is used:
             robust to one slow epoch on a shared machine).
         eval_seconds: seconds of the evaluations so far (the least of the last three).
         max_interval: the largest interval returned (None: no cap; below 1 reads as 1).
+        eval_scores: user-item pairs one evaluation scores (None: unknown); at most
+            :data:`EVAL_FLOOR_SCORES` evaluates every epoch.
     """
     if not epoch_seconds or not eval_seconds:
+        return 1
+    if eval_scores is not None and eval_scores <= EVAL_FLOOR_SCORES:
         return 1
     epoch_s = float(np.median(epoch_seconds[-3:]))
     # The least of the recent evaluations: load on a shared machine only ever adds to a timing.
